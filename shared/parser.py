@@ -200,8 +200,8 @@ class Parser:
             return False
         name_tok = self.tok
         nxt = self.lex.next()
+        self.lex.unget(nxt)
         if not (nxt.kind == PUNCT and nxt.value == "="):
-            self.lex.unget(nxt)
             return False
         self.next()   # the name
         self.next()   # '='

@@ -1,0 +1,167 @@
+"""engine.conn -- the byte transports a connection handler talks to.
+
+A handler never sees a trio socket or a stream directly: it gets a
+Transport.  SocketTransport drives a trio socket with recv/send and
+os.sendfile (the hot path: perf-baseline.md measured trio.socket 20 % cheaper
+than SocketStream).  StreamTransport wraps any trio Stream: TLS streams and
+the memory streams of unit tests.  Both raise only the exceptions listed in
+CLOSED, so handlers catch one tuple.
+
+This module parses nothing and knows no protocol.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+
+# Exceptions meaning "the peer is gone" for any transport.
+CLOSED = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+# recv size: large enough for a pipelined batch or a body chunk.
+RECV_SIZE = 65536
+# Fair share: a sendfile loop yields to other tasks after this many rounds.
+SENDFILE_ROUNDS = 16
+# Chunk size when a stream cannot sendfile and reads the file instead.
+FILE_CHUNK = 262144
+
+
+def _sockname(addr) -> tuple[str, int]:
+    if isinstance(addr, tuple):
+        host = addr[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return host, addr[1]
+    return str(addr or ""), 0
+
+
+class Transport:
+    """Interface of both transports (documentation and isinstance checks)."""
+
+    peer: tuple[str, int]
+    local: tuple[str, int]
+    tls: bool = False
+
+    async def receive(self, n: int = RECV_SIZE) -> bytes:  # pragma: no cover
+        raise NotImplementedError
+
+    async def send_all(self, data) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def send_eof(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    async def aclose(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        return -1
+
+
+class SocketTransport(Transport):
+    __slots__ = ("sock", "peer", "local", "bytes_in", "bytes_out")
+
+    def __init__(self, sock: trio.socket.SocketType, peer=None, local=None) -> None:
+        self.sock = sock
+        self.peer = _sockname(peer if peer is not None else sock.getpeername())
+        self.local = _sockname(local if local is not None else sock.getsockname())
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def receive(self, n: int = RECV_SIZE) -> bytes:
+        data = await self.sock.recv(n)
+        self.bytes_in += len(data)
+        return data
+
+    async def send_all(self, data) -> None:
+        sock = self.sock
+        total = len(data)
+        n = await sock.send(data)
+        if n < total:
+            view = memoryview(data)
+            while n < total:
+                n += await sock.send(view[n:])
+        self.bytes_out += total
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        fileno = self.sock.fileno()
+        rounds = 0
+        end = offset + count
+        while offset < end:
+            try:
+                n = os.sendfile(fileno, fd, offset, end - offset)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                rounds = 0
+                continue
+            if n == 0:   # file shrank under us
+                raise BrokenPipeError(errno.EPIPE, "file truncated during sendfile")
+            offset += n
+            self.bytes_out += n
+            rounds += 1
+            if rounds >= SENDFILE_ROUNDS:
+                await trio.lowlevel.checkpoint()
+                rounds = 0
+
+    async def send_eof(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        self.sock.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class StreamTransport(Transport):
+    __slots__ = ("stream", "peer", "local", "tls", "bytes_in", "bytes_out", "raw_sock")
+
+    def __init__(self, stream: trio.abc.Stream, peer=("", 0), local=("", 0),
+                 tls: bool = False, raw_sock=None) -> None:
+        self.stream = stream
+        self.peer = _sockname(peer)
+        self.local = _sockname(local)
+        self.tls = tls
+        self.raw_sock = raw_sock
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def receive(self, n: int = RECV_SIZE) -> bytes:
+        data = await self.stream.receive_some(n)
+        self.bytes_in += len(data)
+        return data
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+        self.bytes_out += len(data)
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        end = offset + count
+        while offset < end:
+            chunk = os.pread(fd, min(FILE_CHUNK, end - offset), offset)
+            if not chunk:
+                raise BrokenPipeError(errno.EPIPE, "file truncated")
+            await self.send_all(chunk)
+            offset += len(chunk)
+
+    async def send_eof(self) -> None:
+        send_eof = getattr(self.stream, "send_eof", None)
+        if send_eof is not None:
+            try:
+                await send_eof()
+            except (*CLOSED, NotImplementedError):
+                pass
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+    def fileno(self) -> int:
+        return self.raw_sock.fileno() if self.raw_sock is not None else -1

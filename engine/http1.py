@@ -1,0 +1,436 @@
+"""engine.http1 -- HTTP/1.x message framing over httptools (llhttp).
+
+ServerConn reads requests from a Transport: heads become Request values,
+bodies come out chunk by chunk (Content-Length or chunked, already
+de-chunked), pipelined requests queue up in order.  ClientConn does the same
+for responses, toward backends (relayd) and in HTTP health checks.
+
+llhttp is lenient in places a proxy cannot be (style.md, "From h11"), so
+this module adds the checks it does not make: HTTP/1.1 without Host, more
+than one Host, missing version, invalid or repeated Content-Length, a
+Transfer-Encoding that does not end in chunked, and a limit on the size of
+the head (413).  Every protocol error is raised as HttpError(status) once,
+here; callers map nothing themselves.
+
+This module builds no response heads beyond helpers (`http_date`,
+`REASONS`): the daemons own their header sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from email.utils import formatdate
+
+import httptools
+
+from engine.conn import Transport
+
+# Reason phrases, IANA registry (incl. 418, 420 and 451 as OpenBSD's http.h).
+REASONS: dict[int, str] = {
+    100: "Continue", 101: "Switching Protocols", 102: "Processing",
+    103: "Early Hints",
+    200: "OK", 201: "Created", 202: "Accepted",
+    203: "Non-Authoritative Information", 204: "No Content",
+    205: "Reset Content", 206: "Partial Content", 207: "Multi-Status",
+    208: "Already Reported", 226: "IM Used",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Found",
+    303: "See Other", 304: "Not Modified", 305: "Use Proxy",
+    307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    406: "Not Acceptable", 407: "Proxy Authentication Required",
+    408: "Request Timeout", 409: "Conflict", 410: "Gone",
+    411: "Length Required", 412: "Precondition Failed",
+    413: "Payload Too Large", 414: "URI Too Long",
+    415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 418: "I'm a teapot", 420: "Enhance Your Calm",
+    421: "Misdirected Request", 422: "Unprocessable Entity", 423: "Locked",
+    424: "Failed Dependency", 425: "Too Early", 426: "Upgrade Required",
+    428: "Precondition Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+    505: "HTTP Version Not Supported", 506: "Variant Also Negotiates",
+    507: "Insufficient Storage", 508: "Loop Detected", 510: "Not Extended",
+    511: "Network Authentication Required",
+}
+
+# Request head limit (OpenBSD SERVER_MAXHEADERLENGTH).
+MAX_HEAD = 8192
+# Raw bytes of an unfinished head we accept before giving up, beyond the
+# counted limit (llhttp buffers partial header lines in Python objects).
+HEAD_SLACK = 16384
+# Control characters never allowed in a header value (tab is allowed).
+_CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+
+_date_sec = -1
+_date_str = ""
+
+
+def http_date(ts: float | None = None) -> str:
+    """IMF-fixdate; the current time is formatted at most once a second."""
+    global _date_sec, _date_str
+    if ts is not None:
+        return formatdate(ts, usegmt=True)
+    now = int(time.time())
+    if now != _date_sec:
+        _date_sec = now
+        _date_str = formatdate(now, usegmt=True)
+    return _date_str
+
+
+class HttpError(Exception):
+    """A protocol-level failure with the status to answer it with."""
+
+    def __init__(self, status: int, msg: str = "",
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(msg or REASONS.get(status, str(status)))
+        self.status = status
+        self.msg = msg
+        self.headers = headers or []
+
+
+class Request:
+    """A request head.  Header names keep their case; `hmap` is lower-case."""
+
+    __slots__ = ("method", "target", "version", "headers", "hmap", "keep_alive",
+                 "content_length", "chunked", "upgrade", "head_size", "raw_head")
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = ""
+        self.version = "1.1"
+        self.headers: list[tuple[str, str]] = []
+        self.hmap: dict[str, str] = {}
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade = False
+        self.head_size = 0
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: str) -> str | None:
+        return self.hmap.get(name)
+
+
+class Response:
+    """A response head read from a backend."""
+
+    __slots__ = ("status", "reason", "version", "headers", "hmap", "keep_alive",
+                 "content_length", "chunked", "head_size")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = ""
+        self.version = "1.1"
+        self.headers: list[tuple[str, str]] = []
+        self.hmap: dict[str, str] = {}
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.head_size = 0
+
+    def header(self, name: str) -> str | None:
+        return self.hmap.get(name)
+
+
+_END = None   # event: end of the current message's body
+
+
+class _Conn:
+    """What ServerConn and ClientConn share: feeding and the event queue."""
+
+    def __init__(self, transport: Transport, max_head: int) -> None:
+        self.t = transport
+        self.max_head = max_head
+        self.events: deque = deque()
+        self.eof = False
+        self.cur = None            # head being parsed
+        self.in_head = False
+        self.raw_head = 0
+        self.error: HttpError | None = None
+        self.upgraded = False      # parser stopped: the rest is raw bytes
+        self.rest = b""            # raw bytes after an upgrade/CONNECT head
+        self.hcount: dict[str, int] = {}
+
+    # -- httptools callbacks ------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.raw_head = 0
+        self.hcount = {}
+        self.cur = self._new_head()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        cur = self.cur
+        if not self.in_head:
+            return   # trailer fields of a chunked body: dropped
+        if self.lenient and value.translate(None, _CTL) != value:
+            raise HttpError(400, "malformed header")
+        n = name.decode("latin-1")
+        v = value.decode("latin-1")
+        cur.head_size += len(name) + len(value) + 2
+        if cur.head_size > self.max_head:
+            raise HttpError(413, "request headers too large")
+        cur.headers.append((n, v))
+        low = n.lower()
+        hmap = cur.hmap
+        if low in hmap:
+            self.hcount[low] = self.hcount.get(low, 1) + 1
+            hmap[low] = hmap[low] + ", " + v
+        else:
+            hmap[low] = v
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(body)
+
+    def on_message_complete(self) -> None:
+        self.events.append(_END)
+        self.cur = None
+
+    # -- checks shared by both directions -------------------------------------
+    def _check_framing(self, head) -> None:
+        count = self.hcount
+        cl = head.hmap.get("content-length")
+        if cl is not None:
+            if count.get("content-length", 1) > 1:
+                raise HttpError(400, "malformed header")
+            if not cl.isdigit():
+                raise HttpError(400, "malformed header")
+            head.content_length = int(cl)
+        te = head.hmap.get("transfer-encoding")
+        if te is not None:
+            if cl is not None:
+                raise HttpError(400, "malformed header")
+            last = te.rsplit(",", 1)[-1].strip().lower()
+            if last != "chunked":
+                raise HttpError(400, "malformed header")
+            head.chunked = True
+
+    def _feed(self, data: bytes) -> None:
+        if self.in_head:
+            self.raw_head += len(data)
+            if self.raw_head > self.max_head + HEAD_SLACK:
+                raise HttpError(413, "request headers too large")
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            off = e.args[0] if e.args else len(data)
+            self.rest = data[off:]
+        except httptools.HttpParserError as e:
+            err = self.error or (e.__context__ if isinstance(e.__context__, HttpError)
+                                 else None)
+            if err is not None:
+                raise err from None
+            raise HttpError(400, _parser_reason(e)) from None
+
+    async def _fill(self) -> bool:
+        """Receive and feed once; False at end of input."""
+        if self.eof or self.upgraded:
+            return False
+        data = await self.t.receive()
+        if not data:
+            self.eof = True
+            self._at_eof()
+            return False
+        self._feed(data)
+        return True
+
+    def _at_eof(self) -> None:
+        pass
+
+    async def receive_body(self) -> bytes:
+        """The next chunk of the current body; b"" once it has ended."""
+        events = self.events
+        while True:
+            if events:
+                ev = events[0]
+                if ev is _END:
+                    events.popleft()
+                    return b""
+                if type(ev) is bytes:
+                    events.popleft()
+                    return ev
+                return b""     # the next message's head: this body ended
+            if not await self._fill():
+                if self.upgraded:
+                    return b""
+                raise HttpError(400, "body truncated")
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole current body (at most `limit` bytes, else 413)."""
+        parts = []
+        size = 0
+        while True:
+            chunk = await self.receive_body()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, "request body too large")
+            parts.append(chunk)
+
+
+def _parser_reason(e: Exception) -> str:
+    msg = str(e) or "malformed"
+    if isinstance(e, httptools.HttpParserInvalidMethodError):
+        return "invalid method"
+    return msg
+
+
+class ServerConn(_Conn):
+    """The server side of one connection: requests in."""
+
+    def __init__(self, transport: Transport, max_head: int = MAX_HEAD,
+                 lenient: bool = False) -> None:
+        super().__init__(transport, max_head)
+        self.lenient = lenient
+        self.parser = httptools.HttpRequestParser(self)
+        if lenient:
+            # httpd accepts obs-fold continuation lines (httpd.conf(5) era
+            # behaviour); the control-character check above stays on.
+            self.parser.set_dangerous_leniencies(lenient_headers=True)
+        self.requests = 0
+
+    def _new_head(self) -> Request:
+        return Request()
+
+    def on_url(self, url: bytes) -> None:
+        cur = self.cur
+        cur.target += url.decode("latin-1")
+        cur.head_size = len(cur.target) + 16
+        if cur.head_size > self.max_head:
+            raise HttpError(413, "request too large")
+
+    def on_headers_complete(self) -> None:
+        cur = self.cur
+        p = self.parser
+        self.in_head = False
+        cur.method = p.get_method().decode("ascii", "replace")
+        cur.version = p.get_http_version()
+        cur.keep_alive = p.should_keep_alive()
+        if cur.version not in ("1.1", "1.0"):
+            self.error = HttpError(400, "malformed")
+            raise self.error
+        hosts = self.hcount.get("host", 1 if "host" in cur.hmap else 0)
+        if hosts > 1 or (cur.version == "1.1" and hosts == 0):
+            self.error = HttpError(400, "malformed host")
+            raise self.error
+        try:
+            self._check_framing(cur)
+        except HttpError as e:
+            self.error = e
+            raise
+        cur.upgrade = p.should_upgrade()
+        self.events.append(cur)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        try:
+            super().on_header(name, value)
+        except HttpError as e:
+            self.error = e
+            raise
+
+    async def next_request(self, discard_limit: int = 1 << 20) -> Request | None:
+        """The next request head, or None when the client is done.
+
+        The unread rest of the previous body is discarded first (up to
+        `discard_limit` bytes, else None: not worth keeping the connection).
+        """
+        events = self.events
+        discarded = 0
+        while True:
+            while events:
+                ev = events.popleft()
+                if type(ev) is Request:
+                    self.requests += 1
+                    return ev
+                if ev is not _END:
+                    discarded += len(ev)
+                    if discarded > discard_limit:
+                        return None
+            if not await self._fill():
+                return None
+
+
+class ClientConn(_Conn):
+    """The client side of a backend connection: responses in.
+
+    Call expect(method) before reading each response: the parser cannot know
+    that a response to HEAD has no body, so after a HEAD response head the
+    parser is replaced (nothing is pipelined to a backend, so no bytes are
+    lost)."""
+
+    def __init__(self, transport: Transport, max_head: int = 65536) -> None:
+        super().__init__(transport, max_head)
+        self.lenient = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_request = False
+
+    def _new_head(self) -> Response:
+        return Response()
+
+    def on_status(self, status: bytes) -> None:
+        self.cur.reason += status.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        cur = self.cur
+        p = self.parser
+        self.in_head = False
+        cur.status = p.get_status_code()
+        cur.version = p.get_http_version()
+        cur.keep_alive = p.should_keep_alive()
+        try:
+            self._check_framing(cur)
+        except HttpError as e:
+            self.error = HttpError(502, e.msg)
+            raise self.error
+        self.events.append(cur)
+        if self.head_request:
+            # No body follows a response to HEAD whatever its headers say.
+            self.events.append(_END)
+            self.cur = None
+            self._replace = True
+
+    _replace = False
+
+    def expect(self, method: str) -> None:
+        self.head_request = method == "HEAD"
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            super()._feed(data)
+        except HttpError as e:
+            if not self._replace:
+                raise HttpError(502, e.msg) from None
+        if self._replace:
+            self.parser = httptools.HttpResponseParser(self)
+            self.in_head = False
+            self._replace = False
+
+    def on_message_complete(self) -> None:
+        if self._replace:
+            return
+        super().on_message_complete()
+
+    def _at_eof(self) -> None:
+        # A body delimited by the connection close ends here.
+        if self.cur is not None and not self.in_head:
+            self.events.append(_END)
+            self.cur = None
+
+    async def read_response(self) -> Response | None:
+        """The next response head (skipping nothing); None at end of input."""
+        events = self.events
+        while True:
+            while events:
+                ev = events.popleft()
+                if type(ev) is Response:
+                    return ev
+            if not await self._fill():
+                return None

@@ -1,0 +1,62 @@
+"""engine.listen -- create listening sockets (the parent's job).
+
+Binding happens before any child drops privileges and before trio starts,
+so these are plain blocking calls on stdlib sockets.  `::` gets
+IPV6_V6ONLY so that `*` can bind both 0.0.0.0 and :: on the same port.
+Accepting is engine.serve's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import socket
+
+# Most pending connections we ask the kernel for when the config sets none.
+DEFAULT_BACKLOG = 512
+
+
+def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
+             reuseport: bool = False, sndbuf: int | None = None,
+             rcvbuf: int | None = None, ttl: int | None = None,
+             minttl: int | None = None, freebind: bool = False) -> socket.socket:
+    """A listening TCP socket on addr:port (raises OSError)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if freebind:
+            sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        set_options(sock, sndbuf=sndbuf, rcvbuf=rcvbuf, ttl=ttl, minttl=minttl)
+        sock.bind((addr, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def set_options(sock: socket.socket, sndbuf: int | None = None,
+                rcvbuf: int | None = None, ttl: int | None = None,
+                minttl: int | None = None, nodelay: bool | None = None) -> None:
+    """Socket options of httpd's `tcp {}` and relayd's protocol `tcp {}`."""
+    v6 = sock.family == socket.AF_INET6
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if ttl is not None:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, ttl)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+    if minttl is not None:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MINHOPCOUNT", 73), minttl)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MINTTL", 21), minttl)
+    if nodelay is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))

@@ -1,0 +1,140 @@
+"""httpd.logger -- access and error log lines, and the files they go to.
+
+format_access() builds one line in the server's `log style` (common,
+combined, forwarded) exactly as log-formats.md gives it; format_conn() the
+per-connection line (`connection` style and the -vv error log).  Logs owns
+the open files by name under logdir and reopens them on SIGUSR1; lines of a
+server with `log syslog` go to syslog instead.
+
+This module does not decide *when* to log: server_http calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import syslog
+import time
+
+from shared import log
+
+# Bytes escaped C-style in values taken from request headers (vis(3)).
+_VIS = {9: "\\t", 10: "\\n", 13: "\\r", 11: "\\v", 12: "\\f", 8: "\\b", 7: "\\a",
+        92: "\\\\"}
+
+_ts_sec = -1
+_ts_str = ""
+
+
+def vis(s: str | None) -> str:
+    """vis(3)-style escaping so one request always stays one line."""
+    if s is None:
+        return "-"
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for ch in s.encode("utf-8", "surrogateescape"):
+        if ch in _VIS:
+            out.append(_VIS[ch])
+        elif ch < 32 or ch >= 127:
+            out.append("\\%03o" % ch)
+        else:
+            out.append(chr(ch))
+    return "".join(out)
+
+
+def timestamp() -> str:
+    """[dd/Mon/yyyy:HH:MM:SS +zzzz] in local time, cached per second."""
+    global _ts_sec, _ts_str
+    now = int(time.time())
+    if now != _ts_sec:
+        _ts_sec = now
+        _ts_str = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+    return _ts_str
+
+
+def format_access(style: str, server: str, ip: str, user: str | None,
+                  method: str | None, path: str | None, query: str | None,
+                  version: str | None, status: int, size: int,
+                  referer: str | None = None, agent: str | None = None,
+                  xff: str | None = None, xfport: str | None = None,
+                  encode=lambda s: s) -> str:
+    """One access-log line (no newline); path/query/referer get `encode`."""
+    req = ""
+    if method:
+        req = method
+        if path is not None:
+            req += " " + encode(path)
+            if query is not None:
+                req += "?" + encode(query)
+        if version:
+            req += " " + vis(version)
+    line = (f"{server} {ip} - {vis(user) if user else '-'} [{timestamp()}] "
+            f"\"{req}\" {status:03d} {size}")
+    if style in ("combined", "forwarded"):
+        ref = encode(referer) if referer is not None else "-"
+        line += f" \"{ref}\" \"{vis(agent)}\""
+    if style == "forwarded":
+        line += f" \"{vis(xff)}\" \"{vis(xfport)}\""
+    return line
+
+
+def format_conn(server: str, cid: int, active: int, peer: tuple[str, int],
+                local: tuple[str, int], msg: str, requests: str = "") -> str:
+    """`server <name>, client <id> (<n> active), <ip>:<port> -> <local>, <msg>[, ...]`."""
+    line = (f"server {server}, client {cid} ({active} active), "
+            f"{peer[0]}:{peer[1]} -> {local[0]}:{local[1]}, {vis(msg)}")
+    if requests:
+        line += "," + requests
+    return line
+
+
+class Logs:
+    """Open log files by path; write lines; reopen on SIGUSR1."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir = logdir
+        self.fds: dict[str, int] = {}
+
+    def _path(self, name: str) -> str:
+        return name if os.path.isabs(name) else os.path.join(self.logdir, name)
+
+    def _fd(self, name: str) -> int | None:
+        path = self._path(name)
+        fd = self.fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                log.warn_errno(f"logger: cannot open {path}", e)
+                self.fds[path] = -1
+                return None
+            self.fds[path] = fd
+        return fd if fd >= 0 else None
+
+    def write(self, name: str, line: str, use_syslog: bool = False,
+              pri: int = syslog.LOG_INFO) -> None:
+        if use_syslog:
+            syslog.syslog(syslog.LOG_DAEMON | pri, line)
+            return
+        fd = self._fd(name)
+        if fd is None:
+            return
+        try:
+            os.write(fd, (line + "\n").encode("utf-8", "surrogateescape"))
+        except OSError as e:
+            log.warn_errno("logger: write failed", e)
+
+    def open_all(self, names: list[str]) -> None:
+        """Open (create) every file the config names, at start and reload."""
+        for name in names:
+            self._fd(name)
+
+    def reopen(self) -> None:
+        """Close every file; the next line opens it again (log rotation)."""
+        for fd in self.fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self.fds.clear()
+
+    def close(self) -> None:
+        self.reopen()

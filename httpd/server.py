@@ -1,0 +1,124 @@
+"""httpd.server -- the server process: serve the configured sites.
+
+Gets a configuration and the listening sockets the parent bound, groups the
+servers by socket (name-based virtual hosts share one), and runs
+engine.serve with server_http.serve_client on each.  configure() swaps in a
+new configuration: sockets that stay keep accepting (their listener context
+is replaced), new ones start, removed ones stop; connections in flight keep
+the configuration they started with.
+
+Does not parse configs or bind sockets (that is the parent's job).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import trio
+
+from engine.serve import Listener, Server
+from httpd import logger, server_http
+from httpd.config import SERVER_MAX_CLIENTS, HttpdConfig, ServerConfig
+from shared import log
+
+SockKey = tuple[str, int]
+
+
+def socket_groups(conf: HttpdConfig) -> dict[SockKey, list[ServerConfig]]:
+    """Servers by listening (addr, port), in config order."""
+    groups: dict[SockKey, list[ServerConfig]] = {}
+    for srv in conf.servers:
+        for lis in srv.listens:
+            lst = groups.setdefault((lis.addr, lis.port), [])
+            if srv not in lst:
+                lst.append(srv)
+    return groups
+
+
+def log_names(conf: HttpdConfig) -> list[str]:
+    names: list[str] = []
+    for srv in conf.servers:
+        for c in (srv, *[loc.conf for loc in srv.locations if loc.conf]):
+            if c.log.enabled and not c.log.syslog:
+                for n in (c.log.access, c.log.error):
+                    if n not in names:
+                        names.append(n)
+    return names
+
+
+def logdir_of(conf: HttpdConfig, chrooted: bool = False) -> str:
+    if conf.logdir:
+        return conf.logdir
+    return ("" if chrooted else conf.chroot.rstrip("/")) + "/logs"
+
+
+class ServerProc:
+    """One server process's serving state; see the module docstring."""
+
+    def __init__(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
+                 chrooted: bool = False) -> None:
+        self.conf = conf
+        self.chrooted = chrooted
+        prefix = "" if chrooted else conf.chroot.rstrip("/")
+        self.worker = server_http.Worker(prefix=prefix, logs=logger.Logs(logdir_of(conf, chrooted)))
+        try:
+            from httpd import server_fcgi
+            self.worker.fcgi = server_fcgi
+        except ImportError:
+            pass
+        self.server = Server(self._handle, max_clients=SERVER_MAX_CLIENTS)
+        self.listeners: dict[SockKey, Listener] = {}
+        self._pending = self._make_listeners(conf, sockets)
+
+    def _ctx(self, conf: HttpdConfig, key: SockKey, servers: list[ServerConfig]):
+        tls = any(l.tls for s in servers for l in s.listens if (l.addr, l.port) == key)
+        return server_http.ListenCtx(gconf=conf, servers=servers, port=key[1], tls=tls)
+
+    def _make_listeners(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]
+                        ) -> dict[SockKey, Listener]:
+        out = {}
+        groups = socket_groups(conf)
+        for key, servers in groups.items():
+            sock = sockets.get(key)
+            if sock is None:
+                continue
+            out[key] = Listener(sock, ctx=self._ctx(conf, key, servers))
+        return out
+
+    async def _handle(self, transport, lis: Listener) -> None:
+        await server_http.serve_client(transport, lis.ctx, self.worker)
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.worker.logs.open_all(log_names(self.conf))
+        for key in self._pending:
+            srv = self._pending[key].ctx.servers[0]
+            log.debug(f"server_launch: running server {srv.name}")
+        self.listeners = self._pending
+        await self.server.run(list(self.listeners.values()), task_status=task_status)
+
+    def configure(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]) -> None:
+        """Swap in `conf` (reload); `sockets` are all sockets of the new config."""
+        groups = socket_groups(conf)
+        for key in list(self.listeners):
+            if key not in groups or sockets.get(key) is not self.listeners[key].sock:
+                self.server.remove_listener(self.listeners.pop(key))
+        for key, servers in groups.items():
+            ctx = self._ctx(conf, key, servers)
+            if key in self.listeners:
+                self.listeners[key].ctx = ctx
+            elif key in sockets:
+                lis = Listener(sockets[key], ctx=ctx)
+                self.listeners[key] = lis
+                self.server.add_listener(lis)
+        self.conf = conf
+        self.worker.logs.reopen()
+        self.worker.logs.logdir = logdir_of(conf, self.chrooted)
+        self.worker.logs.open_all(log_names(conf))
+
+    def reopen_logs(self) -> None:
+        self.worker.logs.reopen()
+        self.worker.logs.open_all(log_names(self.conf))
+
+    def stop(self, drain: float | None = None) -> None:
+        self.server.stop(drain)

@@ -1,0 +1,475 @@
+"""httpd.server_http -- one client connection: the keep-alive loop.
+
+Reads requests (engine.http1), canonicalises the path, picks the virtual
+server and location (httpd.route), applies rewrite, body limit, block and
+authentication, then hands the request to server_file or server_fcgi and
+writes the response head.  Every client-visible failure goes through
+abort_http(), which writes the error page (built-in, or from errdocs),
+logs, and closes, as OpenBSD's server_abort_http().
+
+Does not bind, accept, or open log files: httpd.server gives it a Worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import jinja2
+import trio
+
+from engine.conn import CLOSED, Transport
+from engine.http1 import REASONS, HttpError, Request, ServerConn, http_date
+from httpd import auth, logger, route, server_file
+from httpd.config import HttpdConfig, ServerConfig
+from httpd.http import METHODS, SERVER_SOFTWARE
+from shared import log
+
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("httpd", "templates"),
+    autoescape=True, keep_trailing_newline=True)
+_error_page = _templates.get_template("error.html")
+_error_cache: dict[tuple[int, bool], bytes] = {}
+
+
+@dataclass
+class ListenCtx:
+    """What a listening socket serves: its servers, in config order."""
+    gconf: HttpdConfig
+    servers: list[ServerConfig]
+    port: int
+    tls: bool = False
+
+
+@dataclass
+class Worker:
+    """Per-process state shared by all connections of a server process."""
+    prefix: str                        # chroot dir when not chrooted, else ""
+    logs: logger.Logs
+    fcgi: object = None                # httpd.server_fcgi module, when loaded
+    active: int = 0
+    next_id: int = 0
+    server_name: str = SERVER_SOFTWARE
+    extra: dict = field(default_factory=dict)
+
+    def fs(self, path: str) -> str:
+        """A config path (relative to the chroot) on the real file system."""
+        return self.prefix + path if self.prefix else path
+
+
+class Exchange:
+    """One request in flight: everything the loggers and macros need."""
+
+    __slots__ = ("t", "req", "conn", "srv", "conf", "path", "query", "user",
+                 "captures", "status", "sent", "keep", "host", "method",
+                 "version", "ctx", "worker", "cid", "log_path")
+
+    def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker) -> None:
+        self.t = t
+        self.ctx = ctx
+        self.worker = worker
+        self.req: Request | None = None
+        self.srv: ServerConfig = ctx.servers[0]
+        self.conf: ServerConfig = self.srv
+        self.path: str | None = None
+        self.log_path: str | None = None   # as requested, before index/rewrite
+        self.query: str | None = None
+        self.user: str | None = None
+        self.captures: list[str] | None = None
+        self.status = 0
+        self.sent = 0
+        self.keep = False
+        self.host: str | None = None
+        self.method: str | None = None
+        self.version: str | None = None
+
+    # -- macros (server_expand_http) -------------------------------------
+    def macros(self) -> dict[str, str]:
+        enc = server_file.url_encode
+        t = self.t
+        vals = {
+            "DOCUMENT_URI": enc(self.path or ""),
+            "QUERY_STRING": self.query or "",
+            "QUERY_STRING_ENC": enc(self.query or ""),
+            "REMOTE_ADDR": t.peer[0],
+            "REMOTE_PORT": str(t.peer[1]),
+            "REMOTE_USER": self.user or "",
+            "REQUEST_URI": enc(self.path or "") + ("?" + self.query if self.query else ""),
+            "REQUEST_SCHEME": "https" if self.ctx.tls else "http",
+            "SERVER_ADDR": t.local[0],
+            "SERVER_PORT": str(t.local[1]),
+            "SERVER_NAME": enc(self.srv.name),
+        }
+        if self.host is not None:
+            vals["HTTP_HOST"] = enc(self.host)
+        return vals
+
+    def expand(self, template: str) -> str:
+        return route.expand(template, self.macros(), self.captures, server_file.url_encode)
+
+
+async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
+    """Serve one connection until it closes (the engine's handler)."""
+    worker.next_id += 1
+    worker.active += 1
+    cid = worker.next_id
+    primary = ctx.servers[0]
+    conn = ServerConn(t, max_head=8192, lenient=True)
+    reason = "done"
+    summary: list[str] = []
+    srv_for_log = primary
+    try:
+        while True:
+            x = Exchange(t, ctx, worker)
+            x.cid = cid
+            x.conn = conn
+            # Until the Host header picks a server, the first server's
+            # request timeout applies (newest OpenBSD: the chosen one's after).
+            with trio.move_on_after(primary.connection.request_timeout) as cs:
+                try:
+                    req = await conn.next_request()
+                except HttpError as e:
+                    await abort_http(x, e.status, e.msg or "malformed", log_req=True)
+                    reason = f"{e.msg or 'malformed'}"
+                    break
+            if cs.cancelled_caught:
+                reason = "request timeout"
+                break
+            if req is None:
+                break
+            x.req = req
+            keep = await handle_request(x)
+            srv_for_log = x.srv
+            if x.conf.log.style == "connection" and x.path is not None:
+                summary.append(f" [{server_file.url_encode(x.path)}]")
+            if not keep:
+                if x.status >= 400 or x.status == 0:
+                    reason = f"{x.path or ''} ({x.status:03d} {REASONS.get(x.status, '')})" \
+                        if x.status else reason
+                break
+    except CLOSED:
+        reason = "connection closed"
+    finally:
+        worker.active -= 1
+        _log_close(worker, srv_for_log, cid, t, reason, "".join(summary))
+
+
+def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
+               reason: str, summary: str) -> None:
+    lc = srv.log
+    if not lc.enabled:
+        return
+    if lc.style == "connection":
+        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer, t.local,
+                                  reason, summary)
+        worker.logs.write(lc.access, line, lc.syslog)
+    elif log.get_verbose() > 1:
+        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer, t.local, reason)
+        worker.logs.write(lc.error, line, lc.syslog)
+
+
+def _exists(worker: Worker):
+    def exists(conf: ServerConfig, path: str) -> bool:
+        full = worker.fs(conf.root) + server_file_strip(path, conf.strip)
+        return os.access(full, os.R_OK)
+    return exists
+
+
+def server_file_strip(path: str, n: int) -> str:
+    if n <= 0:
+        return path
+    parts = path.split("/")
+    # parts[0] is "" (path starts with '/')
+    rest = parts[1 + n:] if len(parts) > n + 1 else [""]
+    return "/" + "/".join(rest)
+
+
+async def handle_request(x: Exchange) -> bool:
+    """Answer one request; True to keep the connection for another one."""
+    req = x.req
+    ctx = x.ctx
+    x.method = req.method
+    x.version = "HTTP/" + req.version
+    try:
+        if req.method not in METHODS:
+            raise HttpError(400, "invalid method")
+        target = req.target
+        if req.method == "CONNECT" or not target.startswith("/"):
+            # absolute-form: take the path; authority-form is not for us
+            if target.startswith(("http://", "https://")):
+                rest = target.split("://", 1)[1]
+                target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+            else:
+                raise HttpError(400, "malformed")
+        raw_path, sep, query = target.partition("?")
+        x.query = query if sep else None
+        try:
+            x.path = route.canonicalize_path(route.url_decode(raw_path))
+        except route.RouteError as e:
+            raise HttpError(400, str(e)) from None
+        x.log_path = x.path
+        x.keep = req.keep_alive and not req.upgrade
+        x.host = req.hmap.get("host")
+        try:
+            srv = route.find_server(ctx.servers, x.host, ctx.port)
+        except route.RouteError as e:
+            raise HttpError(400, str(e)) from None
+        if srv is None:
+            srv = ctx.servers[0]
+            if x.host is None:
+                la = x.t.local
+                x.host = la[0] if la[1] == 80 else f"{la[0]}:{la[1]}"
+        x.srv = srv
+        if x.conn.requests >= srv.connection.max_requests:
+            x.keep = False
+        exists = _exists(x.worker)
+        conf, loc, caps = route.find_location(srv, x.path, exists)
+        x.conf, x.captures = conf, caps
+        if conf.rewrite:
+            try:
+                newpath = x.expand(conf.rewrite)
+                newpath, sep, q = newpath.partition("?")
+                x.query = q if sep else None
+                x.path = route.canonicalize_path(newpath)
+            except route.RouteError as e:
+                raise HttpError(400, str(e)) from None
+            log.debug(f"rewrote {raw_path} -> {x.path}")
+            conf, loc, caps = route.find_location(srv, x.path, exists)
+            x.conf = conf
+            if caps is not None:
+                x.captures = caps
+        if req.content_length is not None and req.content_length > conf.connection.max_request_body:
+            raise HttpError(413, "request body too large")
+        if req.has_body and req.chunked is False and req.content_length and not conf.fastcgi:
+            # A body we will not read makes pipelining unsafe to continue.
+            pass
+        return await dispatch(x, conf, index_dir=False)
+    except HttpError as e:
+        await abort_http(x, e.status, e.msg, extra=e.headers)
+        return False
+
+
+async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int = 0) -> bool:
+    """block / auth / FastCGI / file for the effective `conf`."""
+    x.conf = conf
+    blk = conf.block
+    if blk is not None and blk.action != "pass":
+        if blk.action == "drop":
+            x.status = 0
+            x.keep = False
+            return False
+        await abort_http(x, blk.code, blk.uri or "")
+        return False
+    if conf.auth is not None:
+        path = x.worker.fs(conf.auth.htpasswd)
+        user = await trio.to_thread.run_sync(auth.check, path, x.req.hmap.get("authorization"))
+        if user is None:
+            await abort_http(x, 401, conf.auth.realm)
+            return False
+        x.user = user
+    if conf.fastcgi is not None:
+        fcgi = x.worker.fcgi
+        if fcgi is None:
+            raise HttpError(500, "fastcgi not available")
+        return await fcgi.serve(x, conf)
+    result = server_file.serve(conf, x.ctx.gconf, x.worker.prefix, x.path, x.query,
+                               x.req.method, x.req.hmap, index_dir=index_dir)
+    if isinstance(result, server_file.Redirect):
+        await abort_http(x, 301, result.location)
+        return False
+    if isinstance(result, server_file.InternalRedirect):
+        if depth > 2:
+            raise HttpError(500, "index loop")
+        x.path = result.path
+        newconf, loc, caps = route.find_location(x.srv, x.path, _exists(x.worker))
+        if newconf is not conf:
+            if caps is not None:
+                x.captures = caps
+            return await dispatch(x, newconf, index_dir=True, depth=depth + 1)
+        return await dispatch(x, conf, index_dir=True, depth=depth + 1)
+    return await send_file(x, result)
+
+
+def _custom_headers(conf: ServerConfig, base: list[tuple[str, str]], error: bool
+                    ) -> list[tuple[str, str]]:
+    """Apply `header set|add|remove` to the built-in headers."""
+    if not conf.headers:
+        return base
+    out = list(base)
+    for h in conf.headers:
+        if error and not h.always and h.op != "remove":
+            continue
+        low = h.name.lower()
+        if h.op == "remove":
+            out = [kv for kv in out if kv[0].lower() != low]
+        elif h.op == "set":
+            out = [kv for kv in out if kv[0].lower() != low]
+            out.append((h.name, h.value))
+        else:
+            out.append((h.name, h.value))
+    return out
+
+
+def _hsts(x: Exchange, conf: ServerConfig) -> list[tuple[str, str]]:
+    h = conf.hsts
+    if h is None or not x.ctx.tls:
+        return []
+    val = f"max-age={h.max_age}"
+    if h.subdomains:
+        val += "; includeSubDomains"
+    if h.preload:
+        val += "; preload"
+    return [("Strict-Transport-Security", val)]
+
+
+def build_head(status: int, version: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{version} {status} {REASONS.get(status, 'Unknown')}\r\n"]
+    for k, v in headers:
+        lines.append(f"{k}: {v}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
+
+
+async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
+    conf = x.conf
+    t = x.t
+    try:
+        hdrs: list[tuple[str, str]] = []
+        if conf.banner:
+            hdrs.append(("Server", x.worker.server_name))
+        hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
+        ctype = None
+        rest = []
+        for k, v in fr.headers:
+            if k == "Content-Type":
+                ctype = v
+            else:
+                rest.append((k, v))
+        if ctype is not None:
+            hdrs.append(("Content-Type", ctype))
+        if fr.length >= 0:
+            hdrs.append(("Content-Length", str(fr.length)))
+        hdrs.extend(rest)
+        hdrs.extend(_hsts(x, conf))
+        hdrs.append(("Date", http_date()))
+        hdrs = _custom_headers(conf, hdrs, error=False)
+        head = build_head(fr.status, x.version, hdrs)
+        x.status = fr.status
+        body = fr.segments if x.req.method != "HEAD" else []
+        with trio.fail_after(conf.connection.timeout):
+            if not body:
+                await t.send_all(head)
+            elif len(body) == 1 and type(body[0]) is bytes:
+                await t.send_all(head + body[0])
+                x.sent = len(body[0])
+            else:
+                await t.send_all(head)
+                for seg in body:
+                    if type(seg) is bytes:
+                        await t.send_all(seg)
+                        x.sent += len(seg)
+                    else:
+                        off, cnt = seg
+                        await t.sendfile(fr.fd, off, cnt)
+                        x.sent += cnt
+    except trio.TooSlowError:
+        x.keep = False
+        access_log(x)
+        return False
+    finally:
+        if fr.fd is not None:
+            os.close(fr.fd)
+    access_log(x)
+    return x.keep
+
+
+def access_log(x: Exchange) -> None:
+    conf = x.conf
+    lc = conf.log
+    if not lc.enabled or lc.style == "connection":
+        return
+    hm = x.req.hmap if x.req is not None else {}
+    line = logger.format_access(
+        lc.style, x.srv.name, x.t.peer[0], x.user, x.method,
+        x.log_path if x.log_path is not None else x.path, x.query,
+        x.version, x.status, x.sent, referer=hm.get("referer"),
+        agent=hm.get("user-agent"), xff=hm.get("x-forwarded-for"),
+        xfport=hm.get("x-forwarded-port"), encode=server_file.url_encode)
+    x.worker.logs.write(lc.access, line, lc.syslog)
+
+
+def _read_errdoc(x: Exchange, status: int) -> str | None:
+    conf = x.conf
+    if not conf.errdocs:
+        return None
+    base = x.worker.fs(conf.errdocs)
+    for name in (f"{status}.html", "err.html"):
+        try:
+            with open(os.path.join(base, name), encoding="utf-8", errors="replace") as f:
+                body = f.read()
+        except OSError:
+            continue
+        body = body.replace("$HTTP_ERROR", REASONS.get(status, ""))
+        body = body.replace("$RESPONSE_CODE", str(status))
+        body = body.replace("$SERVER_SOFTWARE", x.worker.server_name if conf.banner else "")
+        return body
+    return None
+
+
+def error_body(status: int, banner: bool, software: str = SERVER_SOFTWARE) -> bytes:
+    key = (status, banner)
+    body = _error_cache.get(key)
+    if body is None:
+        body = _error_page.render(code=status, reason=REASONS.get(status, ""),
+                                  banner=software if banner else None).encode()
+        _error_cache[key] = body
+    return body
+
+
+async def abort_http(x: Exchange, status: int, msg: str = "",
+                     extra: list[tuple[str, str]] | None = None,
+                     log_req: bool = False) -> None:
+    """Send the error page for `status` and mark the connection to close."""
+    conf = x.conf
+    x.keep = False
+    x.status = status
+    hdrs: list[tuple[str, str]] = [("Date", http_date())]
+    if conf.banner:
+        hdrs.append(("Server", x.worker.server_name))
+    hdrs.append(("Connection", "close"))
+    hdrs.append(("Content-Type", "text/html"))
+    body = b""
+    extra_h: list[tuple[str, str]] = list(extra or [])
+    if 300 <= status < 400 and msg:
+        try:
+            extra_h.append(("Location", x.expand(msg)))
+        except route.RouteError:
+            access_log_safe(x)
+            return   # OpenBSD: expansion failure just closes
+    elif status == 401:
+        extra_h.append(("WWW-Authenticate", f'Basic realm="{msg}"'))
+    if status >= 200 and status not in (204, 304):
+        doc = _read_errdoc(x, status)
+        body = doc.encode("utf-8", "replace") if doc is not None else \
+            error_body(status, conf.banner, x.worker.server_name)
+        hdrs.append(("Content-Length", str(len(body))))
+    hdrs.extend(extra_h)
+    hdrs.extend(_hsts(x, conf))
+    hdrs = _custom_headers(conf, hdrs, error=True)
+    head = build_head(status, "HTTP/1.0", hdrs)
+    if x.req is not None and x.req.method == "HEAD":
+        body = b""
+    try:
+        with trio.move_on_after(conf.connection.timeout):
+            await x.t.send_all(head + body)
+    except CLOSED:
+        pass
+    access_log_safe(x)
+
+
+def access_log_safe(x: Exchange) -> None:
+    x.sent = 0
+    try:
+        access_log(x)
+    except Exception as e:   # logging must never break a connection
+        log.warn(f"access log: {e!r}")
