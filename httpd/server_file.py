@@ -193,7 +193,7 @@ def serve(conf: ServerConfig, gconf: HttpdConfig, prefix: str, path: str,
             if e.status != 404:
                 raise
         if not conf.auto_index:
-            raise HttpError(403, path) from None
+            raise HttpError(403, path)
         return _index(gconf, conf, prefix + fs_dir, dir_path, method)
     fs = conf.root + _root_strip(path, conf.strip)
     if _blen(fs) >= PATH_MAX:
@@ -471,7 +471,7 @@ def _index(gconf: HttpdConfig, conf: ServerConfig, fs_dir: str, dir_path: str,
             href = url_encode(name)
             # "a:b" must not be read as a URL scheme
             href = ("./" if ":" in href else "") + href
-            mtime = int(sub.st_mtime)
+            mtime = sub.st_mtime_ns // 10**9
             entries.append({
                 "dir": is_dir,
                 "name": name,
@@ -489,7 +489,7 @@ def _index(gconf: HttpdConfig, conf: ServerConfig, fs_dir: str, dir_path: str,
     body = _AUTOINDEX.render(path=dir_path, entries=entries).encode(
         "utf-8", "surrogateescape")
     hdrs = [("Content-Type", media_type(gconf, conf, "index.html")),
-            ("Last-Modified", _http_time(min(int(time.time()), int(st.st_mtime))))]
+            ("Last-Modified", _http_time(min(int(time.time()), st.st_mtime_ns // 10**9)))]
     return FileResponse(200, hdrs, len(body), [] if method == "HEAD" else [body])
 
 

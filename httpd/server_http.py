@@ -249,7 +249,8 @@ async def handle_request(x: Exchange) -> bool:
         return False
 
 
-async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int = 0) -> bool:
+async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int = 0,
+                   alias: bool = False) -> bool:
     """block / auth / FastCGI / file for the effective `conf`."""
     x.conf = conf
     blk = conf.block
@@ -273,7 +274,8 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
             raise HttpError(500, "fastcgi not available")
         return await fcgi.serve(x, conf)
     result = server_file.serve(conf, x.ctx.gconf, x.worker.prefix, x.path, x.query,
-                               x.req.method, x.req.hmap, index_dir=index_dir)
+                               x.req.method, x.req.hmap, index_dir=index_dir,
+                               alias=alias)
     if isinstance(result, server_file.Redirect):
         await abort_http(x, 301, result.location)
         return False
@@ -285,7 +287,9 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
         if newconf is not conf:
             if caps is not None:
                 x.captures = caps
-            return await dispatch(x, newconf, index_dir=True, depth=depth + 1)
+            # Another location (e.g. `*.php` → FastCGI): its own rules, and
+            # a missing index there is its 404, not this directory's index.
+            return await dispatch(x, newconf, index_dir=False, depth=depth + 1, alias=True)
         return await dispatch(x, conf, index_dir=True, depth=depth + 1)
     return await send_file(x, result)
 

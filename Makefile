@@ -1,0 +1,51 @@
+# Tandem: httpd + relayd.  `make run` and `make test` set everything up.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+JOBS    ?= 2
+
+.PHONY: all venv deps run test unit regress netns bench bench-smoke configtest clean
+
+all: test
+
+# The virtual environment with the pinned dependencies (re-made when
+# pyproject.toml changes).  Debian's python3 needs python3-venv for this.
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || \
+	  (apt-get update -q && apt-get install -y -q python3-venv python3-dev)
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+# System packages the tests and the benchmark use (installed if missing).
+deps:
+	@sh .ci/install-deps
+
+run: venv
+	$(VPY) conf/demo.py
+
+test: venv deps
+	$(VPY) -m pytest -q -n $(JOBS) -p no:cacheprovider tests
+
+unit: venv
+	$(VPY) -m pytest -q tests/unit
+
+regress: venv deps
+	$(VPY) -m pytest -q -n $(JOBS) tests/regress
+
+configtest: venv
+	$(VPY) -m httpd -n -f conf/httpd.conf
+	$(VPY) -m relayd -n -f conf/relayd.conf
+
+bench: venv deps
+	$(VPY) bench/bench.py
+
+bench-smoke: venv deps
+	$(VPY) bench/bench.py --smoke
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,120 @@
+"""Shared test fixtures: free ports, and real daemons started as subprocesses.
+
+Daemons run as `python -m httpd|relayd -d -f CONF` from the repo root, the
+way users start them; tests talk to them over loopback only.  Every process
+a test starts is stopped by PID when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (bind to 0, read it back)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0,
+              proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect((host, port))
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} not listening after {timeout}s")
+
+
+class Daemon:
+    """A daemon subprocess in -d mode with its stderr captured to a file."""
+
+    def __init__(self, module: str, conf: Path, args: list[str] | None = None,
+                 env: dict | None = None) -> None:
+        self.module = module
+        self.conf = conf
+        self.errpath = conf.with_suffix(".stderr")
+        self.errfile = open(self.errpath, "wb")
+        cmd = [PYTHON, "-m", module, "-d", "-f", str(conf)] + (args or [])
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.errfile,
+                                     stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self.errfile.flush()
+        return self.errpath.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.output()
+            if text in out:
+                return out
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not in output:\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.errfile.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemons():
+    """Factory: daemons(module, conf_path, ports=[...]) -> Daemon; all stopped at the end."""
+    started: list[Daemon] = []
+
+    def start(module: str, conf: Path, ports: list[int] | None = None,
+              args: list[str] | None = None, env: dict | None = None,
+              host: str = "127.0.0.1") -> Daemon:
+        d = Daemon(module, conf, args, env)
+        started.append(d)
+        for p in ports or []:
+            try:
+                wait_port(p, host, proc=d.proc)
+            except Exception:
+                raise RuntimeError(f"{module} did not start:\n{d.output()}")
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def run_cmd(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `python -m module args` to completion (e.g. -n config tests)."""
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
