@@ -172,7 +172,8 @@ class Ctx:
                 return self.checked[key]
             if reason is None:  # report why the full variant failed
                 lines = [x for x in msg.splitlines() if x.strip() and x.strip() != "configuration OK"]
-                reason = (lines[-1] if lines else f"exit {rc}").strip()[:200]
+                reason = (lines[-1] if lines else f"exit {rc}").strip()
+                reason = reason.replace(str(self.tmp / "conf") + "/", "").replace(self.py + ": ", "")[:200]
         self.checked[key] = (f"`{daemon} -n` rejects {template}: {reason}", False)
         return self.checked[key]
 
@@ -708,7 +709,7 @@ def measure(case: Case, procs: list[Proc], url: str, args) -> dict:
     best = None
     pinned = TOPO[case.topo]["wrk"] is not None
     for attempt in range(args.retries + 1):
-        quiet, waited = wait_quiet() if not args.smoke else (0.0, 0.0)
+        quiet, waited = wait_quiet(max_wait=args.quiet_wait) if args.quiet_wait > 0 else (0.0, 0.0)
         a, ca, ta = snapshot()
         self_a = resource.getrusage(resource.RUSAGE_SELF)
         out, wu, ws, rc = run_wrk(argv, args.duration)
@@ -765,7 +766,7 @@ def measure(case: Case, procs: list[Proc], url: str, args) -> dict:
 
 def run_one(ctx: Ctx, case: Case, peer: Peer, rnd: int, args) -> dict:
     rec = dict(type="run", case=case.name, group=case.group, peer=peer.label, kind=peer.kind,
-               round=rnd, ts=time.time())
+               round=rnd, workers=case.workers, ts=time.time())
     procs: list[Proc] = []
     try:
         be_port = None
@@ -828,13 +829,15 @@ def main() -> int:
     ap.add_argument("--ref-dir", default=str(REF_DIR), help="reference peers (default: %(default)s)")
     ap.add_argument("--max-foreign", type=float, default=10.0,
                     help="%% of one core used by other processes that spoils a run")
-    ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--retries", type=int, default=2, help="re-runs of a spoiled run")
+    ap.add_argument("--quiet-wait", type=float, default=20.0, metavar="S",
+                    help="before each run, wait up to S s for the box to be quiet (0: don't)")
     ap.add_argument("--out", help="JSONL file (default: bench/results/<time>.jsonl)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args()
     if args.smoke:
-        args.rounds, args.duration, args.warmup, args.retries = 1, 2, 0, 0
+        args.rounds, args.duration, args.warmup, args.retries, args.quiet_wait = 1, 2, 0, 0, 0
 
     cases = [c for c in define_cases()
              if any(fnmatch.fnmatch(c.name, g) or fnmatch.fnmatch(c.group, g) for g in args.cases)]
@@ -892,6 +895,9 @@ def main() -> int:
             if any(p.kind == "anchor" for p in peers) and len(peers) > 1:
                 active[c.name] = peers
             elif peers:
+                for p in peers:
+                    emit(dict(type="na", case=c.name, group=c.group, peer=p.label, kind=p.kind,
+                              reason="no peer to compare it with"))
                 print(f"  skip {c.name}: no peer to compare with the anchor", flush=True)
         for rnd in range(1, args.rounds + 1):
             for c in cases:

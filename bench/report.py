@@ -36,7 +36,9 @@ def med(xs):
 
 
 def rng(xs, fmt):
-    return f"{fmt(med(xs))} [{fmt(min(xs))}–{fmt(max(xs))}]" if xs else "—"
+    if not xs:
+        return "—"
+    return fmt(xs[0]) if len(xs) == 1 else f"{fmt(med(xs))} [{fmt(min(xs))}–{fmt(max(xs))}]"
 
 
 def n0(x):
@@ -64,7 +66,7 @@ class Stats:
     def m(self, key):
         return med(self.xs(key))
 
-    def flags(self, anchor=False):
+    def flags(self, anchor=False, spoiled=True):
         out = []
         err = sum(sum(r["errors"].values()) for r in self.runs)
         non2xx = sum(r["non2xx"] for r in self.runs)
@@ -76,11 +78,21 @@ class Stats:
             out.append(f"{non2xx} non-2xx")
         if cb:
             out.append(f"client-bound {cb}/{len(self.runs)}" + (" (use CPU-eff)" if anchor else ""))
-        if sp:
+        if sp and spoiled:
             out.append(f"spoiled {len(sp)}/{len(self.runs)} (foreign ≤ {max(r['foreign_max_pct'] for r in sp):.0f} %)")
+        r0 = self.runs[0]
+        if r0["kind"] != "anchor" and r0.get("workers", 1) > 1:
+            n = max(r.get("sut_nproc", 0) for r in self.runs)
+            if n < r0["workers"]:
+                out.append(f"only {n} process(es) for {r0['workers']} workers")
         notes = {r.get("note") for r in self.runs if r.get("note")}
         out += sorted(notes)
         return out
+
+    def spoiled(self):
+        """(spoiled runs, runs, worst foreign %) or None."""
+        sp = [r for r in self.runs if r["spoiled"]]
+        return (len(sp), len(self.runs), max(r["foreign_max_pct"] for r in sp)) if sp else None
 
 
 def ratios(ours: Stats, anchor: Stats):
@@ -141,11 +153,11 @@ def render(recs) -> str:
             tgt = cases.get(c, {}).get("target")
             notes = []
             acell = f"{anc} {rng(sa.xs('rps'), n0)}" if sa else f"{anc}: " + (
-                "n/a" if (c, anc) in na else "failed")
+                "n/a" if (c, anc) in na else "failed" if fails.get((c, anc)) else "not run")
             if (c, anc) in na:
                 notes.append(f"{anc} n/a: {na[(c, anc)]}")
             if sa:
-                notes += [f"{anc}: {x}" for x in sa.flags(anchor=True)]
+                notes += [f"{anc}: {x}" for x in sa.flags(anchor=True, spoiled=False)]
             if so and sa:
                 ratio, rr, eff = ratios(so, sa)
                 ocell = f"{our} {rng(so.xs('rps'), n0)}"
@@ -154,7 +166,7 @@ def render(recs) -> str:
                 ecell = n2(eff) if eff else "—"
                 key = ratio if cases.get(c, {}).get("target_metric", "rps") == "rps" else eff
                 tcell = (f"≥ {tgt:.2f} " + ("✓" if key is not None and key >= tgt else "✗")) if tgt else "—"
-                notes += [f"{our}: {x}" for x in so.flags()]
+                notes += [f"{our}: {x}" for x in so.flags(spoiled=False)]
             else:
                 why = na.get((c, our)) or (fails[(c, our)][0]["error"] if fails.get((c, our)) else "not run")
                 ocell = f"{our}: **n/a**" if (c, our) in na else f"{our}: **failed**"
@@ -164,11 +176,15 @@ def render(recs) -> str:
             if sr and sa:
                 r2, _, e2 = ratios(sr, sa)
                 fcell = f"{rf} {n2(r2) if r2 is not None else '—'}, {n2(e2) if e2 else '—'}"
-                notes += [f"{rf}: {x}" for x in sr.flags()]
+                notes += [f"{rf}: {x}" for x in sr.flags(spoiled=False)]
             elif rf:
                 fcell = f"{rf}: n/a" if (c, rf) in na else f"{rf}: failed"
             else:
                 fcell = "—"
+            sp = [(p, S[(c, p)].spoiled()) for p in (anc, our, rf) if (c, p) in S and S[(c, p)].spoiled()]
+            if sp:
+                notes.append("spoiled runs: " + ", ".join(f"{p} {x[0]}/{x[1]}" for p, x in sp)
+                             + f" (foreign ≤ {max(x[2] for _, x in sp):.0f} % of a core)")
             for p in (anc, our, rf):
                 for f in fails.get((c, p), []):
                     notes.append(f"{p} round {f['round']} FAILED: {f['error']}")

@@ -18,6 +18,7 @@ This module builds no response heads beyond helpers (`http_date`,
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from email.utils import formatdate
@@ -62,6 +63,11 @@ MAX_HEAD = 8192
 # Raw bytes of an unfinished head we accept before giving up, beyond the
 # counted limit (llhttp buffers partial header lines in Python objects).
 HEAD_SLACK = 16384
+# HttpError message for a Content-Length that is not a decimal number (httpd
+# answers it 500, as OpenBSD's strtonum() failure; relayd 400).
+BAD_CONTENT_LENGTH = "invalid content length"
+# A LF not preceded by CR (OpenBSD httpd reads lines with EVBUFFER_EOL_CRLF_STRICT).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 # Control characters never allowed in a header value (tab is allowed).
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
@@ -200,7 +206,7 @@ class _Conn:
             if count.get("content-length", 1) > 1:
                 raise HttpError(400, "malformed header")
             if not cl.isdigit():
-                raise HttpError(400, "malformed header")
+                raise HttpError(400, BAD_CONTENT_LENGTH)
             head.content_length = int(cl)
         te = head.hmap.get("transfer-encoding")
         if te is not None:
@@ -211,7 +217,13 @@ class _Conn:
                 raise HttpError(400, "malformed header")
             head.chunked = True
 
+    crlf_wait = False     # see ServerConn(httpd_rules=True)
+    stalled = -1          # bytes seen since the head stalled on a bare LF
+
     def _feed(self, data: bytes) -> None:
+        if self.stalled >= 0:
+            self._stall(data)
+            return
         if self.in_head:
             self.raw_head += len(data)
             if self.raw_head > self.max_head + HEAD_SLACK:
@@ -227,7 +239,23 @@ class _Conn:
                                  else None)
             if err is not None:
                 raise err from None
+            if self.crlf_wait and _BARE_LF.search(data) and \
+                    not isinstance(e, httptools.HttpParserInvalidMethodError):
+                # No CRLF-terminated line yet: wait for one, as OpenBSD.
+                self.stalled = 0
+                self._stall(data)
+                return
             raise HttpError(400, _parser_reason(e)) from None
+
+    def _stall(self, data: bytes) -> None:
+        # A head that used bare LFs: OpenBSD keeps reading until a line ends in
+        # CRLF (then the line is garbage: 400) or more than the head limit came
+        # without one (413); the request timeout ends the wait.
+        self.stalled += len(data)
+        if b"\r\n" in data:
+            raise HttpError(400, "malformed")
+        if self.stalled > self.max_head:
+            raise HttpError(413, "request line too long")
 
     async def _fill(self) -> bool:
         """Receive and feed once; False at end of input."""
@@ -280,6 +308,8 @@ def _parser_reason(e: Exception) -> str:
     msg = str(e) or "malformed"
     if isinstance(e, httptools.HttpParserInvalidMethodError):
         return "invalid method"
+    if msg == "Invalid character in Content-Length":
+        return BAD_CONTENT_LENGTH
     return msg
 
 
@@ -287,14 +317,20 @@ class ServerConn(_Conn):
     """The server side of one connection: requests in."""
 
     def __init__(self, transport: Transport, max_head: int = MAX_HEAD,
-                 lenient: bool = False) -> None:
+                 lenient: bool = False, httpd_rules: bool = False) -> None:
         super().__init__(transport, max_head)
         self.lenient = lenient
+        # httpd_rules: OpenBSD httpd's reading of versions and line ends:
+        # HTTP/1.x with x > 1 is read as 1.1, a major version above 1 is
+        # answered 505, and a head with bare LFs waits for a CRLF.
+        self.httpd_rules = httpd_rules
+        self.crlf_wait = httpd_rules
         self.parser = httptools.HttpRequestParser(self)
-        if lenient:
+        if lenient or httpd_rules:
             # httpd accepts obs-fold continuation lines (httpd.conf(5) era
             # behaviour); the control-character check above stays on.
-            self.parser.set_dangerous_leniencies(lenient_headers=True)
+            self.parser.set_dangerous_leniencies(lenient_headers=lenient,
+                                                 lenient_version=httpd_rules)
         self.requests = 0
 
     def _new_head(self) -> Request:
@@ -314,6 +350,13 @@ class ServerConn(_Conn):
         cur.method = p.get_method().decode("ascii", "replace")
         cur.version = p.get_http_version()
         cur.keep_alive = p.should_keep_alive()
+        if self.httpd_rules and cur.version not in ("1.1", "1.0"):
+            major, _, minor = cur.version.partition(".")
+            if major == "1":
+                cur.version = "1.1"          # 1.2 .. 1.9 downgraded
+            elif major != "0":
+                self.error = HttpError(505, "bad http version")
+                raise self.error
         if cur.version not in ("1.1", "1.0"):
             self.error = HttpError(400, "malformed")
             raise self.error

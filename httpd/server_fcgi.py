@@ -1,314 +1,541 @@
 """httpd.server_fcgi -- hand a request to a FastCGI application.
 
-One FastCGI connection per request (as OpenBSD httpd): BEGIN_REQUEST, the
-CGI/1.1 environment as PARAMS, the request body streamed as STDIN while the
-STDOUT records stream back.  The CGI header block becomes the response head
-(`Status:`, `Location:`, app headers); the body is passed through with the
-app's Content-Length when it gives one, otherwise chunked for HTTP/1.1 and
-close-delimited for HTTP/1.0.  STDERR lines go to the server's error log.
+One FastCGI connection per request, as OpenBSD's server_fcgi.c: a
+BEGIN_REQUEST (responder, id 1), the CGI/1.1 environment as PARAMS, the
+request body streamed as STDIN (Content-Length or de-chunked, never
+buffered whole) while the STDOUT records stream back to the client.
 
-Failures before the head is sent: backend missing or refusing → 502, socket
-queue full → 503, silent past `connection timeout` → 504, malformed records
-or headers → 502; each logged with the backend's name.  Once the head is
-out, a failure can only close the connection.
+The CGI header block becomes the response head (`Status:` sets the code,
+`Location:` alone means 302, other headers are copied).  The head goes out
+with the first body bytes or at the end, so an empty body is answered with
+`Content-Length: 0`; otherwise the app's Content-Length is passed through
+when it gives one, else the body is chunked for HTTP/1.1 and delimited by
+the close for HTTP/1.0.  HEAD gets the head only.  STDERR lines go to the
+server's error log.
 
-The record codec lives in httpd.fcgi; this module only does the I/O.
+Failures before the head is sent become error pages: backend missing or
+refusing → 502, UNIX socket queue full → 503, silent past `connection
+timeout` → 504, malformed records or headers, or no headers at all → 502;
+each is logged with the backend's name.  Once the head is out a failure can
+only close the connection.  A client that goes away aborts the FastCGI
+request by closing the backend connection.
+
+The record codec lives in httpd.fcgi; this module does the I/O and the HTTP
+side, and never parses a request (server_http does).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 
 import trio
 
 from engine.conn import CLOSED
-from engine.http1 import HttpError, http_date
-from httpd import fcgi, server_file
+from engine.http1 import REASONS, HttpError, http_date
+from httpd import fcgi
 from httpd.config import ServerConfig
 from httpd.http import SERVER_SOFTWARE
+from httpd.logger import vis
 
-# Body chunk size for STDIN records (one record holds at most 65535 bytes).
-STDIN_CHUNK = 65535
-# STDOUT bytes gathered before one send to the client.
-SEND_CHUNK = 65536
-# Token characters kept in HTTP_* names; everything else becomes '_'.
-_TOKEN_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+# Largest STDOUT read from the backend at once.
+RECV_SIZE = 65536
+# Token characters kept in HTTP_* names (RFC 7230 tchar); others become '_'.
+_TCHAR = frozenset("!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Response headers of the app that describe its connection, not the message.
+_HOP = frozenset(("connection", "keep-alive", "transfer-encoding"))
+# errno of a failed connect → status: a full listen queue is "busy", the rest "bad".
+_CONNECT_STATUS = {errno.EAGAIN: 503, errno.ETIMEDOUT: 504}
 
 
-class _Backend(Exception):
+class BackendError(Exception):
+    """The FastCGI application failed us; status is what the client gets."""
+
     def __init__(self, status: int, msg: str) -> None:
         super().__init__(msg)
         self.status = status
         self.msg = msg
 
 
-def _strip(path: str, n: int) -> str:
-    if n <= 0:
-        return path
-    parts = path.split("/")
-    rest = parts[1 + n:] if len(parts) > n + 1 else [""]
-    return "/" + "/".join(rest)
+class _ClientGone(Exception):
+    """The HTTP client closed, or stopped reading or sending for too long."""
 
 
-def split_script(fsroot: str, path: str) -> tuple[str, str]:
-    """(script path under root, PATH_INFO): the longest existing prefix."""
-    cand = path
-    while True:
+# -- the CGI environment ------------------------------------------------------
+
+def root_strip(path: str, n: int) -> str:
+    """server_root_strip(): drop n leading components ("" if too few)."""
+    while n > 0 and path:
+        cut = path.find("/", 1)
+        path = path[cut:] if cut >= 0 else ""
+        n -= 1
+    return path
+
+
+def path_info_len(full: str, exists) -> int:
+    """path_info(): length of the longest prefix of `full` that exists.
+
+    Walks from the end towards the start and tries the whole path, then
+    every prefix ending before a '/'; 0 if none exists."""
+    p = len(full)
+    end = p
+    while p > 0:
+        if p == end or full[p] == "/":
+            if exists(full[:p]):
+                break
+        p -= 1
+    return p
+
+
+def _stat_ok(worker):
+    def exists(path: str) -> bool:
         try:
-            os.stat(fsroot + cand)
-            return cand, path[len(cand):]
-        except OSError:
-            pass
-        cut = cand.rfind("/")
-        if cut <= 0:
-            return path, ""
-        cand = cand[:cut]
+            os.stat(worker.fs(path))
+            return True
+        except (OSError, ValueError):
+            return False
+    return exists
 
 
-def backend_name(conf: ServerConfig) -> str:
-    fc = conf.fastcgi
-    if fc.host is not None:
-        return f"{fc.host}:{fc.port}"
-    return fc.socket or ""
+def _utf8(s: str) -> bytes:
+    # Decoded paths keep undecodable bytes as surrogates.
+    return s.encode("utf-8", "surrogateescape")
 
 
-def cgi_env(x, conf: ServerConfig, script: str, path_info: str) -> list[tuple[str, str]]:
-    """The CGI/1.1 variables OpenBSD httpd sends (features.md §1.9)."""
+def _raw(s: str) -> bytes:
+    # Text taken from the request line or headers is latin-1 of the bytes;
+    # macro expansions may have added non-latin-1 config text.
+    try:
+        return s.encode("latin-1")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape")
+
+
+def _request_uri(x) -> str:
+    """The request target as sent: path before decoding, original query."""
+    target = x.req.target
+    if not target.startswith("/"):
+        if "://" in target:
+            rest = target.split("://", 1)[1]
+            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        else:
+            target = x.log_path or x.path or "/"
+    return target
+
+
+def tls_peer_verify(conf: ServerConfig) -> str | None:
+    """TLS_PEER_VERIFY: printb_flags() of the client-certificate options."""
+    tls = conf.tls
+    if tls is None or tls.client_ca is None:
+        return None
+    flags = ["ca"]
+    if tls.crl:
+        flags.append("crl")
+    if tls.client_optional:
+        flags.append("optional")
+    return ", ".join(flags)
+
+
+def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
+    """The variables OpenBSD httpd sends (features.md §1.9), in its order."""
     fc = conf.fastcgi
     req = x.req
     t = x.t
-    root = conf.root.rstrip("/") or ""
-    env: list[tuple[str, str]] = []
-    docroot = _strip(root or "/", fc.strip) if fc.strip else (root or "/")
-    scriptfile = _strip(root + script, fc.strip) if fc.strip else root + script
-    env.append(("DOCUMENT_ROOT", docroot))
-    env.append(("DOCUMENT_URI", x.path))
-    env.append(("GATEWAY_INTERFACE", "CGI/1.1"))
-    for name, value in req.headers:
-        low = name.lower()
-        if low == "content-length":
-            env.append(("CONTENT_LENGTH", value))
-            continue
-        if low == "content-type":
-            env.append(("CONTENT_TYPE", value))
-            continue
-        key = "".join(c if c in _TOKEN_OK else "_" for c in name.upper())
-        env.append(("HTTP_" + key, value))
-    if req.chunked and req.content_length is None:
-        pass  # length unknown: apps read STDIN to its end
+    root = conf.root.rstrip("/")
+    alias = x.path                        # canonical, index appended
+    stripped = root_strip(alias, conf.strip)
+    full = root + stripped
+    # No part of the root may show up in PATH_INFO.
+    scriptlen = max(path_info_len(full, _stat_ok(x.worker)), len(root))
+    script = full[:scriptlen]
+    script_name = alias[:scriptlen + (len(alias) - len(stripped)) - len(root)]
+    env: list[tuple[bytes, bytes]] = [
+        (b"PATH_INFO", _utf8(full[scriptlen:])),
+        (b"SCRIPT_NAME", _utf8(script_name)),
+        (b"SCRIPT_FILENAME", _utf8(root_strip(script, fc.strip))),
+        (b"QUERY_STRING", _raw(x.query or "")),
+        (b"DOCUMENT_ROOT", _utf8(root_strip(root or "/", fc.strip))),
+        (b"DOCUMENT_URI", _utf8(alias)),
+        (b"GATEWAY_INTERFACE", b"CGI/1.1"),
+    ]
+    if conf.auth is not None:
+        env.append((b"REMOTE_USER", _raw(x.user or "")))
+    for low, value in req.hmap.items():
+        name = low.upper()
+        if name not in ("CONTENT_LENGTH", "CONTENT-LENGTH", "CONTENT_TYPE", "CONTENT-TYPE"):
+            name = "HTTP_" + name
+        name = "".join(c if c in _TCHAR else "_" for c in name)
+        env.append((name.encode("latin-1"), value.encode("latin-1")))
     if x.ctx.tls:
-        env.append(("HTTPS", "on"))
-    env.append(("PATH_INFO", path_info))
-    env.append(("QUERY_STRING", x.query or ""))
-    env.append(("REMOTE_ADDR", t.peer[0]))
-    env.append(("REMOTE_PORT", str(t.peer[1])))
-    if x.user is not None:
-        env.append(("REMOTE_USER", x.user))
-    env.append(("REQUEST_METHOD", req.method))
-    raw_path = req.target.split("?", 1)[0] if req.target.startswith("/") else \
-        server_file.url_encode(x.log_path or x.path)
-    env.append(("REQUEST_URI", raw_path + ("?" + x.query if x.query else "")))
-    env.append(("SCRIPT_FILENAME", scriptfile))
-    env.append(("SCRIPT_NAME", script))
-    env.append(("SERVER_ADDR", t.local[0]))
-    env.append(("SERVER_NAME", x.srv.name))
-    env.append(("SERVER_PORT", str(t.local[1])))
-    env.append(("SERVER_PROTOCOL", x.version))
-    env.append(("SERVER_SOFTWARE", SERVER_SOFTWARE))
-    verify = x.worker.extra.get("tls_peer_verify")
-    if verify is not None:
-        env.append(("TLS_PEER_VERIFY", verify(x.t)))
+        env.append((b"HTTPS", b"on"))
+        verify = tls_peer_verify(conf)
+        if verify is not None:
+            env.append((b"TLS_PEER_VERIFY", verify.encode()))
     for name, value in fc.params:
         try:
-            env.append((name, x.expand(value)))
-        except Exception:
-            env.append((name, value))
+            value = x.expand(value)
+        except Exception:   # an expansion too long: send it as written
+            pass
+        env.append((_utf8(name), _raw(value)))
+    env += [
+        (b"REMOTE_ADDR", t.peer[0].encode()),
+        (b"REMOTE_PORT", str(t.peer[1]).encode()),
+        (b"REQUEST_METHOD", req.method.encode("latin-1")),
+        (b"REQUEST_URI", _raw(_request_uri(x))),
+        (b"SERVER_ADDR", t.local[0].encode()),
+        (b"SERVER_PORT", str(t.local[1]).encode()),
+        (b"SERVER_NAME", _utf8(x.srv.name)),
+        (b"SERVER_PROTOCOL", x.version.encode("latin-1")),
+        (b"SERVER_SOFTWARE", SERVER_SOFTWARE.encode()),
+    ]
     return env
 
 
-async def _connect(x, conf: ServerConfig) -> trio.abc.Stream:
+# -- the backend connection ---------------------------------------------------
+
+def backend_name(conf: ServerConfig) -> str:
+    """How logs name the backend: the socket path, or host:port."""
+    fc = conf.fastcgi
+    if fc.host is not None:
+        host = f"[{fc.host}]" if ":" in fc.host else fc.host
+        return f"{host}:{fc.port}"
+    return fc.socket or ""
+
+
+async def connect(conf: ServerConfig, worker) -> trio.SocketStream:
+    """Open the backend connection; raises BackendError (502/503/504)."""
     fc = conf.fastcgi
     try:
         if fc.host is not None:
-            return await trio.open_tcp_stream(fc.host, fc.port)
-        return await trio.open_unix_socket(x.worker.fs(fc.socket))
-    except OSError as e:
-        if e.errno == errno.EAGAIN:
-            raise _Backend(503, f"connect: {e.strerror}") from None
-        raise _Backend(502, f"connect: {e.strerror or e}") from None
-
-
-def _error_log(x, conf: ServerConfig, msg: str) -> None:
-    lc = conf.log
-    if lc.enabled:
-        x.worker.logs.write(lc.error, f"server {x.srv.name}, fastcgi {backend_name(conf)}: {msg}",
-                            lc.syslog)
-
-
-async def serve(x, conf: ServerConfig) -> bool:
-    """Answer the request through FastCGI; True to keep the connection."""
-    from httpd import server_http   # the caller's module: head building, logs
-    fsroot = x.worker.fs(conf.root.rstrip("/"))
-    stripped = _strip(x.path, conf.strip)
-    script, path_info = split_script(fsroot, stripped)
-    env = cgi_env(x, conf, script, path_info)
-    timeout = conf.connection.timeout
-    head_sent = False
-    stream = None
-    try:
-        with trio.fail_after(timeout):
-            stream = await _connect(x, conf)
-            await stream.send_all(fcgi.begin_request() + fcgi.encode_params(env))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump_stdin, x, conf, stream, timeout)
-            head_sent = await _relay_stdout(x, conf, stream, timeout, server_http)
-            nursery.cancel_scope.cancel()
-    except trio.TooSlowError:
-        _error_log(x, conf, "timeout")
-        if not head_sent:
-            raise HttpError(504, "fastcgi timeout") from None
-        x.keep = False
-    except _Backend as e:
-        _error_log(x, conf, e.msg)
-        if not head_sent:
-            raise HttpError(e.status, e.msg) from None
-        x.keep = False
-    except fcgi.FcgiError as e:
-        _error_log(x, conf, f"malformed response: {e}")
-        if not head_sent:
-            raise HttpError(502, "malformed fastcgi response") from None
-        x.keep = False
-    except CLOSED:
-        # The client went away: closing the backend connection aborts the
-        # request there (slowcgi, php-fpm and flup all stop on EOF).
-        x.keep = False
-        if not head_sent:
+            fam = socket.AF_INET6 if ":" in fc.host else socket.AF_INET
+            sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+            try:
+                await sock.connect((fc.host, fc.port))
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+        # A UNIX connect never blocks on Linux: it succeeds, or fails with
+        # EAGAIN when the listen queue is full.  trio would wait for
+        # writability on EAGAIN and take the unconnected socket as connected.
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.setblocking(False)
+        try:
+            raw.connect(worker.fs(fc.socket))
+        except BaseException:
+            raw.close()
             raise
-    finally:
-        if stream is not None:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-    server_http.access_log(x)
-    return x.keep
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    except OSError as e:
+        status = _CONNECT_STATUS.get(e.errno, 502)
+        raise BackendError(status, f"connect failed: {e.strerror or e}") from None
 
 
-async def _pump_stdin(x, conf: ServerConfig, stream, timeout: float) -> None:
-    limit = conf.connection.max_request_body
-    total = 0
-    req = x.req
-    if req.has_body:
+class _Job:
+    """One FastCGI request: the backend stream and the response state."""
+
+    def __init__(self, x, conf: ServerConfig, server_http) -> None:
+        self.x = x
+        self.conf = conf
+        self.http = server_http
+        self.timeout = conf.connection.timeout
+        self.stream: trio.SocketStream | None = None
+        self.head: fcgi.CgiHead | None = None
+        self.hparser = fcgi.CgiHeaderParser()
+        self.head_queued = False           # head built (in self.out)
+        self.head_sent = False             # head written to the client
+        self.chunked = False
+        self.length: int | None = None     # the app's Content-Length, if any
+        self.no_body = x.req.method == "HEAD"
+        self.out = bytearray()             # bytes for the client, this round
+        self.body: list[bytes] = []        # body bytes for the client, this round
+        self.waiting_client = False        # STDIN pump is reading the client
+        self.failure: BaseException | None = None
+
+    # -- logging ---------------------------------------------------------------
+    def log_error(self, msg: str) -> None:
+        lc = self.conf.log
+        if lc.enabled:
+            self.x.worker.logs.write(
+                lc.error, f"server {self.x.srv.name}, fastcgi {backend_name(self.conf)}: {msg}",
+                lc.syslog)
+
+    def _stderr(self, content: bytes) -> None:
+        # OpenBSD logs STDERR as is; one line per line keeps the log greppable.
+        lc = self.conf.log
+        if not lc.enabled:
+            return
+        for line in content.decode("utf-8", "surrogateescape").splitlines():
+            if line.strip():
+                self.x.worker.logs.write(lc.error, vis(line.rstrip()), lc.syslog)
+
+    # -- backend I/O -------------------------------------------------------------
+    async def _send_backend(self, data: bytes) -> None:
+        with trio.move_on_after(self.timeout) as cs:
+            try:
+                await self.stream.send_all(data)
+            except CLOSED as e:
+                raise BackendError(502, f"write failed: {_why(e)}") from None
+        if cs.cancelled_caught:
+            raise BackendError(504, "timeout")
+
+    async def _recv_backend(self) -> bytes:
         while True:
-            with trio.fail_after(timeout):
-                chunk = await x.conn.receive_body()
-            if not chunk:
-                break
+            with trio.move_on_after(self.timeout) as cs:
+                try:
+                    return await self.stream.receive_some(RECV_SIZE)
+                except CLOSED as e:
+                    raise BackendError(502, f"read failed: {_why(e)}") from None
+            # Silence is fine while the app waits for a body the client has
+            # not sent yet; the pump's own timeout covers the client.
+            if not self.waiting_client:
+                raise BackendError(504, "timeout")
+
+    async def _send_client(self, data) -> None:
+        with trio.move_on_after(self.timeout) as cs:
+            try:
+                await self.x.t.send_all(data)
+            except CLOSED:
+                raise _ClientGone("client closed") from None
+        if cs.cancelled_caught:
+            raise _ClientGone("client timeout")
+
+    # -- the request -------------------------------------------------------------
+    async def run(self) -> None:
+        x = self.x
+        with trio.move_on_after(self.timeout) as cs:
+            self.stream = await connect(self.conf, x.worker)
+        if cs.cancelled_caught:
+            raise BackendError(504, "connect timeout")
+        request = fcgi.begin_request() + fcgi.encode_params(cgi_env(x, self.conf))
+        if not x.req.has_body:
+            await self._send_backend(request + fcgi.stdin(b""))
+            await self._relay()
+            return
+        await self._send_backend(request)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_guarded, nursery.cancel_scope)
+            try:
+                await self._relay()
+            except (BackendError, fcgi.FcgiError, _ClientGone, HttpError) as e:
+                self.failure = self.failure or e
+            nursery.cancel_scope.cancel()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _pump_guarded(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._pump()
+        except (BackendError, _ClientGone, HttpError) as e:
+            self.failure = self.failure or e
+            scope.cancel()
+
+    async def _pump(self) -> None:
+        """Client body → STDIN records, chunk by chunk as it arrives."""
+        x = self.x
+        limit = self.conf.connection.max_request_body
+        total = 0
+        while True:
+            self.waiting_client = True
+            try:
+                with trio.move_on_after(self.timeout) as cs:
+                    try:
+                        chunk = await x.conn.receive_body()
+                    except CLOSED:
+                        raise _ClientGone("client closed") from None
+                    except HttpError as e:
+                        raise _ClientGone(e.msg or "bad request body") from None
+            finally:
+                self.waiting_client = False
+            if cs.cancelled_caught:
+                raise _ClientGone("client timeout")
             total += len(chunk)
             if total > limit:
                 raise HttpError(413, "request body too large")
             try:
-                await stream.send_all(fcgi.stdin(chunk))
-            except CLOSED:
-                return   # the app stopped reading; its answer decides
+                await self._send_backend(fcgi.stdin(chunk))
+            except BackendError as e:
+                if e.status == 502:
+                    return   # the app stopped reading; its answer decides
+                raise
+            if not chunk:
+                return
+
+    async def _relay(self) -> None:
+        """STDOUT records → the client, each read passed on as it arrives."""
+        reader = fcgi.RecordReader()
+        ended = False
+        while not ended:
+            data = await self._recv_backend()
+            if not data:
+                reader.eof()
+                raise BackendError(502, "connection closed before the end of the request")
+            for rec in reader.feed(data):
+                if rec.request_id != 1:
+                    continue   # management records (id 0) are not ours
+                if rec.type == fcgi.STDOUT:
+                    if rec.content:
+                        self._stdout(rec.content)
+                elif rec.type == fcgi.STDERR:
+                    if rec.content:
+                        self._stderr(rec.content)
+                elif rec.type == fcgi.END_REQUEST:
+                    self._end_request(rec.content)
+                    ended = True
+                    break
+            await self._flush(final=ended)
+
+    def _stdout(self, content: bytes) -> None:
+        if self.head is None:
+            self.head, content = self.hparser.feed(content)
+            if self.head is None:
+                return
+        if content:
+            if not self.head_queued:
+                self._start(body=True)
+            if not self.no_body:
+                self.body.append(content)
+
+    def _end_request(self, content: bytes) -> None:
+        _, protocol_status = fcgi.decode_end_request(content)
+        if self.head is None:
+            if protocol_status in (fcgi.OVERLOADED, fcgi.CANT_MPX_CONN):
+                raise BackendError(503, "application overloaded")
+            if protocol_status != fcgi.REQUEST_COMPLETE:
+                raise BackendError(502, f"request refused (protocol status {protocol_status})")
+            raise BackendError(502, "no response headers")
+        if not self.head_queued:
+            self._start(body=False)
+
+    async def _flush(self, final: bool) -> None:
+        out = self.out
+        if self.body:
+            data = b"".join(self.body) if len(self.body) > 1 else self.body[0]
+            self.body.clear()
+            if self.length is not None:
+                # Never send more than announced: the next response would
+                # start inside this one.
+                room = self.length - self.x.sent
+                if len(data) > room:
+                    data = data[:max(room, 0)]
+                    self.x.keep = False
+            if data:
+                self.x.sent += len(data)
+                if self.chunked:
+                    out += b"%x\r\n" % len(data)
+                    out += data
+                    out += b"\r\n"
+                else:
+                    out += data
+        if final:
+            if self.chunked and not self.no_body:
+                out += b"0\r\n\r\n"
+            elif self.length is not None and not self.no_body and self.x.sent != self.length:
+                self.x.keep = False
+        if out:
+            data = bytes(out)
+            out.clear()
+            self.head_sent = self.head_queued
+            await self._send_client(data)
+
+    def _start(self, body: bool) -> None:
+        """Queue the response head; `body`: some body bytes are at hand."""
+        x = self.x
+        conf = self.conf
+        head = self.head
+        status = head.status if head.status in REASONS else 200
+        x.status = status
+        if x.version != "HTTP/1.1":
+            x.keep = False          # HTTP/1.0: no chunking, so no persistence
+        app: list[tuple[str, str]] = []
+        have_date = have_server = False
+        for k, v in head.headers:
+            low = k.lower()
+            if low in _HOP:
+                continue
+            if low == "content-length":
+                n = v.strip()
+                if not n.isdigit() or (self.length is not None and int(n) != self.length):
+                    raise BackendError(502, "malformed Content-Length header")
+                if self.length is not None:
+                    continue
+                self.length = int(n)
+            elif low == "date":
+                have_date = True
+            elif low == "server":
+                have_server = True
+            app.append((k, v))
+        hdrs: list[tuple[str, str]] = []
+        if conf.banner and not have_server:
+            hdrs.append(("Server", x.worker.server_name))
+        bodiless = status in (204, 304)
+        if bodiless:
+            # RFC 7230 3.3: no body and no framing headers for these.
+            self.no_body = True
+            if self.length is not None:
+                app = [kv for kv in app if kv[0].lower() != "content-length"]
+                self.length = None
+        elif self.length is None:
+            if not body:
+                if x.req.method != "HEAD":
+                    app.append(("Content-Length", "0"))
+                    self.length = 0
+            elif x.version == "HTTP/1.1":
+                self.chunked = True
+                app.append(("Transfer-Encoding", "chunked"))
+            else:
+                x.keep = False      # the close ends the body
+        hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
+        hdrs += app
+        hdrs += self.http._hsts(x, conf)
+        hdrs = self.http._custom_headers(conf, hdrs, error=status >= 400)
+        if not have_date:
+            hdrs.append(("Date", http_date()))
+        self.out += self.http.build_head(status, x.version, hdrs)
+        self.head_queued = True
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+async def serve(x, conf: ServerConfig) -> bool:
+    """Answer the request through FastCGI; True to keep the connection.
+
+    Raises HttpError for a failure before the response head went out (the
+    caller sends the error page); afterwards failures close the connection.
+    """
+    from httpd import server_http   # the caller's module: head building, logs
+    job = _Job(x, conf, server_http)
+    status = 0
     try:
-        await stream.send_all(fcgi.stdin(b""))
-    except CLOSED:
-        pass
-
-
-async def _relay_stdout(x, conf: ServerConfig, stream, timeout: float, server_http) -> bool:
-    """Read records until END_REQUEST; returns True once the head was sent."""
-    reader = fcgi.RecordReader()
-    hparser = fcgi.CgiHeaderParser()
-    head = None
-    chunked = False
-    close_delim = False
-    remaining = None
-    out = bytearray()
-    head_sent = False
-    t = x.t
-    is_head = x.req.method == "HEAD"
-    ended = False
-    while not ended:
-        with trio.fail_after(timeout):
-            try:
-                data = await stream.receive_some(65536)
-            except CLOSED as e:
-                raise _Backend(502, f"read: {e}") from None
-        if not data:
-            reader.eof()
-            if head is None:
-                raise _Backend(502, "connection closed before the response headers")
-            break
-        for rec in reader.feed(data):
-            if rec.type == fcgi.STDOUT and rec.content:
-                body = rec.content
-                if head is None:
-                    head, body = hparser.feed(body)
-                    if head is None:
-                        continue
-                    hdr_bytes, chunked, close_delim, remaining = _response_head(x, conf, head, server_http)
-                    out += hdr_bytes
-                    if is_head:
-                        await t.send_all(bytes(out))
-                        out.clear()
-                        head_sent = True
-                if body and not is_head:
-                    x.sent += len(body)
-                    if chunked:
-                        out += b"%x\r\n" % len(body) + body + b"\r\n"
-                    else:
-                        out += body
-                if len(out) >= SEND_CHUNK or (head is not None and not head_sent):
-                    await t.send_all(bytes(out))
-                    out.clear()
-                    head_sent = True
-            elif rec.type == fcgi.STDERR and rec.content:
-                for line in rec.content.decode("utf-8", "replace").splitlines():
-                    if line.strip():
-                        _error_log(x, conf, line)
-            elif rec.type == fcgi.END_REQUEST:
-                ended = True
-                break
-    if head is None:
-        raise _Backend(502, "no response headers")
-    if chunked and not is_head:
-        out += b"0\r\n\r\n"
-    if out:
-        await t.send_all(bytes(out))
-    if close_delim:
+        try:
+            await job.run()
+        finally:
+            if job.stream is not None:
+                # Closing the connection is how the app learns of an abort.
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(job.stream)
+    except BackendError as e:
+        job.log_error(e.msg)
+        status = e.status
+    except fcgi.FcgiError as e:
+        job.log_error(f"malformed response: {e}")
+        status = 502
+    except _ClientGone:
         x.keep = False
-    return True
-
-
-def _response_head(x, conf: ServerConfig, head: fcgi.CgiHead, server_http):
-    status = head.status
-    x.status = status
-    app = head.headers
-    names = {k.lower() for k, _ in app}
-    no_body = status in (204, 304) or 100 <= status < 200
-    has_cl = "content-length" in names
-    chunked = False
-    close_delim = False
-    if not no_body and not has_cl:
-        if x.version == "HTTP/1.1" and x.req.method != "HEAD":
-            chunked = True
-        elif x.req.method != "HEAD":
-            close_delim = True
+        if not job.head_sent:
+            x.status = 0
+            return False
+    except HttpError as e:
+        if job.head_sent:
             x.keep = False
-    hdrs: list[tuple[str, str]] = []
-    if conf.banner:
-        hdrs.append(("Server", x.worker.server_name))
-    hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
-    for k, v in app:
-        low = k.lower()
-        if low in ("connection", "transfer-encoding", "keep-alive"):
-            continue
-        hdrs.append((k, v))
-    if chunked:
-        hdrs.append(("Transfer-Encoding", "chunked"))
-    hdrs.extend(server_http._hsts(x, conf))
-    if "date" not in names:
-        hdrs.append(("Date", http_date()))
-    hdrs = server_http._custom_headers(conf, hdrs, error=status >= 400)
-    return server_http.build_head(status, x.version, hdrs), chunked, close_delim, None
+        else:
+            raise
+    if status:
+        if not job.head_sent:
+            raise HttpError(status, "fastcgi error")
+        x.keep = False
+    server_http.access_log(x)
+    return x.keep

@@ -19,7 +19,8 @@ import jinja2
 import trio
 
 from engine.conn import CLOSED, Transport
-from engine.http1 import REASONS, HttpError, Request, ServerConn, http_date
+from engine.http1 import (BAD_CONTENT_LENGTH, MAX_HEAD, REASONS, HttpError, Request,
+                          ServerConn, http_date)
 from httpd import auth, logger, route, server_file
 from httpd.config import HttpdConfig, ServerConfig
 from httpd.http import METHODS, SERVER_SOFTWARE
@@ -114,7 +115,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     worker.active += 1
     cid = worker.next_id
     primary = ctx.servers[0]
-    conn = ServerConn(t, max_head=8192, lenient=True)
+    conn = ServerConn(t, max_head=MAX_HEAD, lenient=True, httpd_rules=True)
     reason = "done"
     summary: list[str] = []
     srv_for_log = primary
@@ -129,6 +130,8 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
+                    if e.msg == BAD_CONTENT_LENGTH:
+                        e.status = 500       # OpenBSD: strtonum() failed (sic)
                     await abort_http(x, e.status, e.msg or "malformed", log_req=True)
                     reason = f"{e.msg or 'malformed'}"
                     break
@@ -193,6 +196,8 @@ async def handle_request(x: Exchange) -> bool:
     try:
         if req.method not in METHODS:
             raise HttpError(400, "invalid method")
+        if req.method in ("TRACE", "CONNECT") and "content-length" in req.hmap:
+            raise HttpError(400, "malformed")     # these never carry a body
         target = req.target
         if req.method == "CONNECT" or not target.startswith("/"):
             # absolute-form: take the path; authority-form is not for us

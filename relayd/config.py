@@ -120,7 +120,8 @@ class TableConfig:
 @dataclass(frozen=True)
 class CheckConfig:
     """The `check ...` option of a forward (what hce runs per host)."""
-    type: str = "none"            # one of CHECK_TYPES; "none" only outside redirects
+    type: str = "none"            # one of CHECK_TYPES; "none" (relays, routers): hce skips
+                                  # the instance and the relay treats every host as up
     tls: bool = False             # run the check inside TLS (tls, https, send/binary ... tls)
     path: str | None = None       # http/https: request path; script: program to run
     host: str | None = None       # http/https: Host header (switches to HTTP/1.1)

@@ -472,6 +472,7 @@ class RelaydParser(Parser):
         if name in self.tables:
             raise self.error(f"table {name} defined twice", t)
         tb = _Table(name=name, where=self.where(kw), timeout=self.timeout)
+        nerr = len(self.errors.lines)
         while True:
             if self.accept("disable"):
                 tb.disabled = True
@@ -479,7 +480,7 @@ class RelaydParser(Parser):
                 self._table_hosts(tb)
             else:
                 break
-        if not tb.hosts:
+        if not tb.hosts and len(self.errors.lines) == nerr:
             raise self.error(f"table {name} has no hosts", kw)
         self.tables[name] = tb
 
@@ -697,12 +698,17 @@ class RelaydParser(Parser):
         rdr = _Redirect(id=self.last_rdr, name=name, where=self.where(kw))
         self._unimpl(kw, UNIMPL_REDIRECT)
         self.tableport = 0
+        nerr = len(self.errors.lines)
         try:
             self._body(lambda: self._rdr_item(rdr))
         finally:
             self.tableport = 0
-        where, ok = rdr.where, True
-        if rdr.table is None:
+        # A block whose lines failed is incomplete anyway: don't pile
+        # "has no table" on top of the real error.
+        where, ok = rdr.where, len(self.errors.lines) == nerr
+        if not ok:
+            pass
+        elif rdr.table is None:
             self._add(where, f"redirection {name} has no table")
             ok = False
         elif not rdr.listens:
@@ -800,18 +806,22 @@ class RelaydParser(Parser):
         self.last_relay += 1
         rl = _Relay(id=self.last_relay, name=name, where=self.where(kw))
         self.tableport = 0
+        nerr = len(self.errors.lines)
         try:
             self._body(lambda: self._relay_item(rl))
         finally:
             self.tableport = 0
-        for addr_, port, _, _ in rl.listens[1:]:
+        failed = len(self.errors.lines) != nerr
+        for _, port, _, _ in rl.listens[1:]:
             self.last_relay += 1
             rl.clones.append((self.last_relay, f"{name}{self.last_relay}:{port}"))
         where = rl.where
         names = {r.name for r in self.relays} | {n for r in self.relays for _, n in r.clones}
         taken = {(a, p) for r in self.relays for a, p, _, _ in r.listens}
         mine = [(a, p) for a, p, _, _ in rl.listens]
-        if (name in names or any(n in names for _, n in rl.clones)
+        if failed:
+            pass
+        elif (name in names or any(n in names for _, n in rl.clones)
                 or any(ap in taken for ap in mine) or len(set(mine)) != len(mine)):
             self._add(where, f"relay {name} or listener defined twice")
         elif not rl.listens:
@@ -968,7 +978,6 @@ class RelaydParser(Parser):
         p.style = self.string("style")
 
     def _tcp_opt(self, p: _Protocol) -> None:
-        t = self.tok
         no = self.accept("no")
         if self.accept("nodelay"):
             p.tcp["nodelay"] = not no
@@ -1240,8 +1249,6 @@ class RelaydParser(Parser):
             raise self.error(f"{etype} {option} needs a key", t)
         if option in ("append", "set") and ent.get("value") is None:
             raise self.error(f"{etype} {option} needs a value", t)
-        if ent.get("digest") and not has_key:
-            raise self.error("url digest needs a key", t)
 
     def _load_keys(self, path: str, digest: bool, tok: Token) -> tuple[str, ...]:
         try:
@@ -1272,11 +1279,14 @@ class RelaydParser(Parser):
         rt = _Router(id=self.last_router, name=name, where=self.where(kw))
         self._unimpl(kw, UNIMPL_ROUTER)
         self.tableport = ROUTER_DEFAULT_PORT
+        nerr = len(self.errors.lines)
         try:
             self._body(lambda: self._router_item(rt))
         finally:
             self.tableport = 0
-        if not rt.routes:
+        if len(self.errors.lines) != nerr:
+            pass
+        elif not rt.routes:
             self._add(rt.where, f"router {name} without routes")
         elif rt.forward is None:
             self._add(rt.where, f"router {name} has no table")
