@@ -170,6 +170,7 @@ class _Conn:
         self.raw_head = 0
         self.hcount = {}
         self.cur = self._new_head()
+        self._line_seen = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         cur = self.cur
@@ -340,8 +341,29 @@ class ServerConn(_Conn):
         cur = self.cur
         cur.target += url.decode("latin-1")
         cur.head_size = len(cur.target) + 16
+        self._url_chunk = True
         if cur.head_size > self.max_head:
             raise HttpError(413, "request too large")
+
+    _url_chunk = False      # the URL ended in the chunk being fed
+    _line_seen = False      # the current head has a complete request line
+
+    def _feed(self, data: bytes) -> None:
+        self._url_chunk = False
+        super()._feed(data)
+        cur = self.cur
+        if self.in_head and cur is not None and cur.target and not self._line_seen:
+            # A CRLF after the URL ends the request line.
+            i = data.rfind(cur.target.encode("latin-1")) if self._url_chunk else 0
+            if b"\r\n" in data[max(i, 0):]:
+                self._line_seen = True
+
+    def head_started(self) -> bool:
+        """A request head is partly read (at least its request line): on a
+        timeout OpenBSD answers 408 then, and closes an idle connection
+        silently otherwise."""
+        return self.in_head and self.cur is not None and \
+            (self._line_seen or bool(self.cur.headers))
 
     def on_headers_complete(self) -> None:
         cur = self.cur

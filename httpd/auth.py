@@ -39,8 +39,11 @@ def _load(path: str) -> dict[str, bytes]:
     return users
 
 
-def check(path: str, authorization: str | None) -> str | None:
-    """The authenticated user name, or None."""
+def credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(user, password) of a `Basic` Authorization header, or None.
+
+    OpenBSD logs the user name of a failed attempt too, so server_http
+    needs the name even when check() says no."""
     if not authorization:
         return None
     scheme, _, cred = authorization.strip().partition(" ")
@@ -53,6 +56,15 @@ def check(path: str, authorization: str | None) -> str | None:
     user, sep, password = decoded.partition(":")
     if not sep:
         return None
+    return user, password
+
+
+def check(path: str, authorization: str | None) -> str | None:
+    """The authenticated user name, or None."""
+    cred = credentials(authorization)
+    if cred is None:
+        return None
+    user, password = cred
     hashed = _load(path).get(user)
     if hashed is None:
         return None

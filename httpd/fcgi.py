@@ -145,14 +145,28 @@ def encode_params(params: Iterable[tuple[str | bytes, str | bytes]],
     out = bytearray()
     buf = bytearray()
     for name, value in params:
-        pair = _encode_pair(_as_bytes(name), _as_bytes(value))
-        if len(buf) + len(pair) > MAX_CONTENT and buf:
+        if type(name) is not bytes:
+            name = _as_bytes(name)
+        if type(value) is not bytes:
+            value = _as_bytes(value)
+        nlen = len(name)
+        vlen = len(value)
+        size = nlen + vlen + (1 if nlen < 128 else 4) + (1 if vlen < 128 else 4)
+        if len(buf) + size > MAX_CONTENT and buf:
             out += encode(PARAMS, bytes(buf), request_id)
             buf.clear()
-        if len(pair) > MAX_CONTENT:
-            out += encode(PARAMS, pair, request_id)
+        if size > MAX_CONTENT:
+            out += encode(PARAMS, _encode_pair(name, value), request_id)
+            continue
+        # The common case, inlined: both lengths fit in one byte.
+        if nlen < 128 and vlen < 128:
+            buf.append(nlen)
+            buf.append(vlen)
         else:
-            buf += pair
+            buf += _length(nlen)
+            buf += _length(vlen)
+        buf += name
+        buf += value
     if buf:
         out += encode(PARAMS, bytes(buf), request_id)
     out += encode(PARAMS, b"", request_id)

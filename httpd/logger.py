@@ -12,6 +12,7 @@ This module does not decide *when* to log: server_http calls it.
 from __future__ import annotations
 
 import os
+import re
 import syslog
 import time
 
@@ -21,6 +22,9 @@ from shared import log
 _VIS = {9: "\\t", 10: "\\n", 13: "\\r", 11: "\\v", 12: "\\f", 8: "\\b", 7: "\\a",
         92: "\\\\"}
 
+# Text vis() leaves alone: printable ASCII without backslashes.
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]*")
+
 _ts_sec = -1
 _ts_str = ""
 
@@ -29,10 +33,14 @@ def vis(s: str | None) -> str:
     """vis(3)-style escaping so one request always stays one line."""
     if s is None:
         return "-"
-    if s.isprintable() and "\\" not in s:
+    if _PLAIN.fullmatch(s):
         return s
+    try:
+        raw = s.encode("latin-1")       # header values: one char per byte
+    except UnicodeEncodeError:
+        raw = s.encode("utf-8", "surrogateescape")
     out = []
-    for ch in s.encode("utf-8", "surrogateescape"):
+    for ch in raw:
         if ch in _VIS:
             out.append(_VIS[ch])
         elif ch < 32 or ch >= 127:
@@ -71,18 +79,22 @@ def format_access(style: str, server: str, ip: str, user: str | None,
     line = (f"{server} {ip} - {vis(user) if user else '-'} [{timestamp()}] "
             f"\"{req}\" {status:03d} {size}")
     if style in ("combined", "forwarded"):
-        ref = encode(referer) if referer is not None else "-"
-        line += f" \"{ref}\" \"{vis(agent)}\""
+        # OpenBSD prints an absent Referer or User-Agent as "" (not "-")
+        ref = encode(referer) if referer is not None else ""
+        ua = vis(agent) if agent is not None else ""
+        line += f" \"{ref}\" \"{ua}\""
     if style == "forwarded":
         line += f" \"{vis(xff)}\" \"{vis(xfport)}\""
     return line
 
 
 def format_conn(server: str, cid: int, active: int, peer: tuple[str, int],
-                local: tuple[str, int], msg: str, requests: str = "") -> str:
-    """`server <name>, client <id> (<n> active), <ip>:<port> -> <local>, <msg>[, ...]`."""
+                local: str, msg: str, requests: str = "") -> str:
+    """`server <name>, client <id> (<n> active), <ip>:<port> -> <local>, <msg>[, ...]`.
+
+    `local` is already formatted (`ip:port`, see server_http.local_host)."""
     line = (f"server {server}, client {cid} ({active} active), "
-            f"{peer[0]}:{peer[1]} -> {local[0]}:{local[1]}, {vis(msg)}")
+            f"{peer[0]}:{peer[1]} -> {local}, {vis(msg)}")
     if requests:
         line += "," + requests
     return line

@@ -64,14 +64,16 @@ class Parent:
         self.proc: ServerProc | None = None
 
     async def run(self) -> int:
-        try:
-            self.sockets = bind_all(self.conf)
-        except OSError as e:
-            log.warn(f"server_privinit: failed to bind: {e.strerror}")
-            return 1
-        self.proc = ServerProc(self.conf, self.sockets, chrooted=False)
+        # Signals are caught before the sockets are bound: a client (or a
+        # test) may connect, and send SIGHUP, as soon as a port accepts.
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1,
                                        signal.SIGTERM, signal.SIGINT) as sigs:
+            try:
+                self.sockets = bind_all(self.conf)
+            except OSError as e:
+                log.warn(f"server_privinit: failed to bind: {e.strerror}")
+                return 1
+            self.proc = ServerProc(self.conf, self.sockets, chrooted=False)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.proc.run)
                 notify("READY=1")

@@ -70,6 +70,8 @@ class ServerProc:
         self.server = Server(self._handle, max_clients=SERVER_MAX_CLIENTS)
         self.listeners: dict[SockKey, Listener] = {}
         self._pending = self._make_listeners(conf, sockets)
+        # Log files exist as soon as the ports accept (right after binding).
+        self.worker.logs.open_all(log_names(conf))
 
     def _ctx(self, conf: HttpdConfig, key: SockKey, servers: list[ServerConfig]):
         tls = any(l.tls for s in servers for l in s.listens if (l.addr, l.port) == key)
@@ -90,7 +92,6 @@ class ServerProc:
         await server_http.serve_client(transport, lis.ctx, self.worker)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.worker.logs.open_all(log_names(self.conf))
         for key in self._pending:
             srv = self._pending[key].ctx.servers[0]
             log.debug(f"server_launch: running server {srv.name}")

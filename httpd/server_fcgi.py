@@ -203,8 +203,8 @@ def backend_name(conf: ServerConfig) -> str:
     return fc.socket or ""
 
 
-async def connect(conf: ServerConfig, worker) -> trio.SocketStream:
-    """Open the backend connection; raises BackendError (502/503/504)."""
+async def connect(conf: ServerConfig, worker) -> trio.socket.SocketType:
+    """Open the backend connection; raises BackendError (502/503)."""
     fc = conf.fastcgi
     try:
         if fc.host is not None:
@@ -212,10 +212,11 @@ async def connect(conf: ServerConfig, worker) -> trio.SocketStream:
             sock = trio.socket.socket(fam, socket.SOCK_STREAM)
             try:
                 await sock.connect((fc.host, fc.port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except BaseException:
                 sock.close()
                 raise
-            return trio.SocketStream(sock)
+            return sock
         # A UNIX connect never blocks on Linux: it succeeds, or fails with
         # EAGAIN when the listen queue is full.  trio would wait for
         # writability on EAGAIN and take the unconnected socket as connected.
@@ -226,21 +227,31 @@ async def connect(conf: ServerConfig, worker) -> trio.SocketStream:
         except BaseException:
             raw.close()
             raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+        return trio.socket.from_stdlib_socket(raw)
     except OSError as e:
         status = _CONNECT_STATUS.get(e.errno, 502)
-        raise BackendError(status, f"connect failed: {e.strerror or e}") from None
+        raise BackendError(status, f"connect failed: {_why(e)}") from None
 
 
 class _Job:
-    """One FastCGI request: the backend stream and the response state."""
+    """One FastCGI request: the backend socket and the response state.
+
+    One cancel scope covers the whole exchange; its deadline moves on with
+    every step forward in either direction, so `connection timeout` is the
+    longest time both sides may stay silent.  When it fires, `phase` (what
+    the main task waits for) and `waiting_client` (the STDIN pump waits for
+    the client's body) tell whose silence it was.
+    """
 
     def __init__(self, x, conf: ServerConfig, server_http) -> None:
         self.x = x
         self.conf = conf
         self.http = server_http
         self.timeout = conf.connection.timeout
-        self.stream: trio.SocketStream | None = None
+        self.scope: trio.CancelScope | None = None
+        self.sock: trio.socket.SocketType | None = None
+        self.phase = "connect"             # "connect" | "backend" | "client"
+        self.waiting_client = False        # the STDIN pump waits for the client
         self.head: fcgi.CgiHead | None = None
         self.hparser = fcgi.CgiHeaderParser()
         self.head_queued = False           # head built (in self.out)
@@ -250,7 +261,6 @@ class _Job:
         self.no_body = x.req.method == "HEAD"
         self.out = bytearray()             # bytes for the client, this round
         self.body: list[bytes] = []        # body bytes for the client, this round
-        self.waiting_client = False        # STDIN pump is reading the client
         self.failure: BaseException | None = None
 
     # -- logging ---------------------------------------------------------------
@@ -270,44 +280,65 @@ class _Job:
             if line.strip():
                 self.x.worker.logs.write(lc.error, vis(line.rstrip()), lc.syslog)
 
-    # -- backend I/O -------------------------------------------------------------
+    # -- deadline ------------------------------------------------------------------
+    def _progress(self) -> None:
+        # Moving a deadline costs a heap push; a tenth of slack saves nearly
+        # all of them on short exchanges.
+        now = trio.current_time()
+        if self.scope.deadline - now < self.timeout * 0.9:
+            self.scope.deadline = now + self.timeout
+
+    def _expired(self) -> Exception:
+        if self.waiting_client or self.phase == "client":
+            return _ClientGone("client timeout")
+        return BackendError(504, "connect timeout" if self.phase == "connect" else "timeout")
+
+    # -- I/O ---------------------------------------------------------------------------
     async def _send_backend(self, data: bytes) -> None:
-        with trio.move_on_after(self.timeout) as cs:
-            try:
-                await self.stream.send_all(data)
-            except CLOSED as e:
-                raise BackendError(502, f"write failed: {_why(e)}") from None
-        if cs.cancelled_caught:
-            raise BackendError(504, "timeout")
+        sock = self.sock
+        try:
+            n = await sock.send(data)
+            if n < len(data):
+                view = memoryview(data)
+                while n < len(view):
+                    self._progress()
+                    n += await sock.send(view[n:])
+        except OSError as e:
+            raise BackendError(502, f"write failed: {_why(e)}") from None
+        self._progress()
 
     async def _recv_backend(self) -> bytes:
-        while True:
-            with trio.move_on_after(self.timeout) as cs:
-                try:
-                    return await self.stream.receive_some(RECV_SIZE)
-                except CLOSED as e:
-                    raise BackendError(502, f"read failed: {_why(e)}") from None
-            # Silence is fine while the app waits for a body the client has
-            # not sent yet; the pump's own timeout covers the client.
-            if not self.waiting_client:
-                raise BackendError(504, "timeout")
+        self.phase = "backend"
+        try:
+            data = await self.sock.recv(RECV_SIZE)
+        except OSError as e:
+            raise BackendError(502, f"read failed: {_why(e)}") from None
+        self._progress()
+        return data
 
     async def _send_client(self, data) -> None:
-        with trio.move_on_after(self.timeout) as cs:
-            try:
-                await self.x.t.send_all(data)
-            except CLOSED:
-                raise _ClientGone("client closed") from None
-        if cs.cancelled_caught:
-            raise _ClientGone("client timeout")
+        self.phase = "client"
+        try:
+            await self.x.t.send_all(data)
+        except CLOSED:
+            raise _ClientGone("client closed") from None
+        self._progress()
 
     # -- the request -------------------------------------------------------------
     async def run(self) -> None:
+        """The whole exchange; raises BackendError, FcgiError, _ClientGone, HttpError."""
+        self.scope = trio.CancelScope(deadline=trio.current_time() + self.timeout)
+        with self.scope:
+            await self._exchange()
+        if self.failure is not None:
+            raise self.failure
+        if self.scope.cancelled_caught:
+            raise self._expired()
+
+    async def _exchange(self) -> None:
         x = self.x
-        with trio.move_on_after(self.timeout) as cs:
-            self.stream = await connect(self.conf, x.worker)
-        if cs.cancelled_caught:
-            raise BackendError(504, "connect timeout")
+        self.sock = await connect(self.conf, x.worker)
+        self.phase = "backend"
         request = fcgi.begin_request() + fcgi.encode_params(cgi_env(x, self.conf))
         if not x.req.has_body:
             await self._send_backend(request + fcgi.stdin(b""))
@@ -321,8 +352,6 @@ class _Job:
             except (BackendError, fcgi.FcgiError, _ClientGone, HttpError) as e:
                 self.failure = self.failure or e
             nursery.cancel_scope.cancel()
-        if self.failure is not None:
-            raise self.failure
 
     async def _pump_guarded(self, scope: trio.CancelScope) -> None:
         try:
@@ -339,26 +368,21 @@ class _Job:
         while True:
             self.waiting_client = True
             try:
-                with trio.move_on_after(self.timeout) as cs:
-                    try:
-                        chunk = await x.conn.receive_body()
-                    except CLOSED:
-                        raise _ClientGone("client closed") from None
-                    except HttpError as e:
-                        raise _ClientGone(e.msg or "bad request body") from None
+                chunk = await x.conn.receive_body()
+            except CLOSED:
+                raise _ClientGone("client closed") from None
+            except HttpError as e:
+                raise _ClientGone(e.msg or "bad request body") from None
             finally:
                 self.waiting_client = False
-            if cs.cancelled_caught:
-                raise _ClientGone("client timeout")
+            self._progress()
             total += len(chunk)
             if total > limit:
                 raise HttpError(413, "request body too large")
             try:
                 await self._send_backend(fcgi.stdin(chunk))
-            except BackendError as e:
-                if e.status == 502:
-                    return   # the app stopped reading; its answer decides
-                raise
+            except BackendError:
+                return   # the app stopped reading; its answer decides
             if not chunk:
                 return
 
@@ -497,7 +521,11 @@ class _Job:
 
 
 def _why(e: BaseException) -> str:
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+    # trio words its connect errors itself; the errno text is what we log.
+    code = getattr(e, "errno", None)
+    if code:
+        return os.strerror(code)
+    return str(e) or type(e).__name__
 
 
 async def serve(x, conf: ServerConfig) -> bool:
@@ -513,10 +541,9 @@ async def serve(x, conf: ServerConfig) -> bool:
         try:
             await job.run()
         finally:
-            if job.stream is not None:
+            if job.sock is not None:
                 # Closing the connection is how the app learns of an abort.
-                with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(job.stream)
+                job.sock.close()
     except BackendError as e:
         job.log_error(e.msg)
         status = e.status

@@ -63,7 +63,7 @@ class Exchange:
 
     __slots__ = ("t", "req", "conn", "srv", "conf", "path", "query", "user",
                  "captures", "status", "sent", "keep", "host", "method",
-                 "version", "ctx", "worker", "cid", "log_path")
+                 "version", "ctx", "worker", "cid", "log_path", "close_msg")
 
     def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker) -> None:
         self.t = t
@@ -83,6 +83,7 @@ class Exchange:
         self.host: str | None = None
         self.method: str | None = None
         self.version: str | None = None
+        self.close_msg: str | None = None  # why the connection closes, for the log
 
     # -- macros (server_expand_http) -------------------------------------
     def macros(self) -> dict[str, str]:
@@ -94,7 +95,7 @@ class Exchange:
             "QUERY_STRING_ENC": enc(self.query or ""),
             "REMOTE_ADDR": t.peer[0],
             "REMOTE_PORT": str(t.peer[1]),
-            "REMOTE_USER": self.user or "",
+            "REMOTE_USER": enc(self.user) if self.user else "",
             "REQUEST_URI": enc(self.path or "") + ("?" + self.query if self.query else ""),
             "REQUEST_SCHEME": "https" if self.ctx.tls else "http",
             "SERVER_ADDR": t.local[0],
@@ -116,42 +117,50 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     cid = worker.next_id
     primary = ctx.servers[0]
     conn = ServerConn(t, max_head=MAX_HEAD, lenient=True, httpd_rules=True)
-    reason = "done"
+    reason = "done"          # the close message of server_close()
     summary: list[str] = []
     srv_for_log = primary
+    # Until a Host header picks a server, the first server's request timeout
+    # applies; later the one of the server that answered the last request.
+    timeout = primary.connection.request_timeout
     try:
         while True:
             x = Exchange(t, ctx, worker)
             x.cid = cid
             x.conn = conn
-            # Until the Host header picks a server, the first server's
-            # request timeout applies (newest OpenBSD: the chosen one's after).
-            with trio.move_on_after(primary.connection.request_timeout) as cs:
+            with trio.move_on_after(timeout) as cs:
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
+                    status = e.status
                     if e.msg == BAD_CONTENT_LENGTH:
-                        e.status = 500       # OpenBSD: strtonum() failed (sic)
-                    await abort_http(x, e.status, e.msg or "malformed", log_req=True)
-                    reason = f"{e.msg or 'malformed'}"
+                        status = 500         # OpenBSD: strtonum() failed (sic)
+                    await abort_http(x, status, e.msg or "malformed", log_req=True)
+                    reason = x.close_msg
                     break
             if cs.cancelled_caught:
-                reason = "request timeout"
+                # server_error(): 408 if a request was partly read, else
+                # the idle connection is just closed.
+                if conn.head_started():
+                    await abort_http(x, 408, "timeout", log_req=True)
+                    reason = x.close_msg
+                else:
+                    reason = "timeout"
                 break
             if req is None:
+                reason = "closed"
                 break
             x.req = req
             keep = await handle_request(x)
             srv_for_log = x.srv
-            if x.conf.log.style == "connection" and x.path is not None:
-                summary.append(f" [{server_file.url_encode(x.path)}]")
+            timeout = x.srv.connection.request_timeout
+            if x.conf.log.style == "connection" and x.log_path is not None:
+                summary.append(f" [{server_file.url_encode(x.log_path)}]")
             if not keep:
-                if x.status >= 400 or x.status == 0:
-                    reason = f"{x.path or ''} ({x.status:03d} {REASONS.get(x.status, '')})" \
-                        if x.status else reason
+                reason = x.close_msg or "done"
                 break
     except CLOSED:
-        reason = "connection closed"
+        reason = "buffer event error"
     finally:
         worker.active -= 1
         _log_close(worker, srv_for_log, cid, t, reason, "".join(summary))
@@ -159,15 +168,18 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
 
 def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
                reason: str, summary: str) -> None:
+    """server_log(): the per-connection line (access log in `connection`
+    style, else the error log at -vv)."""
     lc = srv.log
     if not lc.enabled:
         return
     if lc.style == "connection":
-        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer, t.local,
-                                  reason, summary)
+        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer,
+                                  local_host(t.local), reason, summary)
         worker.logs.write(lc.access, line, lc.syslog)
     elif log.get_verbose() > 1:
-        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer, t.local, reason)
+        line = logger.format_conn(srv.name, cid, worker.active + 1, t.peer,
+                                  local_host(t.local), reason)
         worker.logs.write(lc.error, line, lc.syslog)
 
 
@@ -176,6 +188,14 @@ def _exists(worker: Worker):
         full = worker.fs(conf.root) + server_file_strip(path, conf.strip)
         return os.access(full, os.R_OK)
     return exists
+
+
+def local_host(local: tuple[str, int]) -> str:
+    """`ip[:port]` of a local address, port 80 omitted, IPv6 in brackets."""
+    ip, port = local
+    if port == 80:
+        return ip
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def server_file_strip(path: str, n: int) -> str:
@@ -211,6 +231,7 @@ async def handle_request(x: Exchange) -> bool:
         try:
             x.path = route.canonicalize_path(route.url_decode(raw_path))
         except route.RouteError as e:
+            x.log_path = raw_path            # logged as received (encoded)
             raise HttpError(400, str(e)) from None
         x.log_path = x.path
         x.keep = req.keep_alive and not req.upgrade
@@ -220,10 +241,10 @@ async def handle_request(x: Exchange) -> bool:
         except route.RouteError as e:
             raise HttpError(400, str(e)) from None
         if srv is None:
+            # No server matched (or no Host): the socket's first server, and
+            # $HTTP_HOST becomes the local address (server_http_host()).
             srv = ctx.servers[0]
-            if x.host is None:
-                la = x.t.local
-                x.host = la[0] if la[1] == 80 else f"{la[0]}:{la[1]}"
+            x.host = local_host(x.t.local)
         x.srv = srv
         if x.conn.requests >= srv.connection.max_requests:
             x.keep = False
@@ -263,13 +284,17 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
         if blk.action == "drop":
             x.status = 0
             x.keep = False
+            x.close_msg = "dropped"      # no page, no access log line
             return False
         await abort_http(x, blk.code, blk.uri or "")
         return False
     if conf.auth is not None:
         path = x.worker.fs(conf.auth.htpasswd)
-        user = await trio.to_thread.run_sync(auth.check, path, x.req.hmap.get("authorization"))
+        hdr = x.req.hmap.get("authorization")
+        user = await trio.to_thread.run_sync(auth.check, path, hdr)
         if user is None:
+            cred = auth.credentials(hdr)
+            x.user = cred[0] if cred else None    # logged like OpenBSD
             await abort_http(x, 401, conf.auth.realm)
             return False
         x.user = user
@@ -305,9 +330,13 @@ def _custom_headers(conf: ServerConfig, base: list[tuple[str, str]], error: bool
     if not conf.headers:
         return base
     out = list(base)
+    if error:
+        # server_abort_http() only appends the `always` set/add headers
+        # (get_always_custom_headers()): nothing is replaced or removed.
+        out.extend((h.name, h.value) for h in conf.headers
+                   if h.always and h.op != "remove")
+        return out
     for h in conf.headers:
-        if error and not h.always and h.op != "remove":
-            continue
         low = h.name.lower()
         if h.op == "remove":
             out = [kv for kv in out if kv[0].lower() != low]
@@ -364,31 +393,31 @@ async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
         hdrs = _custom_headers(conf, hdrs, error=False)
         head = build_head(fr.status, x.version, hdrs)
         x.status = fr.status
+        # Logged before sending, with the Content-Length as the size (also
+        # for HEAD), as server_response_http() does.
+        x.sent = max(fr.length, 0)
+        access_log(x)
         body = fr.segments if x.req.method != "HEAD" else []
         with trio.fail_after(conf.connection.timeout):
             if not body:
                 await t.send_all(head)
             elif len(body) == 1 and type(body[0]) is bytes:
                 await t.send_all(head + body[0])
-                x.sent = len(body[0])
             else:
                 await t.send_all(head)
                 for seg in body:
                     if type(seg) is bytes:
                         await t.send_all(seg)
-                        x.sent += len(seg)
                     else:
                         off, cnt = seg
                         await t.sendfile(fr.fd, off, cnt)
-                        x.sent += cnt
     except trio.TooSlowError:
         x.keep = False
-        access_log(x)
+        x.close_msg = "timeout"
         return False
     finally:
         if fr.fd is not None:
             os.close(fr.fd)
-    access_log(x)
     return x.keep
 
 
@@ -449,15 +478,20 @@ async def abort_http(x: Exchange, status: int, msg: str = "",
     hdrs.append(("Content-Type", "text/html"))
     body = b""
     extra_h: list[tuple[str, str]] = list(extra or [])
-    if 300 <= status < 400 and msg:
+    reason = REASONS.get(status, "Unknown Error")
+    x.close_msg = f"{msg or chr(34) * 2} ({status:03d} {reason})"
+    if status in (301, 302, 303, 307, 308) and msg:
         try:
-            extra_h.append(("Location", x.expand(msg)))
+            msg = x.expand(msg)
         except route.RouteError:
             access_log_safe(x)
             return   # OpenBSD: expansion failure just closes
+        extra_h.append(("Location", msg))
+        x.close_msg = f"{msg} ({status:03d} {reason})"
     elif status == 401:
-        extra_h.append(("WWW-Authenticate", f'Basic realm="{msg}"'))
-    if status >= 200 and status not in (204, 304):
+        realm = msg.replace("\\", "\\\\").replace('"', '\\"')   # stravis(VIS_DQ)
+        extra_h.append(("WWW-Authenticate", f'Basic realm="{realm}"'))
+    if not (100 <= status < 200 or status == 204):
         doc = _read_errdoc(x, status)
         body = doc.encode("utf-8", "replace") if doc is not None else \
             error_body(status, conf.banner, x.worker.server_name)

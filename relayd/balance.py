@@ -109,16 +109,19 @@ def pick(mode: str, hosts: Sequence[H], up: Sequence[bool], rr: RoundRobin,
     elif mode == "loadbalance":
         data = addr_bytes(client) + addr_bytes(relay_addr) + struct.pack("!H", relay_port)
     elif mode == "hash":
-        data = addr_bytes(relay_addr) + struct.pack("!H", relay_port) + hash_input
+        # relay_http feeds the protocol's hash inputs into the SipHash
+        # context first; relay_from_table adds the relay address and port.
+        data = hash_input + addr_bytes(relay_addr) + struct.pack("!H", relay_port)
     else:   # least-states: a redirect mode; treat like roundrobin for relays
         return pick("roundrobin", hosts, up, rr)
     h = siphash24(key, data)
+    i = 0
     for _ in range(min(n, MAX_HASH_RETRIES)):
         i = h % n
         if up[i]:
             return hosts[i]
         h >>= 1   # relay.c shifts the hash for the next candidate
-    return _next_up(hosts, up, h % n)
+    return _next_up(hosts, up, i)   # walk on from the last candidate tried
 
 
 def _next_up(hosts: Sequence[H], up: Sequence[bool], start: int) -> H | None:

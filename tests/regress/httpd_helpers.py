@@ -234,10 +234,13 @@ def make_site(tmp: Path, port: int | None = None) -> Site:
 
 
 def start_site(site: Site, body: str, extra_ports: list[int] = (), args: list[str] | None = None,
-               wait_host: str = "127.0.0.1", **fmt) -> Site:
+               wait_host: str = "127.0.0.1", wait_ports: list[int] | None = None,
+               **fmt) -> Site:
+    """Write the config and start httpd; wait until `wait_ports` (default:
+    site.port and `extra_ports`) accept connections."""
     site.write_conf(body, **fmt)
     site.daemon = Daemon("httpd", site.conf, args)
-    for p in [site.port, *extra_ports]:
+    for p in wait_ports if wait_ports is not None else [site.port, *extra_ports]:
         try:
             wait_port(p, wait_host, proc=site.daemon.proc)
         except Exception:
@@ -254,13 +257,15 @@ def site_factory(tmp_path):
     count = [0]
 
     def make(body: str, setup=None, args: list[str] | None = None,
-             extra_ports: list[int] = (), wait_host: str = "127.0.0.1", **fmt) -> Site:
+             extra_ports: list[int] = (), wait_host: str = "127.0.0.1",
+             wait_ports: list[int] | None = None, **fmt) -> Site:
         count[0] += 1
         site = make_site(tmp_path / f"site{count[0]}")
+        site.ports = list(extra_ports)
         if setup is not None:
             setup(site)
         started.append(site)
-        return start_site(site, body, extra_ports, args, wait_host, **fmt)
+        return start_site(site, body, extra_ports, args, wait_host, wait_ports, **fmt)
 
     yield make
     for s in started:

@@ -15,6 +15,7 @@ server "proto" {
     listen on 127.0.0.1 port {port}
     root "/htdocs"
     connection { max requests 3, max request body 100 }
+    tcp backlog 128        # the default 10 makes bursts of connects wait for SYN retries
 }
 """
 BODY = b"hello, world\n"
@@ -165,8 +166,21 @@ def test_request_timeout_closes_idle_connection(site_factory):
         # idle keep-alive connection: closed without another byte
         assert c.read_all() == b"" and c.eof
     with Conn(site.port, timeout=15) as c:
-        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n")      # head never finished
+        c.send(b"GET / HT")                          # not even a request line
         assert c.read_all() == b"" and c.eof
+
+
+def test_request_timeout_in_unfinished_head_408(site_factory):
+    # server_error(): a timeout after a request line was read answers 408
+    site = site_factory('server "t" {\n listen on 127.0.0.1 port {port}\n'
+                        ' connection request timeout 1\n}\n')
+    for partial in (b"GET / HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b"):
+        with Conn(site.port, timeout=15) as c:
+            c.send(partial)
+            r = c.response()
+            assert (r.status, r.reason) == (408, "Request Timeout")
+            assert r.version == "HTTP/1.0" and r.header("Connection") == "close"
+            assert c.read_all() == b""
 
 
 # -- malformed input: 400 and friends -------------------------------------------

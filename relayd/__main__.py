@@ -1,0 +1,82 @@
+"""relayd -- command line: `relayd [-dnv] [-D macro=value] [-f file]`.
+
+-d stays in the foreground and logs to stderr, -n only checks the
+configuration, -v is more verbose (repeatable), -D defines a macro that
+overrides the file's, -f names the configuration file (/etc/relayd.conf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from relayd import parse
+from relayd.config import RELAYD_CONF
+from shared import log
+from shared.lexer import ConfigError, parse_cmdline_macro
+
+
+class _Args(argparse.ArgumentParser):
+    def error(self, message: str) -> None:   # OpenBSD's usage line, exit 1
+        sys.stderr.write("usage: relayd [-dnv] [-D macro=value] [-f file]\n")
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Args(prog="relayd", add_help=False)
+    ap.add_argument("-d", action="store_true")
+    ap.add_argument("-n", action="store_true")
+    ap.add_argument("-v", action="count", default=0)
+    ap.add_argument("-D", action="append", default=[])
+    ap.add_argument("-f", default=RELAYD_CONF)
+    args = ap.parse_args(argv)
+    log.init(debug=args.d or args.n, verbose=args.v, ident="relayd")
+    macros: dict[str, str] = {}
+    for d in args.D:
+        try:
+            k, v = parse_cmdline_macro(d)
+        except ValueError as e:   # OpenBSD warns and goes on
+            log.warn(str(e))
+            continue
+        macros[k] = v
+    try:
+        conf = parse.load(args.f, macros, args.v)
+    except ConfigError as e:
+        for line in e.lines:
+            sys.stderr.write(line + "\n")
+        return 1
+    for line in conf.warnings:
+        sys.stderr.write(line + "\n")
+    if conf.unimplemented:
+        for where, what in conf.unimplemented:
+            sys.stderr.write(f"{where}: {what} is not implemented yet\n")
+        return 1
+    if args.n:
+        sys.stderr.write("configuration OK\n")
+        return 0
+    path = args.f
+    if not args.d:
+        path = os.path.abspath(path)   # daemon(3) changes to / before any reload
+        _daemonize()
+    from relayd import parent
+    return parent.run(conf, path, macros, args.v)
+
+
+def _daemonize() -> None:
+    """daemon(3): detach from the terminal, like OpenBSD without -d."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(fd, i)
+    if fd > 2:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

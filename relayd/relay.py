@@ -1,0 +1,423 @@
+"""relayd.relay -- the relay process: accept, pick a backend, move bytes.
+
+Gets a configuration and the listening sockets the parent bound (one per
+relay listen address) and runs engine.serve on them.  Every accepted
+connection becomes a Session: a `disable`d relay closes it at once; an
+`http` protocol hands it to relay_http.serve(); anything else is a TCP
+relay: connect to a backend chosen by the relay's forwards, then
+engine.splice.relay() both ways with the session timeout as idle timeout.
+When the session ends, close_log() writes the `log connection` line.
+
+Backend choice (relay.c's relay_connect/relay_from_table): the relay's
+table forwards in order -- the main table, then each backup table when no
+host of the previous one is up -- then its address forward.  As an
+extension, a table whose chosen host cannot be connected to (after the
+host's `retry` attempts) also falls over to the next forward: without
+health checks a dead host is never "down", and a client is better served by
+the backup table than by a closed connection.
+
+RelayState holds what a relay process learns at run time: host states
+(health checks report them later; until then every host counts as up),
+round-robin positions, session ids and per-relay session counts.
+
+Does not parse configs or bind listening sockets (the parent does), and
+does not speak HTTP (relay_http does).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass
+
+import trio
+
+from engine.conn import CLOSED, SocketTransport, Transport
+from engine.listen import set_options
+from engine.serve import Listener, Server
+from engine.splice import relay as splice_relay
+from relayd import balance
+from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
+                           RelaydConfig, TableInstance)
+from shared import log
+
+SockKey = tuple[str, int]
+
+# Pause between two connect attempts of one session (`retry n`); OpenBSD
+# retries at once, which a backend that is just coming up never survives.
+RELAY_RETRY_PAUSE = 1.0
+# Close reasons of sessions that ended normally (relay_close(..., 0)).
+DONE_REASONS = frozenset({"done", "last write (done)", "last read (done)"})
+# File descriptors kept free for the parent's and the engine's own use.
+FD_RESERVE = 64
+# Ceiling of concurrent sessions per process when the fd limit is huge.
+RELAY_MAX_SESSIONS = 65536
+
+
+class BackendError(Exception):
+    """No backend could be reached: 502 connect failed or refused, 503 no
+    host up, 504 connect timeout.  `msg` is the session's close reason."""
+
+    def __init__(self, status: int, msg: str) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+
+
+class RelayState:
+    """Run-time state of one relay process: host states, round-robin
+    positions, session ids, sessions open per relay."""
+
+    def __init__(self, conf: RelaydConfig | None = None) -> None:
+        # True once health checks report host states; until then a host that
+        # was never reported counts as up.
+        self.checks = False
+        self.last_id = 0
+        self.active: dict[str, int] = {}
+        self._up: dict[int, bool | None] = {}
+        self._rr: dict[tuple[int, int], balance.RoundRobin] = {}
+        self._tables: dict[int, TableInstance] = {}   # host id -> its instance
+        self._names: dict[int, str] = {}
+        self._table_disabled: dict[int, bool] = {}    # relayctl table disable/enable
+        if conf is not None:
+            self.configure(conf)
+
+    def configure(self, conf: RelaydConfig) -> None:
+        """Adopt a new configuration; host states carry over by
+        (table instance name, host name), round-robin positions are reset."""
+        old = {(self._tables[h].name, self._names[h]): up for h, up in self._up.items()
+               if h in self._tables}
+        self._up, self._tables, self._names, self._rr = {}, {}, {}, {}
+        self._table_disabled = {}
+        for inst in conf.instances:
+            for host in inst.hosts:
+                self._tables[host.id] = inst
+                self._names[host.id] = host.name
+                self._up[host.id] = old.get((inst.name, host.name))
+
+    def host_up(self, host_id: int) -> bool:
+        """May a session be sent to this host right now?"""
+        inst = self._tables.get(host_id)
+        if inst is not None:
+            if self._table_disabled.get(inst.id, inst.disabled):
+                return False
+            if inst.check.type == "none":
+                return True
+        up = self._up.get(host_id)      # hce reports `parent N` hosts itself
+        if up is None:
+            return not self.checks
+        return up
+
+    def set_host(self, host_id: int, up: bool | None) -> None:
+        """Record a host's state (True up, False down, None unknown)."""
+        self._up[host_id] = up
+
+    def set_table(self, table_id: int, disabled: bool | None) -> None:
+        """Disable or enable a table instance at run time (None: as configured)."""
+        if disabled is None:
+            self._table_disabled.pop(table_id, None)
+        else:
+            self._table_disabled[table_id] = disabled
+
+    def roundrobin(self, relay_id: int, table_id: int) -> balance.RoundRobin:
+        return self._rr.setdefault((relay_id, table_id), balance.RoundRobin())
+
+    def next_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+
+class Session:
+    """One client connection to a relay, from accept to close_log()."""
+
+    def __init__(self, state: RelayState, conf: RelaydConfig, relay: RelayConfig,
+                 listen: Listen, proto: ProtocolConfig, client: Transport) -> None:
+        self.id = state.next_id()
+        self.state = state
+        self.conf = conf
+        self.relay = relay
+        self.listen = listen
+        self.name = listen.name or relay.name      # clones: "<name><id>:<port>"
+        self.proto = proto
+        self.client = client
+        self.tag: str | None = None
+        self.label: str | None = None
+        self.log_items: list[str] = []
+        self.backend: tuple[str, int] | None = None
+        self.started = time.monotonic()
+        self.backends: list[Transport] = []       # closed by the dispatcher
+        self._logged = False
+
+    @property
+    def active(self) -> int:
+        """Sessions open on this relay, this one included."""
+        return self.state.active.get(self.name, 0)
+
+    # -- backend selection ---------------------------------------------------
+    def _forwards(self, forward_to: str | None) -> list[ForwardConfig]:
+        fwds = self.relay.forwards
+        if forward_to is not None:
+            chosen = [f for f in fwds if f.kind == "table" and f.table is not None
+                      and f.table.table == forward_to]
+            if chosen:
+                return chosen[:1]
+        return ([f for f in fwds if f.kind == "table"]
+                + [f for f in fwds if f.kind == "address"])
+
+    def _pick(self, fwd: ForwardConfig, hash_input: bytes) -> tuple[str, int, int] | None:
+        """(addr, port, retry) for one forward; None when no host is up."""
+        if fwd.kind == "address":
+            return fwd.addr or "", fwd.port or 0, fwd.retry
+        inst = fwd.table
+        if inst is None or not inst.hosts:
+            return None
+        up = [self.state.host_up(h.id) for h in inst.hosts]
+        host = balance.pick(fwd.mode, inst.hosts, up,
+                            self.state.roundrobin(self.listen.id or self.relay.id, inst.id),
+                            key=fwd.key, client=self.client.peer[0],
+                            relay_addr=self.listen.addr, relay_port=self.listen.port,
+                            hash_input=hash_input)
+        if host is None:
+            log.debug(f"relay_from_table: session {self.id}: no active hosts")
+            return None
+        return host.addr, inst.port, host.retry
+
+    async def connect(self, forward_to: str | None = None,
+                      hash_input: bytes = b"") -> Transport:
+        """Connect to a backend chosen by the relay's forwards.
+
+        `forward_to`: a template table name a filter rule chose (only that
+        forward is tried).  `hash_input`: the protocol's `hash` inputs for
+        `mode hash`.  Sets self.backend; raises BackendError."""
+        err: BackendError | None = None
+        for fwd in self._forwards(forward_to):
+            target = self._pick(fwd, hash_input)
+            if target is None:
+                continue
+            addr, port, retry = target
+            self.backend = (addr, port)
+            if (addr, port) == (self.listen.addr, self.listen.port):
+                log.debug(f"relay_session: session {self.id}: looping")
+                raise BackendError(502, "session aborted")
+            try:
+                backend = await self._connect_addr(addr, port, retry)
+            except BackendError as e:
+                if e.status == 504 or fwd.kind != "table":
+                    raise
+                err = e
+                continue
+            self.backends.append(backend)
+            return backend
+        if err is not None:
+            raise err
+        if self.backend is None:
+            self.backend = self._default_backend()
+        raise BackendError(503, "session failed")
+
+    async def _connect_addr(self, addr: str, port: int, retry: int) -> Transport:
+        tcp = self.proto.tcp
+        timeout = self.relay.session_timeout
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        for attempt in range(retry + 1):
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                set_options(sock, sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
+                            ttl=tcp.ip_ttl, minttl=tcp.ip_minttl, nodelay=tcp.nodelay)
+                with trio.fail_after(timeout):
+                    await sock.connect((addr, port))
+            except trio.TooSlowError:
+                sock.close()
+                log.debug(f"relay_connect: session {self.id}: connect timeout")
+                raise BackendError(504, "connect timeout") from None
+            except OSError as e:
+                sock.close()
+                left = retry - attempt
+                why = os.strerror(e.errno) if e.errno else str(e)
+                then = "" if not left else ", next retry" if left > 1 else ", last retry"
+                log.debug(f"relay_connect: session {self.id}: forward failed: {why}{then}")
+                if left:
+                    await trio.sleep(RELAY_RETRY_PAUSE)
+                    continue
+                raise BackendError(502, "session failed") from None
+            except BaseException:
+                sock.close()
+                raise
+            return SocketTransport(sock, peer=(addr, port))
+        raise BackendError(502, "session failed")   # not reached
+
+    def _default_backend(self) -> tuple[str, int]:
+        for f in self.relay.forwards:
+            if f.kind == "address":
+                return "", f.port or 0
+            if f.kind == "table" and f.table is not None:
+                return "", f.table.port
+        return "", 0
+
+    # -- logging ---------------------------------------------------------------
+    def close_log(self, reason: str, error: bool | None = None) -> None:
+        """Write the session line (log-formats.md) if `log connection` wants it.
+
+        `error` defaults to "reason is not a normal end"; `log connection
+        errors` only logs those.  Only the first call writes."""
+        if self._logged:
+            return
+        self._logged = True
+        mode = self.conf.log_connection
+        if mode is None:
+            return
+        if error is None:
+            error = reason not in DONE_REASONS
+        if mode == "errors" and not error:
+            return
+        addr, port = self.backend or self._default_backend()
+        items = "".join(self.log_items)
+        line = (f"relay {self.name}, session {self.id} ({self.active} active), "
+                f"{self.tag or 0}, {self.client.peer[0]} -> {addr}:{port}, {reason}"
+                + (f",{items}" if items else ""))
+        if error:
+            log.warn(line)
+        else:
+            log.info(line)
+
+
+@dataclass
+class RelayCtx:
+    """What a listening socket serves: hung on engine.serve's Listener."""
+    conf: RelaydConfig
+    relay: RelayConfig
+    listen: Listen
+    proto: ProtocolConfig
+
+
+def listen_sockets(conf: RelaydConfig) -> dict[SockKey, RelayCtx]:
+    """Every relay listen address of `conf`, in config order."""
+    out: dict[SockKey, RelayCtx] = {}
+    for rl in conf.relays:
+        proto = conf.protocol_of(rl)
+        for lis in rl.listens:
+            out.setdefault((lis.addr, lis.port), RelayCtx(conf, rl, lis, proto))
+    return out
+
+
+def socket_rlimit() -> int:
+    """Raise the open-files limit to the hard limit (relayd's
+    socket_rlimit(-1)); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class RelayProc:
+    """One relay process's serving state; see the module docstring."""
+
+    metrics = None   # hce/metrics hook: a relayd.metrics.Metrics when `metrics listen on` is set
+
+    def __init__(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
+        self.conf = conf
+        self.state = RelayState(conf)
+        nofile = socket_rlimit()
+        if nofile == resource.RLIM_INFINITY:
+            nofile = 2 * RELAY_MAX_SESSIONS
+        self.server = Server(self._handle,
+                             max_clients=max(16, min(RELAY_MAX_SESSIONS,
+                                                     (nofile - FD_RESERVE) // 2)))
+        self.listeners: dict[SockKey, Listener] = {}
+        self._pending = self._make_listeners(conf, sockets)
+
+    @staticmethod
+    def _listener(sock: socket.socket, ctx: RelayCtx) -> Listener:
+        return Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay))
+
+    def _make_listeners(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]
+                        ) -> dict[SockKey, Listener]:
+        return {key: self._listener(sockets[key], ctx)
+                for key, ctx in listen_sockets(conf).items() if key in sockets}
+
+    def _launch(self, conf: RelaydConfig) -> None:
+        for rl in conf.relays:
+            for fwd in rl.tables:
+                inst = fwd.table
+                log.info(f"adding {len(inst.hosts)} hosts from table {inst.name}"
+                         f"{' (no check)' if inst.check.type == 'none' else ''}")
+            for lis in rl.listens:
+                log.debug(f"relay_launch: running relay {lis.name or rl.name}")
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop(); returns once the last session is gone."""
+        self._launch(self.conf)
+        self.listeners = self._pending
+        await self.server.run(list(self.listeners.values()), task_status=task_status)
+
+    def configure(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
+        """Swap in `conf` (reload); `sockets` are all sockets of the new config.
+
+        Sessions in flight keep the configuration they started with."""
+        ctxs = listen_sockets(conf)
+        for key in list(self.listeners):
+            if key not in ctxs or sockets.get(key) is not self.listeners[key].sock:
+                self.server.remove_listener(self.listeners.pop(key))
+        self.state.configure(conf)
+        self.conf = conf
+        self._launch(conf)
+        for key, ctx in ctxs.items():
+            if key in self.listeners:
+                lis = self.listeners[key]
+                lis.ctx = ctx
+                lis.nodelay = bool(ctx.proto.tcp.nodelay)
+            elif key in sockets:
+                lis = self._listener(sockets[key], ctx)
+                self.listeners[key] = lis
+                self.server.add_listener(lis)
+
+    def stop(self, drain: float | None = None) -> None:
+        self.server.stop(drain)
+
+    # -- sessions ----------------------------------------------------------------
+    async def _handle(self, client: Transport, lis: Listener) -> None:
+        ctx: RelayCtx = lis.ctx
+        if ctx.relay.disabled:
+            return          # accept, then close at once (the engine closes it)
+        session = Session(self.state, ctx.conf, ctx.relay, ctx.listen, ctx.proto, client)
+        active = self.state.active
+        active[session.name] = active.get(session.name, 0) + 1
+        try:
+            if ctx.proto.type == "http":
+                from relayd import relay_http
+                reason = await relay_http.serve(session)
+            else:
+                reason = await self._serve_tcp(session)
+            session.close_log(reason)
+            if self.metrics is not None:   # hce/metrics hook (relayd/metrics.py)
+                self.metrics.session_done(session.name, reason not in DONE_REASONS)
+        finally:
+            active[session.name] -= 1
+            with trio.CancelScope(shield=True):
+                for backend in session.backends:
+                    try:
+                        await backend.aclose()
+                    except Exception:
+                        pass
+
+    async def _serve_tcp(self, session: Session) -> str:
+        try:
+            backend = await session.connect()
+        except BackendError as e:
+            return e.msg
+        client = session.client
+        splice = (session.proto.tcp.splice and isinstance(client, SocketTransport)
+                  and isinstance(backend, SocketTransport))
+        try:
+            tun = await splice_relay(client, backend, idle=session.relay.session_timeout,
+                                     splice=session.proto.tcp.splice)
+        except CLOSED:
+            return "done"
+        if tun.error == "timeout":
+            return "splice timeout" if splice else "buffer event timeout"
+        return "done"

@@ -1,0 +1,731 @@
+"""relayd.relay_http -- HTTP relaying: one client session (relay_http.c).
+
+serve(session) reads requests from the client (engine.http1 ServerConn),
+runs the protocol's filter rules on each request and each response head
+(relayd.rules), opens the backend lazily after the first request head (a
+rule may pick the table with `forward to`, `hash` options feed mode hash)
+and keeps it for the next requests while both sides keep alive.  A rule
+picking another table gets a new backend connection.
+
+Bodies are never buffered whole: they stream through in large pieces and
+are framed again on the way out (Content-Length, or chunk by chunk), so a
+backend never sees the client's framing.  Hop-by-hop headers are dropped
+and the Connection header is rebuilt for each side.  Anything a backend
+could read differently from us -- Content-Length with Transfer-Encoding,
+repeated or bad Content-Length, a coding other than plain chunked, bad
+chunk sizes, bare LF, NUL/CTL bytes, folded framing headers, repeated or
+mismatching Host -- is refused with 400 before anything is forwarded.
+
+CONNECT and (with `http websockets`) a WebSocket upgrade answered by 101
+become raw tunnels (engine.splice).  Errors a client sees go through
+abort_http() (relay_abort_http): with `return error` an HTML page, else a
+silent close; either way the session's close reason.
+
+Does not accept, choose hosts or write the session log line: relayd.relay
+does (Session.connect, Session.close_log).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jinja2
+import trio
+
+from engine.conn import CLOSED, SocketTransport, Transport
+from engine.http1 import (BAD_CONTENT_LENGTH, REASONS, ClientConn, HttpError, Request,
+                          Response, ServerConn, http_date)
+from engine.splice import relay as splice_relay
+from relayd import rules
+from relayd.config import HTTP_METHODS, RELAYD_SERVERNAME
+from relayd.relay import BackendError
+from shared import log
+
+# Headers about one connection: never forwarded as they came (RFC 9110 7.6.1);
+# the framing headers are written anew for the outgoing body.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length"})
+# Methods whose request body relayd drops, with its framing headers (relay_http.c 1.90).
+NO_BODY_METHODS = frozenset({"GET", "HEAD", "COPY", "MOVE"})
+# Response head limit toward backends.
+RESPONSE_HEAD_MAX = 65536
+# Bytes gathered into one send when more body is already at hand.
+COALESCE = 262144
+# After an error page: how long and how much to read before closing, so the
+# client sees the page and not a reset.
+LINGER_TIME = 1.0
+LINGER_BYTES = 1 << 20
+# Time an error page may take to go out.
+ABORT_TIME = 5.0
+# relay_abort_http()'s style when `return error` names none.
+DEFAULT_STYLE = ("body { background-color: #a00000; color: white; font-family: "
+                 "'Comic Sans MS', 'Chalkboard SE', 'Comic Neue', sans-serif; }\n"
+                 "hr { border: 0; border-bottom: 1px dashed; }\n")
+
+# Host header: RFC 3986 reg-name / IP-literal and port characters only.
+_HOST_OK = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=:%\[\]]*")
+# absolute-form request target: scheme, authority, path-and-query.
+_ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)([^#]*)")
+
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("relayd", "templates"),
+    autoescape=False, keep_trailing_newline=True)
+_page = _templates.get_template("error.html")
+
+
+class _Abort(Exception):
+    """A client-visible failure: error page (with `return error`), close."""
+
+    def __init__(self, status: int, msg: str, label: bool = False) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.msg = msg
+        self.label = label       # show the session label (rule verdicts)
+
+
+class _Close(Exception):
+    """End the session quietly with this reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def error_page(code: int, msg: str, label: str | None, style: str | None,
+               addr: str, port: int) -> bytes:
+    """relay_abort_http()'s response: HTTP/1.0 head and HTML body."""
+    reason = REASONS.get(code, "Unknown Error")
+    body = _page.render(code=f"{code:03d}", reason=reason,
+                        style=style if style is not None else DEFAULT_STYLE,
+                        text="" if code == 500 else msg, label=label or "",
+                        server=RELAYD_SERVERNAME, addr=addr, port=port)
+    data = body.encode("utf-8", "replace")
+    head = (f"HTTP/1.0 {code:03d} {reason}\r\n"
+            f"Date: {http_date()}\r\n"
+            f"Server: {RELAYD_SERVERNAME}\r\n"
+            "Connection: close\r\n"
+            "Content-Type: text/html\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")
+    return head.encode("latin-1") + data
+
+
+def client_error(conn: ServerConn, e: HttpError) -> tuple[int, str]:
+    """(status, close reason) for a malformed request, in relayd's words."""
+    m = e.msg or ""
+    low = m.lower()
+    if e.status == 413:
+        return 413, "request headers too large"
+    if "chunk size overflow" in low:
+        return 400, "chunk size too long"
+    if "chunk" in low:
+        return 400, "invalid chunk size"
+    if m == "malformed host":
+        # http1 says "malformed host" for a repeated Host too; relayd calls a
+        # repeated unique header "malformed header".
+        if conn.hcount.get("host", 0) > 1:
+            return 400, "malformed header"
+        return 400, m
+    if (m in ("malformed header", BAD_CONTENT_LENGTH) or "content-length" in low
+            or "transfer-encoding" in low):
+        return 400, "malformed header"
+    return 400, "malformed"
+
+
+def _tokens(msg: rules.Message, name: str) -> set[str]:
+    """Lower-case comma-separated tokens of every live `name` header."""
+    out: set[str] = set()
+    for h in msg.headers:
+        if not h[2] and h[0].lower() == name:
+            out.update(t.strip().lower() for t in h[1].split(","))
+    return out
+
+
+def _keep_alive(version: str, conn_tokens: set[str]) -> bool:
+    if "close" in conn_tokens:
+        return False
+    return version != "1.0" or "keep-alive" in conn_tokens
+
+
+class _Upload:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: HttpError | None = None
+
+
+class HttpRelay:
+    """One HTTP session; see the module docstring."""
+
+    def __init__(self, session) -> None:
+        self.s = session
+        proto = session.proto
+        self.proto = proto
+        self.rules = rules.compile_rules(proto.rules) if proto.rules else None
+        client: Transport = session.client
+        self.client = client
+        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True)
+        listen = getattr(session, "listen", None)
+        addr = listen.addr if listen is not None else client.local[0]
+        if addr in ("0.0.0.0", "::", ""):
+            addr = client.local[0]
+        self.addr = addr
+        self.port = listen.port if listen is not None else client.local[1]
+        self.timeout = session.relay.session_timeout
+        self.ctx = rules.Ctx(client.peer[0], client.local[0])
+        self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
+        self.backend: Transport | None = None
+        self.bconn: ClientConn | None = None
+        self.btable: str | None = None
+        self.haslog = False
+        self.sent = False        # response bytes of this exchange went out
+        self.scope: trio.CancelScope | None = None
+
+    def touch(self) -> None:
+        """Some I/O happened: the idle timeout starts again."""
+        self.scope.deadline = trio.current_time() + self.timeout
+
+    # -- the session -------------------------------------------------------------
+    async def run(self) -> str:
+        reason = "buffer event timeout"
+        with trio.CancelScope() as scope:
+            self.scope = scope
+            self.touch()
+            try:
+                reason = await self._loop()
+            except _Abort as a:
+                scope.deadline = trio.current_time() + ABORT_TIME
+                reason = a.msg
+                reason = await self._abort(a)
+            except _Close as c:
+                reason = c.reason
+            except CLOSED:
+                reason = "done"
+        return reason
+
+    async def _loop(self) -> str:
+        conn = self.conn
+        while True:
+            try:
+                req = await conn.next_request()
+            except HttpError as e:
+                raise _Abort(*client_error(conn, e)) from None
+            if req is None:
+                return "done"
+            self.touch()
+            if not await self._exchange(req):
+                return "done"
+
+    async def _abort(self, a: _Abort) -> str:
+        """relay_abort_http(): the error page if configured, the close reason."""
+        if not self.proto.return_error or self.sent:
+            return a.msg
+        code = a.status
+        label = self.s.label if a.label else None
+        page = error_page(code, a.msg, label, self.proto.style, self.addr, self.port)
+        try:
+            await self.client.send_all(page)
+            await self.client.send_eof()
+            with trio.move_on_after(LINGER_TIME):
+                got = 0
+                while got < LINGER_BYTES:
+                    data = await self.client.receive()
+                    if not data:
+                        break
+                    got += len(data)
+        except CLOSED:
+            pass
+        return f"{a.msg} ({code:03d} {REASONS.get(code, 'Unknown Error')})"
+
+    # -- one request and its response -------------------------------------------------
+    async def _exchange(self, req: Request) -> bool:
+        """Relay one request and its response; True to keep the session."""
+        self.sent = False
+        method = req.method
+        hmap = req.hmap
+        if method not in HTTP_METHODS:
+            raise _Abort(400, "malformed")
+        te = hmap.get("transfer-encoding")
+        if te is not None and (te.strip().lower() != "chunked" or req.version == "1.0"):
+            raise _Abort(400, "malformed")
+        if method in ("CONNECT", "TRACE") and (req.content_length is not None or req.chunked):
+            raise _Abort(400, "malformed")
+        host = hmap.get("host")
+        if host is not None and not _HOST_OK.fullmatch(host):
+            raise _Abort(400, "malformed host")
+        target = req.target
+        headers = req.headers
+        if not target.startswith("/") and method != "CONNECT" and target != "*":
+            m = _ABSOLUTE.fullmatch(target)
+            if m is None:
+                raise _Abort(400, "malformed")
+            authority = m.group(2)
+            if host is None:
+                headers = headers + [("Host", authority)]
+            elif authority.lower() != host.lower():
+                raise _Abort(400, "malformed host")
+            target = m.group(3) or "/"
+
+        msg = rules.Message.request(method, target, headers)
+        s = self.s
+        table, hash_input = None, b""
+        if self.rules is not None:
+            ctx = self.ctx
+            ctx.tag, ctx.label = s.tag, s.label
+            v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
+            if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+                s.tag, s.label = v.tag, v.label
+                if v.result == rules.RES_BAD:
+                    raise _Abort(400, "Bad Request", label=True)
+                raise _Abort(500, "Internal Server Error", label=True)
+            applied = rules.apply_actions(v, msg, self.env)
+            s.tag, s.label = v.tag, v.label
+            if applied.log:
+                s.log_items.extend(applied.log)
+                self.haslog = True
+            table = v.table
+            hash_input = b"".join(applied.hash)
+            s.log_items.append(" " + method)
+            if v.result == rules.RES_DROP:
+                raise _Abort(403, "Forbidden", label=True)
+        else:
+            s.log_items.append(" " + method)
+
+        # WebSocket handshakes (after the rules, on the head they produced).
+        conn_tokens = _tokens(msg, "connection")
+        ws = "websocket" in _tokens(msg, "upgrade")
+        if ws:
+            if not self.proto.http.websockets:
+                raise _Abort(403, "Websocket Forbidden")
+            if "upgrade" not in conn_tokens or not req.upgrade or req.has_body:
+                raise _Abort(400, "Bad Websocket Request")
+            if method != "GET":
+                raise _Abort(405, "Websocket Method Not Allowed")
+        # Another upgrade: relayed as a plain request; the parser stopped at
+        # its head, so the session ends after the response.
+        stopped = req.upgrade and not ws and method != "CONNECT"
+        if stopped and req.has_body:
+            raise _Abort(400, "malformed")
+
+        if method in NO_BODY_METHODS:
+            body = None
+        elif req.chunked:
+            body = "chunked"
+        elif req.content_length:
+            body = req.content_length
+        else:
+            body = None
+        client_keep = req.keep_alive and not req.upgrade and "close" not in conn_tokens
+        head = self._request_head(msg, req.version, body, ws, client_keep)
+
+        if self.backend is not None and table != self.btable:
+            await self._drop_backend()
+        fresh = self.backend is None
+        if fresh:
+            await self._connect(table, hash_input)
+        if method == "CONNECT":
+            await self._connect_tunnel(req, head)      # raises _Close
+        if body is None:
+            resp = await self._send_head(req, head)
+            if resp is None and not fresh:
+                # The kept-alive backend went away meanwhile: once more, anew.
+                await self._drop_backend()
+                await self._connect(table, hash_input)
+                resp = await self._send_head(req, head)
+            if resp is None:
+                raise _Abort(502, "Bad Gateway")
+            keep = await self._response(req, resp, ws)
+            return keep and client_keep
+        return await self._with_upload(req, head, body, ws) and client_keep
+
+    def _request_head(self, msg: rules.Message, version: str, body, ws: bool,
+                      keep: bool) -> bytes:
+        lines = [f"{msg.method} {msg.target} HTTP/{version}\r\n"]
+        if body is None:
+            framing = None
+        elif body == "chunked":
+            framing = "Transfer-Encoding: chunked\r\n"
+        else:
+            framing = f"Content-Length: {body}\r\n"
+        if ws:
+            connection = None
+        elif not keep:
+            connection = "Connection: close\r\n"
+        elif version == "1.0":
+            connection = "Connection: keep-alive\r\n"
+        else:
+            connection = None
+        drop = HOP_BY_HOP
+        listed = _tokens(msg, "connection") - {"close", "keep-alive", "upgrade"}
+        if listed:
+            drop = drop | listed
+        for name, value in msg.items():
+            low = name.lower()
+            if low in drop:
+                if ws and low in ("connection", "upgrade"):
+                    lines.append(f"{name}: {value}\r\n")
+                elif low in ("content-length", "transfer-encoding"):
+                    if framing:
+                        lines.append(framing)
+                        framing = None
+                elif low == "connection" and connection:
+                    lines.append(connection)
+                    connection = None
+                continue
+            lines.append(f"{name}: {value}\r\n")
+        if framing:
+            lines.append(framing)
+        if connection:
+            lines.append(connection)
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "replace")
+
+    # -- backend connections --------------------------------------------------------------
+    async def _connect(self, table: str | None, hash_input: bytes) -> None:
+        self.scope.deadline = math.inf         # Session.connect has its own timeout
+        try:
+            backend = await self.s.connect(table, hash_input)
+        except BackendError as e:
+            raise _Abort(e.status, e.msg) from None
+        finally:
+            self.touch()
+        self.backend = backend
+        self.bconn = ClientConn(backend, RESPONSE_HEAD_MAX)
+        self.btable = table
+
+    async def _drop_backend(self) -> None:
+        backend, self.backend, self.bconn = self.backend, None, None
+        if backend is not None:
+            with trio.CancelScope(shield=True):
+                try:
+                    await backend.aclose()
+                except Exception:
+                    pass
+
+    async def _send_head(self, req: Request, head: bytes) -> Response | None:
+        """Send a bodiless request; its response head, None if the backend
+        closed first."""
+        try:
+            await self.backend.send_all(head)
+        except CLOSED:
+            return None
+        self.touch()
+        return await self._response_head(req)
+
+    async def _response_head(self, req: Request) -> Response | None:
+        """The final response head; 1xx interim responses go to the client."""
+        bc = self.bconn
+        bc.expect(req.method)
+        while True:
+            try:
+                resp = await bc.read_response()
+            except HttpError as e:
+                raise _Abort(502, "Bad Gateway") from None
+            except CLOSED:
+                return None
+            if resp is None:
+                return None
+            self.touch()
+            st = resp.status
+            if 100 <= st < 200 and st != 101:
+                if resp.content_length:
+                    raise _Abort(502, "Bad Gateway")
+                if req.version != "1.0":
+                    lines = [f"HTTP/{resp.version} {st} {resp.reason}\r\n"]
+                    lines += [f"{k}: {v}\r\n" for k, v in resp.headers
+                              if k.lower() not in HOP_BY_HOP]
+                    lines.append("\r\n")
+                    await self.client.send_all("".join(lines).encode("latin-1", "replace"))
+                continue
+            return resp
+
+    async def _with_upload(self, req: Request, head: bytes, body, ws: bool) -> bool:
+        """Send head and body while the response comes back (a backend may
+        answer early, or first send 100 Continue)."""
+        up = _Upload()
+        result: list = []
+        failure: list[BaseException] = []
+
+        async def upload() -> None:
+            try:
+                await self._pump(self.conn, self.backend, [head], body == "chunked")
+                up.done = True
+            except HttpError as e:
+                up.error = e
+                nursery.cancel_scope.cancel()
+            except CLOSED:
+                pass        # the backend stopped reading; its response tells
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload)
+            try:
+                resp = await self._response_head(req)
+                if resp is None:
+                    raise _Abort(502, "Bad Gateway")
+                result.append(await self._response(req, resp, ws))
+            except (_Abort, _Close, HttpError, *CLOSED) as e:
+                failure.append(e)
+            nursery.cancel_scope.cancel()
+        if up.error is not None:
+            st, reason = client_error(self.conn, up.error)
+            if up.error.msg == "body truncated":
+                raise _Close("done")
+            await self._drop_backend()
+            raise _Abort(st, reason)
+        if failure:
+            raise failure[0]
+        if not up.done:
+            await self._drop_backend()         # the body was cut short
+            return False
+        return result[0]
+
+    async def _pump(self, src, dst: Transport, pending: list[bytes], chunked: bool) -> None:
+        """Move src's current body to dst after `pending`, chunk-encoded if
+        `chunked`; sends whatever is at hand in one piece."""
+        events = src.events
+        size = 0
+        touch = self.touch
+        while True:
+            if pending and not events:
+                await dst.send_all(b"".join(pending) if len(pending) > 1 else pending[0])
+                pending = []
+                size = 0
+                touch()
+            chunk = await src.receive_body()
+            if not chunk:
+                if chunked:
+                    pending.append(b"0\r\n\r\n")
+                if pending:
+                    await dst.send_all(b"".join(pending))
+                    touch()
+                return
+            if chunked:
+                pending += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+            else:
+                pending.append(chunk)
+            size += len(chunk)
+            if size >= COALESCE:
+                await dst.send_all(b"".join(pending))
+                pending = []
+                size = 0
+                touch()
+
+    async def _response(self, req: Request, resp: Response, ws: bool) -> bool:
+        """Filter the response head, send it, stream its body; True when
+        both sides keep the connection."""
+        st = resp.status
+        if st == 204 and resp.content_length:
+            raise _Abort(502, "Bad Gateway")
+        msg = rules.Message.response(st, resp.headers)
+        orig_conn = _tokens(msg, "connection")
+        if st == 101:
+            if not (ws and "websocket" in _tokens(msg, "upgrade") and "upgrade" in orig_conn):
+                raise _Abort(502, "Bad Websocket Gateway")
+        self._response_rules(msg)
+
+        no_body = req.method == "HEAD" or st in (204, 304) or 100 <= st < 200
+        if st == 101:
+            mode = "tunnel"
+        elif no_body:
+            mode = None
+        elif resp.chunked:
+            mode = "chunked" if req.version != "1.0" else "close"
+        elif resp.content_length is not None:
+            mode = "length"
+        else:
+            mode = "close"
+        backend_keep = (_keep_alive(resp.version, orig_conn) and mode != "close"
+                        and mode != "tunnel" and not (st == 101))
+        keep = (backend_keep and req.keep_alive and "close" not in _tokens(msg, "connection"))
+
+        head = self._response_head_bytes(msg, resp, req.version, mode, keep)
+        client = self.client
+        if mode == "tunnel":
+            await client.send_all(head)
+            self.sent = True
+            await self._tunnel(self.conn.rest, self.bconn.rest)     # raises _Close
+        if mode is None:
+            await client.send_all(head)
+            self.sent = True
+            self.touch()
+        else:
+            self.sent = True
+            try:
+                await self._pump(self.bconn, client, [head], mode == "chunked" and resp.chunked)
+            except HttpError as e:
+                raise _Close(client_error(self.conn, e)[1] if "chunk" in (e.msg or "").lower()
+                             else "done") from None
+        if not backend_keep:
+            await self._drop_backend()
+        return keep
+
+    def _response_rules(self, msg: rules.Message) -> None:
+        s = self.s
+        if self.rules is None:
+            return
+        ctx = self.ctx
+        ctx.tag, ctx.label = s.tag, s.label
+        v = rules.evaluate(self.rules, rules.RESPONSE, msg, ctx)
+        if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+            s.tag, s.label = v.tag, v.label
+            raise _Abort(400 if v.result == rules.RES_BAD else 500,
+                         "Bad Request" if v.result == rules.RES_BAD
+                         else "Internal Server Error", label=True)
+        applied = rules.apply_actions(v, msg, self.env)
+        s.tag, s.label = v.tag, v.label
+        if applied.log:
+            s.log_items.extend(applied.log)
+            self.haslog = True
+        if self.haslog:
+            s.log_items.append(";")
+        if v.result == rules.RES_DROP:
+            raise _Abort(403, "Forbidden", label=True)
+
+    @staticmethod
+    def _response_head_bytes(msg: rules.Message, resp: Response, client_version: str,
+                             mode: str | None, keep: bool) -> bytes:
+        lines = [f"HTTP/{resp.version} {resp.status} {resp.reason}\r\n"]
+        tunnel = mode == "tunnel"
+        if mode == "chunked":
+            framing = "Transfer-Encoding: chunked\r\n"
+        elif mode == "length":
+            framing = f"Content-Length: {resp.content_length}\r\n"
+        else:
+            framing = None
+        if tunnel:
+            connection = None
+        elif not keep:
+            connection = "Connection: close\r\n"
+        elif client_version == "1.0":
+            connection = "Connection: keep-alive\r\n"
+        else:
+            connection = None
+        drop = HOP_BY_HOP
+        listed = _tokens(msg, "connection") - {"close", "keep-alive", "upgrade"}
+        if listed:
+            drop = drop | listed
+        for name, value in msg.items():
+            low = name.lower()
+            if low in drop:
+                if tunnel and low in ("connection", "upgrade"):
+                    lines.append(f"{name}: {value}\r\n")
+                elif low == "content-length" and mode is None:
+                    lines.append(f"{name}: {value}\r\n")   # HEAD, 304: as it came
+                elif low in ("content-length", "transfer-encoding"):
+                    if framing:
+                        lines.append(framing)
+                        framing = None
+                elif low == "connection" and connection:
+                    lines.append(connection)
+                    connection = None
+                continue
+            lines.append(f"{name}: {value}\r\n")
+        if framing:
+            lines.append(framing)
+        if connection:
+            lines.append(connection)
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "replace")
+
+    # -- tunnels ----------------------------------------------------------------------
+    async def _tunnel(self, client_pending: bytes, backend_pending: bytes) -> None:
+        self.scope.deadline = math.inf          # the tunnel has its own idle timeout
+        splice = self.proto.tcp.splice
+        spliced = (splice and isinstance(self.client, SocketTransport)
+                   and isinstance(self.backend, SocketTransport)
+                   and not client_pending and not backend_pending)
+        try:
+            tun = await splice_relay(self.client, self.backend, idle=self.timeout,
+                                     splice=splice, a_pending=client_pending,
+                                     b_pending=backend_pending)
+        except CLOSED:
+            raise _Close("done") from None
+        if tun.error == "timeout":
+            raise _Close("splice timeout" if spliced else "buffer event timeout")
+        raise _Close("done")
+
+    async def _connect_tunnel(self, req: Request, head: bytes) -> None:
+        """CONNECT: forward the head, relay the answer's head, then raw bytes."""
+        backend = self.backend
+        try:
+            await backend.send_all(head)
+            raw, rest = await _read_head(backend)
+        except CLOSED:
+            raw, rest = None, b""
+        self.touch()
+        if raw is None:
+            raise _Abort(502, "Bad Gateway")
+        parsed = _parse_response_head(raw)
+        if parsed is None:
+            raise _Abort(502, "Bad Gateway")
+        version, status, reason, headers = parsed
+        msg = rules.Message.response(status, headers)
+        self._response_rules(msg)
+        ok = 200 <= status < 300
+        lines = [f"HTTP/{version} {status} {reason}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in msg.items()
+                  if not (k.lower() == "connection" and not ok)]
+        if not ok:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        await self.client.send_all("".join(lines).encode("latin-1", "replace"))
+        self.sent = True
+        if ok:
+            await self._tunnel(self.conn.rest, rest)
+        # A refusal: its body runs until the backend closes.
+        try:
+            if rest:
+                await self.client.send_all(rest)
+            while True:
+                data = await backend.receive()
+                if not data:
+                    break
+                self.touch()
+                await self.client.send_all(data)
+        except CLOSED:
+            pass
+        raise _Close("done")
+
+
+async def _read_head(t: Transport) -> tuple[bytes | None, bytes]:
+    """Read a response head raw: (head without the blank line, what followed)."""
+    buf = b""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return buf[:end], buf[end + 4:]
+        if len(buf) > RESPONSE_HEAD_MAX:
+            return None, b""
+        data = await t.receive()
+        if not data:
+            return None, b""
+        buf += data
+
+
+def _parse_response_head(raw: bytes):
+    lines = raw.decode("latin-1").split("\r\n")
+    m = re.fullmatch(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?", lines[0])
+    if m is None:
+        return None
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or "\n" in line:
+            return None
+        headers.append((name, value.strip(" \t")))
+    return m.group(1), int(m.group(2)), m.group(3) or "", headers
+
+
+async def serve(session) -> str:
+    """Serve one HTTP relay session on session.client; the close reason."""
+    relay = HttpRelay(session)
+    try:
+        return await relay.run()
+    except CLOSED:
+        return "done"
+    except Exception:
+        log.warn_exc(f"relay_http: session {session.id}: internal error")
+        return "internal error"
+    finally:
+        await relay._drop_backend()

@@ -1,0 +1,184 @@
+"""shared.imsg -- typed, length-prefixed messages between the processes.
+
+OpenBSD's imsg for Python: a 16-byte header (type, peer id, pid, payload
+length) then the payload, with at most one file descriptor passed along by
+SCM_RIGHTS.  Payloads that go *down* from the privileged parent (configs)
+are pickled; anything that goes *up* to the parent, or between children, is
+JSON, so an unprivileged child can never make the parent run code by what
+it sends.  A message over the size limit, of an unknown type or with a
+malformed payload raises ImsgError: the receiver treats it as fatal.
+
+Channel is the async (trio) end; the blocking helpers serve the children's
+start-up before trio runs.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import pickle
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+_HDR = struct.Struct("!IIII")          # type, peerid, pid, len
+# Largest payload (configs with many servers stay far below it).
+MAX_IMSG = 64 << 20
+# Bytes asked of one recvmsg().
+RECV_SIZE = 1 << 16
+
+# Payload encodings, kept in the top bit of the type field.
+_PICKLE = 0x80000000
+
+
+class ImsgError(Exception):
+    """A desynchronised or malformed message stream."""
+
+
+@dataclass
+class Msg:
+    type: int
+    payload: Any = None
+    fd: int = -1
+    peerid: int = 0
+    pid: int = 0
+
+
+def encode(mtype: int, payload: Any = None, peerid: int = 0, trusted: bool = False) -> bytes:
+    """Frame one message; `trusted` (parent → child only) allows pickle."""
+    if trusted:
+        body = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        mtype |= _PICKLE
+    else:
+        body = json.dumps(payload, separators=(",", ":")).encode() if payload is not None else b""
+    if len(body) > MAX_IMSG:
+        raise ImsgError(f"message too large: {len(body)}")
+    return _HDR.pack(mtype, peerid, os.getpid(), len(body)) + body
+
+
+class Reader:
+    """Sans-I/O decoder: feed bytes (+ received fds), get messages."""
+
+    def __init__(self, allow_pickle: bool = False) -> None:
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        self.allow_pickle = allow_pickle
+
+    def feed(self, data: bytes, fds: list[int] | None = None) -> list[Msg]:
+        self.buf += data
+        if fds:
+            self.fds.extend(fds)
+        out = []
+        while len(self.buf) >= _HDR.size:
+            mtype, peerid, pid, length = _HDR.unpack_from(self.buf)
+            if length > MAX_IMSG:
+                raise ImsgError(f"message too large: {length}")
+            if len(self.buf) < _HDR.size + length:
+                break
+            body = bytes(self.buf[_HDR.size:_HDR.size + length])
+            del self.buf[:_HDR.size + length]
+            if mtype & _PICKLE:
+                if not self.allow_pickle:
+                    raise ImsgError("pickled payload from an untrusted peer")
+                try:
+                    payload = pickle.loads(body)
+                except Exception as e:
+                    raise ImsgError(f"bad payload: {e}") from None
+            else:
+                try:
+                    payload = json.loads(body) if body else None
+                except ValueError as e:
+                    raise ImsgError(f"bad payload: {e}") from None
+            out.append(Msg(mtype & ~_PICKLE, payload, -1, peerid, pid))
+        return out
+
+
+class Channel:
+    """One end of a socketpair, under trio.  Sends are serialised."""
+
+    def __init__(self, sock: socket.socket, allow_pickle: bool = False,
+                 trusted_send: bool = False) -> None:
+        sock.setblocking(False)
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.reader = Reader(allow_pickle)
+        self.trusted_send = trusted_send
+        self.pending: list[Msg] = []
+        self._lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, mtype: int, payload: Any = None, fd: int = -1, peerid: int = 0) -> None:
+        data = encode(mtype, payload, peerid, self.trusted_send)
+        async with self._lock:
+            if fd >= 0:
+                # The fd travels with the first byte of the message.
+                await trio.lowlevel.wait_writable(self.sock)
+                n = self.sock._sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+                data = data[n:]
+            view = memoryview(data)
+            while view:
+                n = await self.sock.send(view)
+                view = view[n:]
+
+    async def recv(self) -> Msg | None:
+        """The next message, or None when the peer closed the channel."""
+        while not self.pending:
+            if self.closed:
+                return None
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data, fds = _recv_fds(self.sock._sock)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self.closed = True
+                for fd in fds:
+                    os.close(fd)
+                return None
+            msgs = self.reader.feed(data, fds)
+            for m in msgs:
+                # One fd per message at most, in order.
+                m.fd = self.reader.fds.pop(0) if self.reader.fds and _wants_fd(m) else -1
+            self.pending.extend(msgs)
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_FD_TYPES: set[int] = set()
+
+
+def carries_fd(*types: int) -> None:
+    """Declare message types that carry a file descriptor."""
+    _FD_TYPES.update(types)
+
+
+def _wants_fd(m: Msg) -> bool:
+    return m.type in _FD_TYPES
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(RECV_SIZE, socket.CMSG_LEN(16 * fds.itemsize))
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - (len(cdata) % fds.itemsize)])
+    return data, list(fds)
+
+
+# -- blocking helpers (before trio runs) ------------------------------------
+
+def send_blocking(sock: socket.socket, mtype: int, payload: Any = None, fd: int = -1,
+                  trusted: bool = False) -> None:
+    data = encode(mtype, payload, 0, trusted)
+    if fd >= 0:
+        n = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        data = data[n:]
+    sock.sendall(data)

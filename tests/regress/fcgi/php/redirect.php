@@ -1,0 +1,2 @@
+<?php
+header('Location: http://example.com/from-php');
