@@ -309,7 +309,8 @@ def _parser_reason(e: Exception) -> str:
     msg = str(e) or "malformed"
     if isinstance(e, httptools.HttpParserInvalidMethodError):
         return "invalid method"
-    if msg == "Invalid character in Content-Length":
+    if msg in ("Invalid character in Content-Length", "Content-Length overflow",
+               "Empty Content-Length"):
         return BAD_CONTENT_LENGTH
     return msg
 

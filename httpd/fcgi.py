@@ -52,6 +52,8 @@ _BEGIN_BODY = struct.Struct("!HB5x")    # role, flags
 _END_BODY = struct.Struct("!IB3x")      # app_status, protocol_status
 _LEN4 = struct.Struct("!I")
 
+# Padding up to the next multiple of 8, by length.
+_PAD = tuple(bytes(n) for n in range(8))
 # Records whose body has a fixed size; any other length cannot be decoded.
 _FIXED_CONTENT = {BEGIN_REQUEST: 8, END_REQUEST: 8, UNKNOWN_TYPE: 8}
 
@@ -83,18 +85,21 @@ def encode(rtype: int, content: bytes, request_id: int = 1) -> bytes:
     spec recommends it for alignment).  Empty content gives one empty
     record, which terminates a stream (PARAMS, STDIN, STDOUT, ...).
     """
+    n = len(content)
+    if n <= MAX_CONTENT:        # one record: the common case, kept cheap
+        plen = -n & 7
+        return _header(rtype, request_id, n, plen) + content + _PAD[plen]
     view = memoryview(content)
     out = bytearray()
     pos = 0
-    while True:
+    while pos < n:
         chunk = view[pos:pos + MAX_CONTENT]
         plen = -len(chunk) & 7
         out += _header(rtype, request_id, len(chunk), plen)
         out += chunk
-        out += bytes(plen)
+        out += _PAD[plen]
         pos += len(chunk)
-        if pos >= len(view):
-            return bytes(out)
+    return bytes(out)
 
 
 def begin_request(request_id: int = 1, role: int = RESPONDER,
@@ -139,11 +144,8 @@ def encode_params(params: Iterable[tuple[str | bytes, str | bytes]],
     into records of at most MAX_CONTENT bytes; only a pair that is larger
     than one record by itself spans several records.
     """
-    # The spec makes PARAMS a byte stream, so any split would be legal, but
-    # some applications (flup, for one) decode each record on its own and
-    # silently mis-read a pair cut in two.  Keeping pairs whole costs nothing.
-    out = bytearray()
-    buf = bytearray()
+    pairs = []
+    total = 0
     for name, value in params:
         if type(name) is not bytes:
             name = _as_bytes(name)
@@ -151,22 +153,28 @@ def encode_params(params: Iterable[tuple[str | bytes, str | bytes]],
             value = _as_bytes(value)
         nlen = len(name)
         vlen = len(value)
-        size = nlen + vlen + (1 if nlen < 128 else 4) + (1 if vlen < 128 else 4)
-        if len(buf) + size > MAX_CONTENT and buf:
+        if nlen < 128 and vlen < 128:
+            pair = b"%c%c%s%s" % (nlen, vlen, name, value)
+        else:
+            pair = _encode_pair(name, value)
+        pairs.append(pair)
+        total += len(pair)
+    if total <= MAX_CONTENT:
+        return (encode(PARAMS, b"".join(pairs), request_id) if pairs else b"") \
+            + encode(PARAMS, b"", request_id)
+    # The spec makes PARAMS a byte stream, so any split would be legal, but
+    # some applications (flup, for one) decode each record on its own and
+    # silently mis-read a pair cut in two.  Keeping pairs whole costs nothing.
+    out = bytearray()
+    buf = bytearray()
+    for pair in pairs:
+        if len(buf) + len(pair) > MAX_CONTENT and buf:
             out += encode(PARAMS, bytes(buf), request_id)
             buf.clear()
-        if size > MAX_CONTENT:
-            out += encode(PARAMS, _encode_pair(name, value), request_id)
-            continue
-        # The common case, inlined: both lengths fit in one byte.
-        if nlen < 128 and vlen < 128:
-            buf.append(nlen)
-            buf.append(vlen)
+        if len(pair) > MAX_CONTENT:
+            out += encode(PARAMS, pair, request_id)
         else:
-            buf += _length(nlen)
-            buf += _length(vlen)
-        buf += name
-        buf += value
+            buf += pair
     if buf:
         out += encode(PARAMS, bytes(buf), request_id)
     out += encode(PARAMS, b"", request_id)

@@ -8,9 +8,10 @@ one socket, tls settings that differ on one socket, a server defined twice).
 Every problem is collected as `file:line: message`; load() raises
 ConfigError with all of them.
 
-Lexing, macros and `include` are shared.lexer's; this module never binds a
-socket and never opens a file other than the configuration itself (hosts,
-interfaces and service names are resolved here, in the parent).
+Lexing, macros and `include` are shared.lexer's.  This module never binds a
+socket and reads no file but the configuration and its includes (no
+certificates, no htpasswd); hosts, interfaces and service names are resolved
+here, in the parent, as OpenBSD does.
 """
 
 from __future__ import annotations

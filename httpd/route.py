@@ -86,16 +86,16 @@ def split_host(host: str) -> tuple[str, int | None]:
         if end < 0:
             raise RouteError("malformed host")
         name, rest = host[1:end], host[end + 1:]
-        if not rest:
+        colon = rest.find(":")
+        if colon < 0:                     # server_http_parsehost: no port
             return name, None
-        if not rest.startswith(":"):
-            raise RouteError("malformed host")
-        port = rest[1:]
+        port = rest[colon + 1:]
     else:
-        name, sep, port = host.rpartition(":")
-        if not sep or ":" in name:
+        name, sep, port = host.partition(":")
+        if not sep:
             return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    # strtonum(port, 0, 0xffff)
+    if not port.isdigit() or int(port) > 0xffff:
         raise RouteError("malformed host")
     return name, int(port)
 

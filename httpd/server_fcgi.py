@@ -43,6 +43,9 @@ from httpd.logger import vis
 RECV_SIZE = 65536
 # Token characters kept in HTTP_* names (RFC 7230 tchar); others become '_'.
 _TCHAR = frozenset("!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Request header (lower case) → its CGI variable name, for the names seen so far.
+_ENV_NAMES: dict[str, bytes] = {}
+_ENV_NAMES_MAX = 1024
 # Response headers of the app that describe its connection, not the message.
 _HOP = frozenset(("connection", "keep-alive", "transfer-encoding"))
 # errno of a failed connect → status: a full listen queue is "busy", the rest "bad".
@@ -124,6 +127,20 @@ def _request_uri(x) -> str:
     return target
 
 
+def env_name(header: str) -> bytes:
+    """HTTP_<NAME> for a request header (RFC 3875 4.1.18, OpenBSD's token rule).
+
+    Upper case; characters outside the RFC 7230 token set become '_'.
+    Content-Length and Content-Type become CONTENT_LENGTH/CONTENT_TYPE."""
+    name = header.upper()
+    if name not in ("CONTENT-LENGTH", "CONTENT-TYPE"):
+        name = "HTTP_" + name
+    out = "".join(c if c in _TCHAR else "_" for c in name).encode("latin-1")
+    if len(_ENV_NAMES) < _ENV_NAMES_MAX:
+        _ENV_NAMES[header] = out
+    return out
+
+
 def tls_peer_verify(conf: ServerConfig) -> str | None:
     """TLS_PEER_VERIFY: printb_flags() of the client-certificate options."""
     tls = conf.tls
@@ -162,11 +179,10 @@ def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
     if conf.auth is not None:
         env.append((b"REMOTE_USER", _raw(x.user or "")))
     for low, value in req.hmap.items():
-        name = low.upper()
-        if name not in ("CONTENT_LENGTH", "CONTENT-LENGTH", "CONTENT_TYPE", "CONTENT-TYPE"):
-            name = "HTTP_" + name
-        name = "".join(c if c in _TCHAR else "_" for c in name)
-        env.append((name.encode("latin-1"), value.encode("latin-1")))
+        name = _ENV_NAMES.get(low)
+        if name is None:
+            name = env_name(low)
+        env.append((name, value.encode("latin-1")))
     if x.ctx.tls:
         env.append((b"HTTPS", b"on"))
         verify = tls_peer_verify(conf)
@@ -203,34 +219,45 @@ def backend_name(conf: ServerConfig) -> str:
     return fc.socket or ""
 
 
-async def connect(conf: ServerConfig, worker) -> trio.socket.SocketType:
-    """Open the backend connection; raises BackendError (502/503)."""
+def _close(sock: socket.socket) -> None:
+    # trio may have the fd registered with epoll: tell it before the fd goes.
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+async def connect(conf: ServerConfig, worker) -> socket.socket:
+    """Open the backend connection (a non-blocking socket); raises BackendError."""
     fc = conf.fastcgi
+    if fc.host is not None:
+        fam = socket.AF_INET6 if ":" in fc.host else socket.AF_INET
+        addr = (fc.host, fc.port)
+    else:
+        fam = socket.AF_UNIX
+        addr = worker.fs(fc.socket)
     try:
-        if fc.host is not None:
-            fam = socket.AF_INET6 if ":" in fc.host else socket.AF_INET
-            sock = trio.socket.socket(fam, socket.SOCK_STREAM)
-            try:
-                await sock.connect((fc.host, fc.port))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        # A UNIX connect never blocks on Linux: it succeeds, or fails with
-        # EAGAIN when the listen queue is full.  trio would wait for
-        # writability on EAGAIN and take the unconnected socket as connected.
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        raw.setblocking(False)
-        try:
-            raw.connect(worker.fs(fc.socket))
-        except BaseException:
-            raw.close()
-            raise
-        return trio.socket.from_stdlib_socket(raw)
+        sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as e:
-        status = _CONNECT_STATUS.get(e.errno, 502)
-        raise BackendError(status, f"connect failed: {_why(e)}") from None
+        raise BackendError(502, f"socket: {_why(e)}") from None
+    try:
+        # A UNIX connect never blocks on Linux: it succeeds, or fails with
+        # EAGAIN when the listen queue is full (trio's connect would wait
+        # for writability then and take the socket as connected).
+        err = sock.connect_ex(addr)
+        if err == errno.EINPROGRESS and fam != socket.AF_UNIX:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if fam != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as e:
+        _close(sock)
+        raise BackendError(_CONNECT_STATUS.get(e.errno, 502),
+                           f"connect failed: {_why(e)}") from None
+    except BaseException:
+        _close(sock)
+        raise
+    return sock
 
 
 class _Job:
@@ -249,7 +276,7 @@ class _Job:
         self.http = server_http
         self.timeout = conf.connection.timeout
         self.scope: trio.CancelScope | None = None
-        self.sock: trio.socket.SocketType | None = None
+        self.sock: socket.socket | None = None    # non-blocking, driven by hand
         self.phase = "connect"             # "connect" | "backend" | "client"
         self.waiting_client = False        # the STDIN pump waits for the client
         self.head: fcgi.CgiHead | None = None
@@ -296,21 +323,33 @@ class _Job:
     # -- I/O ---------------------------------------------------------------------------
     async def _send_backend(self, data: bytes) -> None:
         sock = self.sock
+        view = memoryview(data)
         try:
-            n = await sock.send(data)
-            if n < len(data):
-                view = memoryview(data)
-                while n < len(view):
-                    self._progress()
-                    n += await sock.send(view[n:])
+            while view:
+                try:
+                    n = sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[n:]
+                self._progress()
         except OSError as e:
             raise BackendError(502, f"write failed: {_why(e)}") from None
-        self._progress()
 
-    async def _recv_backend(self) -> bytes:
+    async def _recv_backend(self, first: bool = False) -> bytes:
         self.phase = "backend"
+        sock = self.sock
         try:
-            data = await self.sock.recv(RECV_SIZE)
+            if first:
+                # The app cannot have answered yet: wait before reading
+                # rather than fail a read with EAGAIN first.
+                await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(sock)
         except OSError as e:
             raise BackendError(502, f"read failed: {_why(e)}") from None
         self._progress()
@@ -390,8 +429,10 @@ class _Job:
         """STDOUT records → the client, each read passed on as it arrives."""
         reader = fcgi.RecordReader()
         ended = False
+        first = True
         while not ended:
-            data = await self._recv_backend()
+            data = await self._recv_backend(first)
+            first = False
             if not data:
                 reader.eof()
                 raise BackendError(502, "connection closed before the end of the request")
@@ -543,7 +584,7 @@ async def serve(x, conf: ServerConfig) -> bool:
         finally:
             if job.sock is not None:
                 # Closing the connection is how the app learns of an abort.
-                job.sock.close()
+                _close(job.sock)
     except BackendError as e:
         job.log_error(e.msg)
         status = e.status

@@ -286,7 +286,7 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
             x.keep = False
             x.close_msg = "dropped"      # no page, no access log line
             return False
-        await abort_http(x, blk.code, blk.uri or "")
+        await abort_http(x, blk.code, blk.uri)
         return False
     if conf.auth is not None:
         path = x.worker.fs(conf.auth.htpasswd)
@@ -464,7 +464,7 @@ def error_body(status: int, banner: bool, software: str = SERVER_SOFTWARE) -> by
     return body
 
 
-async def abort_http(x: Exchange, status: int, msg: str = "",
+async def abort_http(x: Exchange, status: int, msg: str | None = "",
                      extra: list[tuple[str, str]] | None = None,
                      log_req: bool = False) -> None:
     """Send the error page for `status` and mark the connection to close."""
@@ -488,7 +488,7 @@ async def abort_http(x: Exchange, status: int, msg: str = "",
             return   # OpenBSD: expansion failure just closes
         extra_h.append(("Location", msg))
         x.close_msg = f"{msg} ({status:03d} {reason})"
-    elif status == 401:
+    elif status == 401 and msg is not None:     # `block return 401`: none
         realm = msg.replace("\\", "\\\\").replace('"', '\\"')   # stravis(VIS_DQ)
         extra_h.append(("WWW-Authenticate", f'Basic realm="{realm}"'))
     if not (100 <= status < 200 or status == 204):

@@ -165,7 +165,7 @@ class HttpRelay:
         self.rules = rules.compile_rules(proto.rules) if proto.rules else None
         client: Transport = session.client
         self.client = client
-        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True)
+        self.conn = ServerConn(client, max_head=proto.http.headerlen)
         listen = getattr(session, "listen", None)
         addr = listen.addr if listen is not None else client.local[0]
         if addr in ("0.0.0.0", "::", ""):

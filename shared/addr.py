@@ -26,7 +26,7 @@ def parse_port(value: str | int, proto: str = "tcp") -> int:
         return port
     try:
         return socket.getservbyname(str(value), proto)
-    except OSError:
+    except (OSError, UnicodeError):
         raise AddrError(f"invalid port: {value}") from None
 
 
@@ -93,7 +93,7 @@ def resolve_host(host: str, wildcard_both: bool = True) -> list[str]:
         return addrs
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
+    except (OSError, UnicodeError):     # UnicodeError: idna rejects e.g. "a..b"
         raise AddrError(f"invalid address: {host}") from None
     out: list[str] = []
     for fam, _, _, _, sa in sorted(infos, key=lambda i: i[0] != socket.AF_INET):

@@ -254,6 +254,10 @@ class Parser:
                 self.end_statement()
             except StmtError:
                 self.recover()
+                # recover() stops before a `}` that closes no block; at the
+                # top level nothing would ever consume it.
+                if self.at_punct("}"):
+                    self.next()
 
     def finish(self) -> None:
         """Raise ConfigError with every collected line if anything failed."""

@@ -5,7 +5,9 @@ headers, errdocs, banner."""
 from __future__ import annotations
 
 import base64
+import shutil
 import socket
+import subprocess
 
 import bcrypt
 import pytest
@@ -38,6 +40,7 @@ server "macros.test" {
     location "/c/403" { block }
     location "/c/drop" { block drop }
     location "/c/410" { block return 410 }
+    location "/c/401" { block return 401 }
 }
 server "blocked.test" {
     listen on 127.0.0.1 port {port}
@@ -155,6 +158,11 @@ def test_block_return_error_codes(macros):
     assert r.header("Location") is None               # only 3xx get a Location
 
 
+def test_block_return_401_has_no_challenge(macros):
+    r = request(macros.port, "/c/401", host="macros.test")
+    assert r.status == 401 and r.header("WWW-Authenticate") is None
+
+
 def test_block_default_403(macros):
     r = request(macros.port, "/c/403", host="macros.test")
     assert (r.status, r.reason) == (403, "Forbidden")
@@ -260,6 +268,19 @@ def test_auth_failure_logged_with_attempted_user(auth):
     assert r.status == 401
     line = auth.wait_log(r'"GET /private/f\.txt\?failed HTTP/1\.1" 401 0$')
     assert line.startswith("auth.test 127.0.0.1 - mallory [")
+
+
+def test_auth_with_curl(auth):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    url = f"http://127.0.0.1:{auth.port}/private/f.txt"
+    args = [curl, "-sS", "--max-time", "20", "-H", "Host: auth.test"]
+    r = subprocess.run(args + ["-u", "alice:wonderland", url], capture_output=True, timeout=30)
+    assert r.stdout == b"private content\n"
+    r = subprocess.run(args + ["-o", "/dev/null", "-w", "%{http_code}", url],
+                       capture_output=True, timeout=30)
+    assert r.stdout == b"401"
 
 
 def test_auth_not_needed_outside_location(auth):

@@ -251,6 +251,18 @@ def test_listen_star_is_both_families(site_factory):
     assert request(site.port, "/", addr="::1").body == b"hello\n"
 
 
+def test_listen_all_ipv4(site_factory):
+    site = site_factory('server "any4" {\n listen on 0.0.0.0 port {port}\n}\n', setup=_index)
+    assert request(site.port, "/", addr="127.0.0.1").body == b"hello\n"
+
+
+@needs_v6
+def test_listen_all_ipv6(site_factory):
+    site = site_factory('server "any6" {\n listen on :: port {port}\n}\n', setup=_index,
+                        wait_host="::1")
+    assert request(site.port, "/", addr="::1").body == b"hello\n"
+
+
 def test_listen_localhost(site_factory):
     site = site_factory('server "lh" {\n listen on localhost port {port}\n}\n', setup=_index)
     assert request(site.port, "/", addr="127.0.0.1").body == b"hello\n"
@@ -280,3 +292,11 @@ def test_bind_failure_exits_nonzero(tmp_path):
         p = subprocess.run([PYTHON, "-m", "httpd", "-d", "-f", str(conf)],
                            cwd=REPO, capture_output=True, text=True, timeout=30)
     assert p.returncode != 0
+
+
+def test_start_with_bad_config_fails(tmp_path):
+    conf = write_conf(tmp_path, 'server "x" {\n listen on 127.0.0.1 port 8080\n nonsense\n}\n')
+    p = subprocess.run([PYTHON, "-m", "httpd", "-d", "-f", str(conf)], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0
+    assert f"{conf}:3: " in p.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import shutil
+import subprocess
 import time
 from email.utils import formatdate, parsedate_to_datetime
 
@@ -486,3 +488,43 @@ def test_gzip_static_only_where_enabled(files):
     (files.htdocs / "sub/z.html.gz").write_bytes(gzip.compress(b"zz"))
     r = files.get("/sub/z.html", headers={"Accept-Encoding": "gzip"})
     assert r.header("Content-Encoding") is None and r.body == b"z"
+
+
+# -- the same through common clients ------------------------------------------------
+
+def test_httpx_client_keep_alive(files):
+    import httpx
+    with httpx.Client(base_url=f"http://127.0.0.1:{files.port}") as client:
+        r1 = client.get("/text.txt")
+        r2 = client.get("/sub/")
+        r3 = client.get("/text.txt", headers={"Range": "bytes=2-4"})
+        r4 = client.get("/sub", follow_redirects=True)
+    assert r1.status_code == 200 and r1.content == TEXT
+    assert r2.status_code == 200 and r2.content == b"sub index\n"
+    assert r3.status_code == 206 and r3.content == TEXT[2:5]
+    assert r4.status_code == 200 and r4.content == b"sub index\n"
+    assert r4.url.path == "/sub/"
+
+
+def _curl(*args: str) -> subprocess.CompletedProcess:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    return subprocess.run([curl, "-sS", "--max-time", "20", *args], capture_output=True,
+                          timeout=30)
+
+
+def test_curl_get_head_range(files):
+    base = f"http://127.0.0.1:{files.port}"
+    r = _curl(f"{base}/text.txt")
+    assert r.returncode == 0 and r.stdout == TEXT
+    r = _curl("-I", f"{base}/text.txt")
+    head = r.stdout.decode()
+    assert head.startswith("HTTP/1.1 200 OK\r\n")
+    assert f"Content-Length: {len(TEXT)}\r\n" in head
+    r = _curl("-r", "0-3", f"{base}/text.txt")
+    assert r.stdout == TEXT[:4]
+    r = _curl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/nope")
+    assert r.stdout == b"404"
+    r = _curl("-L", f"{base}/sub")
+    assert r.stdout == b"sub index\n"

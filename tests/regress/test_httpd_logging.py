@@ -224,6 +224,7 @@ def test_error_log_verbose(site_factory):
     assert re.fullmatch(rf"server v\.test, client \d+ \(\d+ active\), 127\.0\.0\.1:{cport}"
                         rf" -> 127\.0\.0\.1:{site.port}, /missing \(404 Not Found\)", line), line
     site.wait_log(r'"GET /missing HTTP/1\.1" 404 0$')
+    assert "server_launch: running server v.test" in site.daemon.output()
 
 
 def test_error_log_quiet_without_verbose(site_factory):

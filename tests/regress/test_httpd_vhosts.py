@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.regress.httpd_helpers import Conn, free_port, module_site, request
+from tests.regress.httpd_helpers import Conn, free_port, module_site, request, site_factory  # noqa: F401
 
 VHOST_CONF = """
 server "first.example" {
@@ -276,6 +276,16 @@ def test_location_directory_auto_index(loc):
     assert loc.get("/b/").status == 403          # outside the location: no listing
 
 
+def test_legacy_root_strip(site_factory):
+    # 2017 syntax `root { dir, strip n }`: same as `request strip n`
+    def setup(site):
+        (site.htdocs / "c.txt").write_text("legacy strip\n")
+    site = site_factory('server "l" {\n listen on 127.0.0.1 port {port}\n'
+                        ' root { "/htdocs", strip 2 }\n}\n', setup=setup)
+    r = site.get("/a/b/c.txt")
+    assert r.status == 200 and r.body == b"legacy strip\n"
+
+
 # -- per-location overrides of server settings -------------------------------------
 
 OVR_CONF = """
@@ -324,3 +334,67 @@ def test_override_inside_location(ovr):
     assert r.header("Content-Type") == "text/x-location"
     assert r.all("X-Scope") == ["location"]
     assert ovr.get("/loc/").body == b"htdocs2 loc index"
+
+
+# -- Lua patterns through `location match` (patterns(7)) ----------------------------
+
+PAT_CONF = """
+server "pat" {
+    listen on 127.0.0.1 port {port}
+    location match "^/p1/(%a+)(%d+)$" { block return 302 "/r/%1/%2" }
+    location match "^/p2/(%S+)%s(%S+)$" { block return 302 "/r/%1/%2" }
+    location match "^/p3/([%l%-]+)([^/]*)$" { block return 302 "/r/%1/%2" }
+    location match "^/p4/(.-)/(.*)$" { block return 302 "/r/%1|%2" }
+    location match "^/p5/(.*)/(.*)$" { block return 302 "/r/%1|%2" }
+    location match "^/p6/colou?r$" { block return 302 "/r/color" }
+    location match "^/p7/(%b())" { block return 302 "/r/%1" }
+    location match "^/p8/.-%f[%w](%w+)$" { block return 302 "/r/%1" }
+    location match "^/p9/(%a)%1$" { block return 302 "/r/double-%1" }
+    location match "^/p11$" { block return 302 "/r/anchored" }
+    location match "p12/(%d+)" { block return 302 "/r/%1" }
+    location match "^/p14/(%x+)$" { block return 302 "/r/%1" }
+    location match "^/p15/([^%w/]+)$" { block return 302 "/r/punct" }
+    location match "^/CS/x$" { block return 302 "/r/case" }
+    location match "^/p16/(a*)(b+)(c?)$" { block return 302 "/r/[%1][%2][%3]" }
+    location match "^/p17/%.html$" { block return 302 "/r/dot" }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def pat(tmp_path_factory):
+    yield from module_site(tmp_path_factory, PAT_CONF)
+
+
+@pytest.mark.parametrize("path,location", [
+    ("/p1/abc123", "/r/abc/123"),
+    ("/p2/foo%20bar", "/r/foo/bar"),
+    ("/p3/ab-c_X9", "/r/ab-c/_X9"),
+    ("/p4/a/b/c", "/r/a|b/c"),                  # '-' is lazy
+    ("/p5/a/b/c", "/r/a/b|c"),                  # '*' is greedy
+    ("/p6/color", "/r/color"),
+    ("/p6/colour", "/r/color"),
+    ("/p7/(a(b)c)d", "/r/(a(b)c)"),             # balanced match
+    ("/p8/--word", "/r/word"),                  # frontier
+    ("/p9/aa", "/r/double-a"),                  # back-reference
+    ("/p11", "/r/anchored"),
+    ("/x/y/p12/77", "/r/77"),                   # unanchored: a search
+    ("/p14/deadBEEF", "/r/deadBEEF"),
+    ("/p15/!-~", "/r/punct"),
+    ("/p16/bb", "/r/[][bb][]"),                 # empty captures
+    ("/p16/aabbc", "/r/[aa][bb][c]"),
+    ("/p17/.html", "/r/dot"),
+])
+def test_lua_pattern_matches(pat, path, location):
+    r = pat.get(path)
+    assert r.status == 302, (path, r.status)
+    assert r.header("Location") == location
+
+
+@pytest.mark.parametrize("path", [
+    "/p1/123abc", "/p6/colouur", "/p7/(ab", "/p9/ab", "/p11x", "/p14/xyz",
+    "/cs/x",                                     # Lua patterns are case-sensitive
+    "/p17/xhtml",                                # '%.' is a literal dot
+])
+def test_lua_pattern_non_matches(pat, path):
+    assert pat.get(path).status == 404

@@ -20,6 +20,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -536,11 +537,49 @@ relay "www" {{
         wait_check(d, "127.0.0.1", "up")
         wait_check(d, "127.0.0.2", "down")
         assert ask(rport).startswith(b"one:")
-        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        # The session is counted once the relay has closed it, which may be
+        # a moment after the client saw the end of the reply.
+        deadline = time.monotonic() + 5
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            if 'relayd_relay_sessions_total{relay="www"}' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert f'relayd_host_state{{host="127.0.0.1",id="1",table="web:{port}"}} 1.0' in text
         assert f'relayd_host_state{{host="127.0.0.2",id="2",table="web:{port}"}} -1.0' in text
         assert "relayd_host_check_latency_seconds{" in text
         assert 'relayd_relay_sessions_total{relay="www"} 1.0' in text
+    finally:
+        b.stop()
+
+
+def test_http_relay_503_when_no_host_is_up(relayd):
+    port, rport = free_port(), free_port()
+    b = Backend("127.0.0.1", port, http_backend(body=b"hello\n"))
+    d = relayd(f"""
+interval 1
+timeout 300
+log connection
+table <web> {{ 127.0.0.1 }}
+http protocol "p" {{
+	return error
+}}
+relay "www" {{
+	listen on 127.0.0.1 port {rport}
+	protocol "p"
+	forward to <web> port {port} check http "/" code 200
+}}
+""", ports=[rport])
+    try:
+        wait_check(d, "127.0.0.1", "up", "http code ok")
+        with urllib.request.urlopen(f"http://127.0.0.1:{rport}/", timeout=5) as r:
+            assert r.status == 200 and r.read() == b"hello\n"
+        b.stop()
+        wait_check(d, "127.0.0.1", "down", "tcp connect failed")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"http://127.0.0.1:{rport}/", timeout=5)
+        assert exc.value.code == 503
+        d.wait_output("session failed")
     finally:
         b.stop()
