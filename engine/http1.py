@@ -267,8 +267,13 @@ class _Conn:
             self.eof = True
             self._at_eof()
             return False
+        if self.on_data is not None:
+            self.on_data()
         self._feed(data)
         return True
+
+    # Called after each received chunk (e.g. to push an inactivity deadline).
+    on_data = None
 
     def _at_eof(self) -> None:
         pass

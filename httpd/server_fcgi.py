@@ -449,6 +449,11 @@ class _Job:
                     self._end_request(rec.content)
                     ended = True
                     break
+            if ended and self.x.req.has_body is False:
+                # php-fpm's worker waits for our close before it takes the
+                # next request: let it go before talking to the client.
+                _close(self.sock)
+                self.sock = None
             await self._flush(final=ended)
 
     def _stdout(self, content: bytes) -> None:
@@ -596,7 +601,7 @@ async def serve(x, conf: ServerConfig) -> bool:
         if not job.head_sent:
             x.status = 0
             return False
-    except HttpError as e:
+    except HttpError:
         if job.head_sent:
             x.keep = False
         else:

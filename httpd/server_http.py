@@ -63,7 +63,8 @@ class Exchange:
 
     __slots__ = ("t", "req", "conn", "srv", "conf", "path", "query", "user",
                  "captures", "status", "sent", "keep", "host", "method",
-                 "version", "ctx", "worker", "cid", "log_path", "close_msg")
+                 "version", "ctx", "worker", "cid", "log_path", "close_msg",
+                 "orig_query")
 
     def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker) -> None:
         self.t = t
@@ -84,19 +85,24 @@ class Exchange:
         self.method: str | None = None
         self.version: str | None = None
         self.close_msg: str | None = None  # why the connection closes, for the log
+        self.orig_query: str | None = None  # query as requested (path: log_path)
 
     # -- macros (server_expand_http) -------------------------------------
     def macros(self) -> dict[str, str]:
+        # Path and query as requested (http_path, http_query), not as a
+        # `request rewrite` or an index file changed them (the aliases).
         enc = server_file.url_encode
         t = self.t
+        path = self.log_path if self.log_path is not None else self.path
+        query = self.orig_query
         vals = {
-            "DOCUMENT_URI": enc(self.path or ""),
-            "QUERY_STRING": self.query or "",
-            "QUERY_STRING_ENC": enc(self.query or ""),
+            "DOCUMENT_URI": enc(path or ""),
+            "QUERY_STRING": query or "",
+            "QUERY_STRING_ENC": enc(query or ""),
             "REMOTE_ADDR": t.peer[0],
             "REMOTE_PORT": str(t.peer[1]),
             "REMOTE_USER": enc(self.user) if self.user else "",
-            "REQUEST_URI": enc(self.path or "") + ("?" + self.query if self.query else ""),
+            "REQUEST_URI": enc(path or "") + ("?" + query if query is not None else ""),
             "REQUEST_SCHEME": "https" if self.ctx.tls else "http",
             "SERVER_ADDR": t.local[0],
             "SERVER_PORT": str(t.local[1]),
@@ -129,6 +135,9 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
             x.cid = cid
             x.conn = conn
             with trio.move_on_after(timeout) as cs:
+                # An inactivity timeout, as libevent's: every read restarts it.
+                conn.on_data = lambda cs=cs: setattr(
+                    cs, "deadline", trio.current_time() + timeout)
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
@@ -147,6 +156,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                 else:
                     reason = "timeout"
                 break
+            conn.on_data = None
             if req is None:
                 reason = "closed"
                 break
@@ -227,7 +237,7 @@ async def handle_request(x: Exchange) -> bool:
             else:
                 raise HttpError(400, "malformed")
         raw_path, sep, query = target.partition("?")
-        x.query = query if sep else None
+        x.query = x.orig_query = query if sep else None
         try:
             x.path = route.canonicalize_path(route.url_decode(raw_path))
         except route.RouteError as e:
@@ -251,7 +261,8 @@ async def handle_request(x: Exchange) -> bool:
         exists = _exists(x.worker)
         conf, loc, caps = route.find_location(srv, x.path, exists)
         x.conf, x.captures = conf, caps
-        if conf.rewrite:
+        rewritten = bool(conf.rewrite)
+        if rewritten:
             try:
                 newpath = x.expand(conf.rewrite)
                 newpath, sep, q = newpath.partition("?")
@@ -266,10 +277,9 @@ async def handle_request(x: Exchange) -> bool:
                 x.captures = caps
         if req.content_length is not None and req.content_length > conf.connection.max_request_body:
             raise HttpError(413, "request body too large")
-        if req.has_body and req.chunked is False and req.content_length and not conf.fastcgi:
-            # A body we will not read makes pipelining unsafe to continue.
-            pass
-        return await dispatch(x, conf, index_dir=False)
+        # A rewritten path is an alias: a directory there is a 500, as in
+        # server_file_access() (no redirect, no index).
+        return await dispatch(x, conf, index_dir=False, alias=rewritten)
     except HttpError as e:
         await abort_http(x, e.status, e.msg, extra=e.headers)
         return False
@@ -429,7 +439,7 @@ def access_log(x: Exchange) -> None:
     hm = x.req.hmap if x.req is not None else {}
     line = logger.format_access(
         lc.style, x.srv.name, x.t.peer[0], x.user, x.method,
-        x.log_path if x.log_path is not None else x.path, x.query,
+        x.log_path if x.log_path is not None else x.path, x.orig_query,
         x.version, x.status, x.sent, referer=hm.get("referer"),
         agent=hm.get("user-agent"), xff=hm.get("x-forwarded-for"),
         xfport=hm.get("x-forwarded-port"), encode=server_file.url_encode)

@@ -1,1 +1,1 @@
-"""relayctl"""
+"""relayctl -- the control client of relayd (see relayctl.__main__)."""

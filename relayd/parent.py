@@ -26,8 +26,9 @@ import trio
 
 from engine.listen import bind_tcp, set_options
 from relayd import hce, metrics  # hce hook: health checks, metrics exporter
+from relayd import control  # control hook: the relayctl socket
 from relayd import parse
-from relayd.config import RelaydConfig
+from relayd.config import RELAYD_SOCKET, RelaydConfig  # control hook: RELAYD_SOCKET
 from relayd.relay import RelayProc, SockKey, listen_sockets
 from shared import log
 from shared.lexer import ConfigError
@@ -96,6 +97,36 @@ class Parent:
                 task_status.started()
     # -- end of hce hook
 
+    # -- control hook: the relayctl control socket (relayd/control.py)
+    control_sock: socket.socket | None = None
+    _control_scope: trio.CancelScope | None = None
+
+    def _control_open(self) -> bool:
+        """Create the socket; False (do not start) when a configured `socket`
+        cannot be had.  The default path only warns: several daemons (tests,
+        non-root runs) may share it, the first one wins."""
+        try:
+            self.control_sock = control.open_socket(self.conf.socket)
+        except control.ControlError as e:
+            if self.conf.socket == RELAYD_SOCKET:
+                log.warn(f"{e}; running without a control socket")
+                return True
+            log.warn(str(e))
+            log.warn("control socket setup failed")
+            return False
+        return True
+
+    async def _control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Answer relayctl until _control_scope is cancelled (in-process
+        backend until privilege separation moves the socket to pfe)."""
+        if self.control_sock is None:
+            task_status.started()
+            return
+        with trio.CancelScope() as self._control_scope:
+            await control.serve(self.control_sock, control.InProcessBackend(self),
+                                task_status=task_status)
+    # -- end of control hook
+
     def __init__(self, conf: RelaydConfig, path: str, macros: dict[str, str],
                  verbose: int) -> None:
         self.conf = conf
@@ -106,10 +137,14 @@ class Parent:
         self.proc: RelayProc | None = None
 
     async def run(self) -> int:
+        if not self._control_open():           # control hook
+            return 1
         try:
             self.sockets = bind_all(self.conf)
         except OSError as e:
             log.warn(_bind_error(e))
+            if self.control_sock is not None:         # control hook
+                control.close_socket(self.control_sock)
             return 1
         log.info("startup")
         self.proc = RelayProc(self.conf, self.sockets)
@@ -118,6 +153,7 @@ class Parent:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.proc.run)
                 await nursery.start(self._health)   # hce hook
+                await nursery.start(self._control)  # control hook
                 notify("READY=1")
                 nursery.start_soon(self._signals, sigs)
         return 0
@@ -137,14 +173,17 @@ class Parent:
                 self.proc.stop(STOP_DRAIN)
                 if self._health_scope is not None:   # hce hook
                     self._health_scope.cancel()
+                if self._control_scope is not None:  # control hook
+                    self._control_scope.cancel()
                 for s in self.sockets.values():
                     s.close()
                 return
 
-    def reload(self) -> bool:
-        """Load the file again; switch to it only if it is valid."""
+    def reload(self, path: str | None = None) -> bool:
+        """Load the file again (`relayctl load`: `path`, this once); switch
+        to it only if it is valid."""
         try:
-            new = parse.load(self.path, self.macros, self.verbose)
+            new = parse.load(path or self.path, self.macros, self.verbose)  # control hook: path
         except ConfigError as e:
             for line in e.lines:
                 log.warn(line)

@@ -39,6 +39,7 @@ from engine.listen import set_options
 from engine.serve import Listener, Server
 from engine.splice import relay as splice_relay
 from relayd import balance
+from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
                            RelaydConfig, TableInstance)
 from shared import log
@@ -81,6 +82,7 @@ class RelayState:
         self._tables: dict[int, TableInstance] = {}   # host id -> its instance
         self._names: dict[int, str] = {}
         self._table_disabled: dict[int, bool] = {}    # relayctl table disable/enable
+        self.disabled_hosts: set[int] = set()   # control hook: relayctl host disable
         if conf is not None:
             self.configure(conf)
 
@@ -91,6 +93,7 @@ class RelayState:
                if h in self._tables}
         self._up, self._tables, self._names, self._rr = {}, {}, {}, {}
         self._table_disabled = {}
+        self.disabled_hosts = set()             # control hook: the new file decides
         for inst in conf.instances:
             for host in inst.hosts:
                 self._tables[host.id] = inst
@@ -99,6 +102,8 @@ class RelayState:
 
     def host_up(self, host_id: int) -> bool:
         """May a session be sent to this host right now?"""
+        if host_id in self.disabled_hosts:      # control hook: relayctl host disable
+            return False
         inst = self._tables.get(host_id)
         if inst is not None:
             if self._table_disabled.get(inst.id, inst.disabled):
@@ -322,6 +327,7 @@ class RelayProc:
     def __init__(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
         self.conf = conf
         self.state = RelayState(conf)
+        self.stats = relay_stats.Stats()        # control hook: show relays/sessions
         nofile = socket_rlimit()
         if nofile == resource.RLIM_INFINITY:
             nofile = 2 * RELAY_MAX_SESSIONS
@@ -387,6 +393,7 @@ class RelayProc:
         session = Session(self.state, ctx.conf, ctx.relay, ctx.listen, ctx.proto, client)
         active = self.state.active
         active[session.name] = active.get(session.name, 0) + 1
+        self.stats.session_start(session)       # control hook: show relays/sessions
         try:
             if ctx.proto.type == "http":
                 from relayd import relay_http
@@ -397,6 +404,7 @@ class RelayProc:
             if self.metrics is not None:   # hce/metrics hook (relayd/metrics.py)
                 self.metrics.session_done(session.name, reason not in DONE_REASONS)
         finally:
+            self.stats.session_end(session)     # control hook
             active[session.name] -= 1
             with trio.CancelScope(shield=True):
                 for backend in session.backends:

@@ -132,19 +132,57 @@ def client_error(conn: ServerConn, e: HttpError) -> tuple[int, str]:
     return 400, "malformed"
 
 
-def _tokens(msg: rules.Message, name: str) -> set[str]:
-    """Lower-case comma-separated tokens of every live `name` header."""
-    out: set[str] = set()
-    for h in msg.headers:
-        if not h[2] and h[0].lower() == name:
-            out.update(t.strip().lower() for t in h[1].split(","))
-    return out
+def _tokens(value: str | None) -> set[str]:
+    """Lower-case tokens of a comma-separated header value."""
+    if not value:
+        return set()
+    return {t.strip().lower() for t in value.split(",")}
 
 
 def _keep_alive(version: str, conn_tokens: set[str]) -> bool:
     if "close" in conn_tokens:
         return False
     return version != "1.0" or "keep-alive" in conn_tokens
+
+
+# Connection options that are not header names.
+_CONN_WORDS = frozenset({"close", "keep-alive", "upgrade"})
+
+
+def _build_head(first: str, items, conn_tokens: set[str], framing: str | None,
+                connection: str | None, upgrade: bool, raw_length: bool) -> bytes:
+    """A head for the other side: hop-by-hop headers (and those Connection
+    names) dropped, `framing` and `connection` written where the client's
+    framing or Connection header was, else at the end.  `upgrade` keeps
+    Connection and Upgrade as they are (WebSocket); `raw_length` keeps
+    Content-Length as it came (responses to HEAD, 304)."""
+    lines = [first]
+    drop = HOP_BY_HOP
+    listed = conn_tokens - _CONN_WORDS
+    if listed:
+        drop = drop | listed
+    for name, value in items:
+        low = name.lower()
+        if low in drop:
+            if upgrade and (low == "connection" or low == "upgrade"):
+                lines.append(f"{name}: {value}\r\n")
+            elif low == "content-length" and raw_length:
+                lines.append(f"{name}: {value}\r\n")
+            elif low == "content-length" or low == "transfer-encoding":
+                if framing:
+                    lines.append(framing)
+                    framing = None
+            elif low == "connection" and connection:
+                lines.append(connection)
+                connection = None
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    if framing:
+        lines.append(framing)
+    if connection:
+        lines.append(connection)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
 
 
 class _Upload:
@@ -181,10 +219,20 @@ class HttpRelay:
         self.haslog = False
         self.sent = False        # response bytes of this exchange went out
         self.scope: trio.CancelScope | None = None
+        self.deadline = -math.inf
 
     def touch(self) -> None:
-        """Some I/O happened: the idle timeout starts again."""
-        self.scope.deadline = trio.current_time() + self.timeout
+        """Some I/O happened: the idle timeout starts again.  Moving a
+        deadline is not free in trio, so it moves at most once a second."""
+        deadline = trio.current_time() + self.timeout
+        if deadline - self.deadline >= 1.0:
+            self.scope.deadline = self.deadline = deadline
+
+    def no_deadline(self) -> None:
+        self.scope.deadline = self.deadline = math.inf
+
+    def restart_deadline(self, seconds: float) -> None:
+        self.scope.deadline = self.deadline = trio.current_time() + seconds
 
     # -- the session -------------------------------------------------------------
     async def run(self) -> str:
@@ -195,7 +243,7 @@ class HttpRelay:
             try:
                 reason = await self._loop()
             except _Abort as a:
-                scope.deadline = trio.current_time() + ABORT_TIME
+                self.restart_deadline(ABORT_TIME)
                 reason = a.msg
                 reason = await self._abort(a)
             except _Close as c:
@@ -267,10 +315,10 @@ class HttpRelay:
                 raise _Abort(400, "malformed host")
             target = m.group(3) or "/"
 
-        msg = rules.Message.request(method, target, headers)
         s = self.s
         table, hash_input = None, b""
         if self.rules is not None:
+            msg = rules.Message.request(method, target, headers)
             ctx = self.ctx
             ctx.tag, ctx.label = s.tag, s.label
             v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
@@ -289,12 +337,14 @@ class HttpRelay:
             s.log_items.append(" " + method)
             if v.result == rules.RES_DROP:
                 raise _Abort(403, "Forbidden", label=True)
+            items, joined, target = msg.items(), msg.joined, msg.target
         else:
             s.log_items.append(" " + method)
+            items, joined = headers, hmap.get
 
         # WebSocket handshakes (after the rules, on the head they produced).
-        conn_tokens = _tokens(msg, "connection")
-        ws = "websocket" in _tokens(msg, "upgrade")
+        conn_tokens = _tokens(joined("connection"))
+        ws = "websocket" in _tokens(joined("upgrade"))
         if ws:
             if not self.proto.http.websockets:
                 raise _Abort(403, "Websocket Forbidden")
@@ -309,15 +359,26 @@ class HttpRelay:
             raise _Abort(400, "malformed")
 
         if method in NO_BODY_METHODS:
-            body = None
+            body = framing = None
         elif req.chunked:
-            body = "chunked"
+            body, framing = "chunked", "Transfer-Encoding: chunked\r\n"
         elif req.content_length:
             body = req.content_length
+            framing = f"Content-Length: {body}\r\n"
         else:
-            body = None
+            body = framing = None
+        version = req.version
         client_keep = req.keep_alive and not req.upgrade and "close" not in conn_tokens
-        head = self._request_head(msg, req.version, body, ws, client_keep)
+        if ws:
+            connection = None
+        elif not client_keep:
+            connection = "Connection: close\r\n"
+        elif version == "1.0":
+            connection = "Connection: keep-alive\r\n"
+        else:
+            connection = None
+        head = _build_head(f"{method} {target} HTTP/{version}\r\n", items, conn_tokens,
+                           framing, connection, ws, False)
 
         if self.backend is not None and table != self.btable:
             await self._drop_backend()
@@ -339,57 +400,15 @@ class HttpRelay:
             return keep and client_keep
         return await self._with_upload(req, head, body, ws) and client_keep
 
-    def _request_head(self, msg: rules.Message, version: str, body, ws: bool,
-                      keep: bool) -> bytes:
-        lines = [f"{msg.method} {msg.target} HTTP/{version}\r\n"]
-        if body is None:
-            framing = None
-        elif body == "chunked":
-            framing = "Transfer-Encoding: chunked\r\n"
-        else:
-            framing = f"Content-Length: {body}\r\n"
-        if ws:
-            connection = None
-        elif not keep:
-            connection = "Connection: close\r\n"
-        elif version == "1.0":
-            connection = "Connection: keep-alive\r\n"
-        else:
-            connection = None
-        drop = HOP_BY_HOP
-        listed = _tokens(msg, "connection") - {"close", "keep-alive", "upgrade"}
-        if listed:
-            drop = drop | listed
-        for name, value in msg.items():
-            low = name.lower()
-            if low in drop:
-                if ws and low in ("connection", "upgrade"):
-                    lines.append(f"{name}: {value}\r\n")
-                elif low in ("content-length", "transfer-encoding"):
-                    if framing:
-                        lines.append(framing)
-                        framing = None
-                elif low == "connection" and connection:
-                    lines.append(connection)
-                    connection = None
-                continue
-            lines.append(f"{name}: {value}\r\n")
-        if framing:
-            lines.append(framing)
-        if connection:
-            lines.append(connection)
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1", "replace")
-
     # -- backend connections --------------------------------------------------------------
     async def _connect(self, table: str | None, hash_input: bytes) -> None:
-        self.scope.deadline = math.inf         # Session.connect has its own timeout
+        self.no_deadline()                     # Session.connect has its own timeout
         try:
             backend = await self.s.connect(table, hash_input)
         except BackendError as e:
             raise _Abort(e.status, e.msg) from None
         finally:
-            self.touch()
+            self.restart_deadline(self.timeout)
         self.backend = backend
         self.bconn = ClientConn(backend, RESPONSE_HEAD_MAX)
         self.btable = table
@@ -410,7 +429,6 @@ class HttpRelay:
             await self.backend.send_all(head)
         except CLOSED:
             return None
-        self.touch()
         return await self._response_head(req)
 
     async def _response_head(self, req: Request) -> Response | None:
@@ -426,7 +444,6 @@ class HttpRelay:
                 return None
             if resp is None:
                 return None
-            self.touch()
             st = resp.status
             if 100 <= st < 200 and st != 101:
                 if resp.content_length:
@@ -517,17 +534,20 @@ class HttpRelay:
         st = resp.status
         if st == 204 and resp.content_length:
             raise _Abort(502, "Bad Gateway")
-        msg = rules.Message.response(st, resp.headers)
-        orig_conn = _tokens(msg, "connection")
-        if st == 101:
-            if not (ws and "websocket" in _tokens(msg, "upgrade") and "upgrade" in orig_conn):
-                raise _Abort(502, "Bad Websocket Gateway")
-        self._response_rules(msg)
+        if self.rules is not None:
+            msg = rules.Message.response(st, resp.headers)
+            self._response_rules(msg)
+            items, joined = msg.items(), msg.joined
+        else:
+            items, joined = resp.headers, resp.hmap.get
+        conn_tokens = _tokens(joined("connection"))
+        if st == 101 and not (ws and "websocket" in _tokens(joined("upgrade"))
+                              and "upgrade" in conn_tokens):
+            raise _Abort(502, "Bad Websocket Gateway")
 
-        no_body = req.method == "HEAD" or st in (204, 304) or 100 <= st < 200
         if st == 101:
             mode = "tunnel"
-        elif no_body:
+        elif req.method == "HEAD" or st in (204, 304) or 100 <= st < 200:
             mode = None
         elif resp.chunked:
             mode = "chunked" if req.version != "1.0" else "close"
@@ -535,11 +555,26 @@ class HttpRelay:
             mode = "length"
         else:
             mode = "close"
-        backend_keep = (_keep_alive(resp.version, orig_conn) and mode != "close"
-                        and mode != "tunnel" and not (st == 101))
-        keep = (backend_keep and req.keep_alive and "close" not in _tokens(msg, "connection"))
+        backend_keep = (mode != "close" and mode != "tunnel"
+                        and _keep_alive(resp.version, _tokens(resp.hmap.get("connection"))))
+        keep = backend_keep and req.keep_alive and "close" not in conn_tokens
 
-        head = self._response_head_bytes(msg, resp, req.version, mode, keep)
+        if mode == "chunked":
+            framing = "Transfer-Encoding: chunked\r\n"
+        elif mode == "length":
+            framing = f"Content-Length: {resp.content_length}\r\n"
+        else:
+            framing = None
+        if mode == "tunnel":
+            connection = None
+        elif not keep:
+            connection = "Connection: close\r\n"
+        elif req.version == "1.0":
+            connection = "Connection: keep-alive\r\n"
+        else:
+            connection = None
+        head = _build_head(f"HTTP/{resp.version} {st} {resp.reason}\r\n", items, conn_tokens,
+                           framing, connection, mode == "tunnel", mode is None)
         client = self.client
         if mode == "tunnel":
             await client.send_all(head)
@@ -552,7 +587,7 @@ class HttpRelay:
         else:
             self.sent = True
             try:
-                await self._pump(self.bconn, client, [head], mode == "chunked" and resp.chunked)
+                await self._pump(self.bconn, client, [head], mode == "chunked")
             except HttpError as e:
                 raise _Close(client_error(self.conn, e)[1] if "chunk" in (e.msg or "").lower()
                              else "done") from None
@@ -562,8 +597,6 @@ class HttpRelay:
 
     def _response_rules(self, msg: rules.Message) -> None:
         s = self.s
-        if self.rules is None:
-            return
         ctx = self.ctx
         ctx.tag, ctx.label = s.tag, s.label
         v = rules.evaluate(self.rules, rules.RESPONSE, msg, ctx)
@@ -582,55 +615,9 @@ class HttpRelay:
         if v.result == rules.RES_DROP:
             raise _Abort(403, "Forbidden", label=True)
 
-    @staticmethod
-    def _response_head_bytes(msg: rules.Message, resp: Response, client_version: str,
-                             mode: str | None, keep: bool) -> bytes:
-        lines = [f"HTTP/{resp.version} {resp.status} {resp.reason}\r\n"]
-        tunnel = mode == "tunnel"
-        if mode == "chunked":
-            framing = "Transfer-Encoding: chunked\r\n"
-        elif mode == "length":
-            framing = f"Content-Length: {resp.content_length}\r\n"
-        else:
-            framing = None
-        if tunnel:
-            connection = None
-        elif not keep:
-            connection = "Connection: close\r\n"
-        elif client_version == "1.0":
-            connection = "Connection: keep-alive\r\n"
-        else:
-            connection = None
-        drop = HOP_BY_HOP
-        listed = _tokens(msg, "connection") - {"close", "keep-alive", "upgrade"}
-        if listed:
-            drop = drop | listed
-        for name, value in msg.items():
-            low = name.lower()
-            if low in drop:
-                if tunnel and low in ("connection", "upgrade"):
-                    lines.append(f"{name}: {value}\r\n")
-                elif low == "content-length" and mode is None:
-                    lines.append(f"{name}: {value}\r\n")   # HEAD, 304: as it came
-                elif low in ("content-length", "transfer-encoding"):
-                    if framing:
-                        lines.append(framing)
-                        framing = None
-                elif low == "connection" and connection:
-                    lines.append(connection)
-                    connection = None
-                continue
-            lines.append(f"{name}: {value}\r\n")
-        if framing:
-            lines.append(framing)
-        if connection:
-            lines.append(connection)
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1", "replace")
-
     # -- tunnels ----------------------------------------------------------------------
     async def _tunnel(self, client_pending: bytes, backend_pending: bytes) -> None:
-        self.scope.deadline = math.inf          # the tunnel has its own idle timeout
+        self.no_deadline()                      # the tunnel has its own idle timeout
         splice = self.proto.tcp.splice
         spliced = (splice and isinstance(self.client, SocketTransport)
                    and isinstance(self.backend, SocketTransport)
@@ -661,7 +648,8 @@ class HttpRelay:
             raise _Abort(502, "Bad Gateway")
         version, status, reason, headers = parsed
         msg = rules.Message.response(status, headers)
-        self._response_rules(msg)
+        if self.rules is not None:
+            self._response_rules(msg)
         ok = 200 <= status < 300
         lines = [f"HTTP/{version} {status} {reason}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in msg.items()

@@ -169,6 +169,11 @@ class Message:
                 return h[1]
         return None
 
+    def joined(self, name: str) -> str | None:
+        """Every live header `name` (lower-case), joined with ", "."""
+        vals = [self.headers[i][1] for i in self.index().get(name, ()) if not self.headers[i][2]]
+        return ", ".join(vals) if vals else None
+
     def add(self, name: str, value: str) -> int:
         self.headers.append([name, value, False])
         pos = len(self.headers) - 1

@@ -99,6 +99,7 @@ def test_macro_remote_user_empty_without_auth(macros):
 def test_macro_request_uri(macros):
     assert location_of(macros, "/m/ruri%20x?q=1&z=%41") == "/r/m/ruri%20x?q=1&z=%41"
     assert location_of(macros, "/m/ruri") == "/r/m/ruri"
+    assert location_of(macros, "/m/ruri?") == "/r/m/ruri?"     # empty query is kept
 
 
 def test_macro_request_scheme(macros):
@@ -487,3 +488,22 @@ def test_server_survives_unreadable_htpasswd(site_factory):
     assert r.status == 401
     with socket.create_connection(("127.0.0.1", site.port)):
         pass
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+def test_macros_over_ipv6(site_factory):
+    site = site_factory('server "v6.test" {\n listen on ::1 port {port}\n'
+                        ' block return 302 "/$REMOTE_ADDR/$SERVER_ADDR/$HTTP_HOST"\n}\n',
+                        wait_host="::1")
+    r = request(site.port, "/", host="elsewhere.invalid", addr="::1")
+    assert r.status == 302
+    assert r.header("Location") == f"/::1/::1/[::1]:{site.port}"

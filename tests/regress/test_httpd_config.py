@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PYTHON, REPO
-from tests.regress.httpd_helpers import (Conn, free_port, request, run_cmd,  # noqa: F401
+from tests.regress.httpd_helpers import (free_port, request, run_cmd,  # noqa: F401
                                          site_factory, wait_port)
 
 
@@ -300,3 +300,11 @@ def test_start_with_bad_config_fails(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0
     assert f"{conf}:3: " in p.stderr
+
+
+def test_listen_on_egress_group(tmp_path):
+    from shared.addr import egress_interface
+    if egress_interface() is None:
+        pytest.skip("no default route")
+    r = check(write_conf(tmp_path, 'server "x" {\n listen on egress port 8080\n}\n'))
+    assert r.returncode == 0, r.stderr

@@ -847,3 +847,34 @@ def test_cgi_env_tls_variables(tmp_path) -> None:
     x.ctx.tls = False
     env = dict(server_fcgi.cgi_env(x, conf))
     assert b"HTTPS" not in env and b"TLS_PEER_VERIFY" not in env
+
+
+# -- helpers of server_fcgi, without a daemon ---------------------------------------------------
+
+def test_root_strip_like_openbsd() -> None:
+    from httpd.server_fcgi import root_strip
+    assert root_strip("/a/b/c", 0) == "/a/b/c"
+    assert root_strip("/a/b/c", 1) == "/b/c"
+    assert root_strip("/a/b/c", 2) == "/c"
+    assert root_strip("/a/b/c", 3) == ""
+    assert root_strip("/a/b/c", 9) == ""
+
+
+def test_path_info_len_walks_back_to_existing_prefix() -> None:
+    from httpd.server_fcgi import path_info_len
+    have = {"/r", "/r/app.php", "/r/d"}
+    assert path_info_len("/r/app.php/x/y", have.__contains__) == len("/r/app.php")
+    assert path_info_len("/r/app.php", have.__contains__) == len("/r/app.php")
+    assert path_info_len("/r/d/e", have.__contains__) == len("/r/d")
+    assert path_info_len("/r/nope/x", have.__contains__) == len("/r")
+    assert path_info_len("/elsewhere/x", have.__contains__) == 0
+
+
+@pytest.mark.parametrize("header,name", [
+    ("x-foo-bar", b"HTTP_X_FOO_BAR"), ("x.dot", b"HTTP_X.DOT"), ("a~b|c", b"HTTP_A~B|C"),
+    ("content-length", b"CONTENT_LENGTH"), ("content-type", b"CONTENT_TYPE"),
+    ("host", b"HTTP_HOST"), ("x_under", b"HTTP_X_UNDER"),
+])
+def test_env_name(header: str, name: bytes) -> None:
+    from httpd.server_fcgi import env_name
+    assert env_name(header) == name

@@ -13,7 +13,7 @@ from email.utils import formatdate, parsedate_to_datetime
 
 import pytest
 
-from tests.regress.httpd_helpers import Conn, module_site, request, site_factory  # noqa: F401
+from tests.regress.httpd_helpers import Conn, module_site, site_factory  # noqa: F401
 
 IMF_DATE = re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} "
                       r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} "
@@ -173,6 +173,10 @@ def test_post_to_file_405(files):
     assert r.reason == "Method Not Allowed"
     for m in ("PUT", "DELETE", "OPTIONS", "PROPFIND"):
         assert files.get("/text.txt", method=m).status == 405, m
+    # the file is looked up first: missing stays 404, a directory 301/405
+    assert files.get("/missing.txt", method="POST").status == 404
+    assert files.get("/sub", method="POST").status == 301
+    assert files.get("/sub/", method="POST").status == 405
 
 
 def test_error_page_format(files):

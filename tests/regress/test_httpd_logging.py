@@ -37,6 +37,11 @@ server "perloc.test" {
     location "/special/*" { log access "special.log" }
     location "/quiet/*" { no log }
 }
+server "rw.test" {
+    listen on 127.0.0.1 port {port}
+    log access "rw.log"
+    location "/old" { request rewrite "/f.txt?new=1" }
+}
 server "conn.test" {
     listen on 127.0.0.1 port {port2}
     log { access "conn.log", style connection }
@@ -233,3 +238,10 @@ def test_error_log_quiet_without_verbose(site_factory):
     site.wait_log(r'"GET /missing HTTP/1\.1" 404 0$')
     assert site.log_lines("error.log") == []
     assert (site.logs / "error.log").exists()
+
+
+def test_rewritten_request_logged_as_requested(logs):
+    r = request(logs.port, "/old?orig=1", host="rw.test")
+    assert r.status == 200 and r.body == b"abc"
+    line = wait_line(logs, "rw.log", r"orig")
+    assert line.endswith('"GET /old?orig=1 HTTP/1.1" 200 3'), line

@@ -5,6 +5,7 @@ silent close, and the server keeps serving)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -168,6 +169,21 @@ def test_request_timeout_closes_idle_connection(site_factory):
     with Conn(site.port, timeout=15) as c:
         c.send(b"GET / HT")                          # not even a request line
         assert c.read_all() == b"" and c.eof
+
+
+def test_request_timeout_is_an_inactivity_timeout(site_factory):
+    # libevent's read timeout restarts with every read: a slow but steady
+    # client is not cut off after `request timeout` seconds in total
+    site = site_factory('server "t" {\n listen on 127.0.0.1 port {port}\n'
+                        ' connection request timeout 2\n}\n',
+                        setup=lambda s: (s.htdocs / "index.html").write_text("x"))
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 12 + b"\r\n\r\n"
+    with Conn(site.port, timeout=15) as c:
+        for i in range(0, len(head), 3):
+            c.send(head[i:i + 3])
+            time.sleep(0.25)                     # ~3.5 s in total
+        r = c.response()
+        assert r.status == 200 and r.body == b"x"
 
 
 def test_request_timeout_in_unfinished_head_408(site_factory):

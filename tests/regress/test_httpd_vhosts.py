@@ -143,9 +143,10 @@ server "loc" {
     location match "^/old/(.*)$" { request rewrite "/new/%1" }
     location "/qrw" { request rewrite "/new/$QUERY_STRING.txt" }
     location "/rwq" { request rewrite "/q.txt?rewritten=1" }
-    location "/q.txt" { block return 302 "/got?$QUERY_STRING" }
+    location "/q.txt" { block return 302 "/got$DOCUMENT_URI?$QUERY_STRING" }
     location "/new/blocked*" { block return 302 "/relooked" }
     location "/auto/*" { directory auto index }
+    location "/to-dir" { request rewrite "/new" }
 }
 """
 
@@ -265,9 +266,18 @@ def test_request_rewrite_relooks_up_location(loc):
     assert r.status == 302 and r.header("Location") == "/relooked"
 
 
-def test_request_rewrite_sets_query(loc):
+def test_macros_after_rewrite_see_the_request(loc):
+    # server_expand_http() uses http_path/http_query, never the rewritten
+    # aliases: the relooked location's block sees the original request
     r = loc.get("/rwq?orig=1")
-    assert r.status == 302 and r.header("Location") == "/got?rewritten=1"
+    assert r.status == 302 and r.header("Location") == "/got/rwq?orig=1"
+
+
+def test_request_rewrite_to_directory_is_500(loc):
+    # server_file_access(): with a path alias a directory is an error, no
+    # redirect and no index lookup
+    r = loc.get("/to-dir")
+    assert r.status == 500
 
 
 def test_location_directory_auto_index(loc):

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import ssl
-import stat
-import struct
-import shutil
 import tempfile
 from functools import partial
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 import trio
 import trio.testing
 

@@ -6,8 +6,8 @@ output in a log file there.  stop() ends it by PID (SIGTERM, then SIGKILL
 of the process group the start created: php-fpm's and fcgiwrap's workers).
 
 php_fpm_config() writes a self-contained php-fpm configuration (global
-section + one pool); `make bench` uses it to put httpd and nginx in front of
-the same pool:
+section + one pool), optionally chrooted; the benchmark can reuse it to put
+httpd and nginx in front of the same pool:
 
     conf = php_fpm_config(workdir, listen=str(workdir / "php.sock"), children=8)
     fpm = start_php_fpm(workdir, conf)     # ... then fpm.stop()
@@ -142,11 +142,15 @@ def php_fpm_binary() -> str | None:
 
 def php_fpm_config(workdir: Path, listen: str, children: int = 4,
                    pm: str = "static", ini: dict[str, str] | None = None,
-                   pool: str = "tandem") -> Path:
-    """Write `workdir/php-fpm.conf`: global section and one pool; return its path.
+                   pool: str = "tandem", chroot: Path | None = None,
+                   user: str | None = None, group: str | None = None,
+                   name: str = "php-fpm.conf") -> Path:
+    """Write `workdir/<name>`: global section and one pool; return its path.
 
-    `listen` is a socket path or `host:port`.  Workers run as root only when
-    we are root (php-fpm then needs -R, which start_php_fpm adds).  `ini`
+    `listen` is a socket path or `host:port`.  Workers run as `user`/`group`
+    if given, else as root when we are root (php-fpm then needs -R, which
+    start_php_fpm adds).  `chroot` puts the workers in that directory (then
+    SCRIPT_FILENAME is a path inside it, as with a chrooted httpd).  `ini`
     adds php_admin_value entries (e.g. {"memory_limit": "64M"}).
     """
     workdir = Path(workdir)
@@ -160,8 +164,8 @@ def php_fpm_config(workdir: Path, listen: str, children: int = 4,
     values.update(ini or {})
     lines = [
         "[global]",
-        f"pid = {workdir / 'php-fpm.pid'}",
-        f"error_log = {workdir / 'php-fpm.log'}",
+        f"pid = {workdir / (Path(name).stem + '.pid')}",
+        f"error_log = {workdir / (Path(name).stem + '.log')}",
         "daemonize = no",
         "log_level = notice",
         "",
@@ -176,8 +180,12 @@ def php_fpm_config(workdir: Path, listen: str, children: int = 4,
         lines += [f"pm.start_servers = {max(1, children // 2)}",
                   "pm.min_spare_servers = 1",
                   f"pm.max_spare_servers = {children}"]
-    if os.geteuid() == 0:
+    if user is not None:
+        lines += [f"user = {user}", f"group = {group or user}"]
+    elif os.geteuid() == 0:
         lines += ["user = root", "group = root"]
+    if chroot is not None:
+        lines += [f"chroot = {chroot}", "chdir = /"]
     lines += [
         "catch_workers_output = yes",
         "decorate_workers_output = no",
@@ -185,7 +193,7 @@ def php_fpm_config(workdir: Path, listen: str, children: int = 4,
         "request_terminate_timeout = 60",
     ]
     lines += [f"php_admin_value[{k}] = {v}" for k, v in values.items()]
-    path = workdir / "php-fpm.conf"
+    path = workdir / name
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -201,9 +209,10 @@ def start_php_fpm(workdir: Path, conf: Path, address: Address | None = None) -> 
         address = (host, int(port)) if sep and port.isdigit() and not listen.startswith("/") \
             else listen
     cmd = [binary, "-F", "-y", str(conf), "-p", str(workdir)]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and re.search(r"^user = root$", Path(conf).read_text(), re.M):
         cmd.append("-R")
-    return FcgiServer("php-fpm", cmd, address, Path(workdir) / "php-fpm.out").wait_ready()
+    return FcgiServer("php-fpm", cmd, address,
+                      Path(workdir) / (Path(conf).stem + ".out")).wait_ready()
 
 
 # -- fcgiwrap ------------------------------------------------------------------------
