@@ -20,7 +20,7 @@ checked by start time. Nothing is ever killed by name.
 usage: bench.py [--rounds 3] [--duration 8] [--cases GLOB ...] [--smoke]
                 [--no-ref] [--list] [--keep]
 exit: 0 ok; 1 a run failed (start/sanity) or, with --smoke, socket errors or
-non-2xx responses; 2 missing tools.
+non-2xx responses; 2 missing tools; 130 interrupted (SIGINT/SIGTERM).
 """
 from __future__ import annotations
 
@@ -860,7 +860,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tmp(args.keep)
     ctx = Ctx(tmp, args)
-    failed = False
+    failed = interrupted = False
     records: list[dict] = []
 
     def emit(rec):
@@ -919,7 +919,7 @@ def main() -> int:
                     print(line, flush=True)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
-        failed = True
+        interrupted = True
     finally:
         stop_procs(list(LIVE))
         if args.keep or failed:
@@ -938,7 +938,7 @@ def main() -> int:
     for r in bad:
         why = r.get("error") or f"{sum(r['errors'].values())} socket errors, {r['non2xx']} non-2xx"
         print(f"bench: FAIL {r['case']} {r['peer']} round {r['round']}: {why}", file=sys.stderr)
-    return 1 if bad else 0
+    return 130 if interrupted else 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ class HttpRelay:
         self.addr = addr
         self.port = listen.port if listen is not None else client.local[1]
         self.timeout = session.relay.session_timeout
+        self.step = min(1.0, self.timeout / 10)
         self.ctx = rules.Ctx(client.peer[0], client.local[0])
         self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
         self.backend: Transport | None = None
@@ -223,9 +224,10 @@ class HttpRelay:
 
     def touch(self) -> None:
         """Some I/O happened: the idle timeout starts again.  Moving a
-        deadline is not free in trio, so it moves at most once a second."""
+        deadline is not free in trio, so it moves only in steps of a tenth
+        of the timeout (at most a second)."""
         deadline = trio.current_time() + self.timeout
-        if deadline - self.deadline >= 1.0:
+        if deadline - self.deadline >= self.step:
             self.scope.deadline = self.deadline = deadline
 
     def no_deadline(self) -> None:
@@ -396,9 +398,8 @@ class HttpRelay:
                 resp = await self._send_head(req, head)
             if resp is None:
                 raise _Abort(502, "Bad Gateway")
-            keep = await self._response(req, resp, ws)
-            return keep and client_keep
-        return await self._with_upload(req, head, body, ws) and client_keep
+            return await self._response(req, resp, ws, client_keep)
+        return await self._with_upload(req, head, body, ws, client_keep)
 
     # -- backend connections --------------------------------------------------------------
     async def _connect(self, table: str | None, hash_input: bytes) -> None:
@@ -457,7 +458,8 @@ class HttpRelay:
                 continue
             return resp
 
-    async def _with_upload(self, req: Request, head: bytes, body, ws: bool) -> bool:
+    async def _with_upload(self, req: Request, head: bytes, body, ws: bool,
+                           client_keep: bool) -> bool:
         """Send head and body while the response comes back (a backend may
         answer early, or first send 100 Continue)."""
         up = _Upload()
@@ -480,7 +482,7 @@ class HttpRelay:
                 resp = await self._response_head(req)
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
-                result.append(await self._response(req, resp, ws))
+                result.append(await self._response(req, resp, ws, client_keep))
             except (_Abort, _Close, HttpError, *CLOSED) as e:
                 failure.append(e)
             nursery.cancel_scope.cancel()
@@ -528,7 +530,8 @@ class HttpRelay:
                 size = 0
                 touch()
 
-    async def _response(self, req: Request, resp: Response, ws: bool) -> bool:
+    async def _response(self, req: Request, resp: Response, ws: bool,
+                        client_keep: bool) -> bool:
         """Filter the response head, send it, stream its body; True when
         both sides keep the connection."""
         st = resp.status
@@ -557,7 +560,7 @@ class HttpRelay:
             mode = "close"
         backend_keep = (mode != "close" and mode != "tunnel"
                         and _keep_alive(resp.version, _tokens(resp.hmap.get("connection"))))
-        keep = backend_keep and req.keep_alive and "close" not in conn_tokens
+        keep = backend_keep and client_keep and "close" not in conn_tokens
 
         if mode == "chunked":
             framing = "Transfer-Encoding: chunked\r\n"

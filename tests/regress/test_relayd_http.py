@@ -212,6 +212,12 @@ class Recorder:
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: xyz\r\n\r\n")
             self._echo(c)
             return False
+        if "/dropafter" in path:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return False                   # keep-alive announced, closed anyway
+        if "/304" in path:
+            c.sendall(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 10\r\n\r\n")
+            return True
         if "/204cl" in path:
             c.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello")
             return True
@@ -411,6 +417,7 @@ http protocol "basic" {{
 	return error
 }}
 http protocol "silent" {{
+	block request path "/blocked*"
 }}
 http protocol "filters" {{
 	return error
@@ -502,6 +509,12 @@ relay "styled" {{
 	protocol "styled"
 	forward to <main> port {rec}
 }}
+relay "idle" {{
+	listen on 127.0.0.1 port {p_idle}
+	protocol "basic"
+	forward to <main> port {rec}
+	session timeout 1
+}}
 relay "nginx" {{
 	listen on 127.0.0.1 port {p_nginx}
 	protocol "basic"
@@ -549,7 +562,7 @@ class Env:
                      Recorder("127.0.0.3", self.pair_port, "pair3")]
         self.ports = {k: free_port() for k in
                       ("basic", "silent", "filters", "ws", "small", "route", "hash",
-                       "dead", "styled", "nginx")}
+                       "dead", "styled", "nginx", "idle")}
         self.ngx_port = free_port()
         self.nginx = self._start_nginx()
         conf = CONF.format(rec=self.rec.port, rec_alt=self.alt.port, pair=self.pair_port,
@@ -820,6 +833,71 @@ def test_bad_chunk_from_backend_closes(env):
     assert b"hello" not in data
 
 
+def test_backend_drops_kept_alive_connection(env):
+    a, b = uniq("/drop") + "/dropafter", uniq("/after")
+    with Client(env.port("basic")) as c:
+        c.send(f"GET {a} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert c.response().body == b"ok"
+        time.sleep(0.2)
+        c.send(f"GET {b} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        r = c.response()
+    assert r.status == 200 and r.body == b"ok"
+    assert env.rec.find(a).conn != env.rec.find(b).conn
+
+
+def test_304_keeps_headers_no_body(env):
+    path = uniq()
+    with Client(env.port("basic")) as c:
+        c.send(f"GET {path}/304 HTTP/1.1\r\nHost: h\r\nIf-None-Match: \"x\"\r\n\r\n".encode())
+        r = c.response()
+        c.send(f"GET {path}/next HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        r2 = c.response()
+    assert r.status == 304 and r.header("etag") == '"x"' and r.header("content-length") == "10"
+    assert r2.body == b"ok"
+
+
+def test_absolute_form_becomes_origin_form(env):
+    path = uniq("/abs")
+    with Client(env.port("basic")) as c:
+        c.send(f"GET http://www.example.com{path}?x=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
+               .encode())
+        assert c.response().status == 200
+    assert env.rec.find(path).head.startswith(f"GET {path}?x=1 HTTP/1.1\r\n".encode())
+
+
+def test_options_asterisk(env):
+    r = get(env.port("basic"), "*", method="OPTIONS")
+    assert r.status == 200
+
+
+def test_other_upgrade_is_relayed_plainly(env):
+    path = uniq("/h2c")
+    with Client(env.port("basic")) as c:
+        c.send(f"GET {path} HTTP/1.1\r\nHost: h\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n".encode())
+        r = c.response()
+        assert r.status == 200 and r.header("connection") == "close"
+    rec = env.rec.find(path)
+    assert [k.lower() for k, _ in rec.headers] == ["host", "connection"]
+    assert rec.header("connection") == "close"
+
+
+def test_idle_timeout(env):
+    with Client(env.port("idle")) as c:
+        c.send(f"GET {uniq()} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert c.response().status == 200
+        t0 = time.monotonic()
+        assert c.closed()
+        assert 0.5 < time.monotonic() - t0 < 4
+    env.log_line(r"relay idle, .*buffer event timeout, GET$")
+
+
+def test_idle_timeout_before_first_request(env):
+    with Client(env.port("idle")) as c:
+        c.send(b"GET / HTTP/1.1\r\n")
+        assert c.closed()
+
+
 # -- CONNECT and WebSocket ----------------------------------------------------------------------
 def test_connect_tunnel(env):
     with Client(env.port("basic")) as c:
@@ -969,6 +1047,12 @@ def test_chunk_error_mid_body_never_completes_request(env):
     assert not env.rec.has("/evil")
     assert not any(r.target == path for r in env.rec.requests)   # never a whole request
     env.log_line(r"relay basic, .*invalid chunk size")
+
+
+def test_silent_block_logs_forbidden(env):
+    out = exchange(env.port("silent"), b"GET /blocked/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert out == b""
+    env.log_line(r"relay silent, .*, Forbidden, GET$")
 
 
 def test_silent_close_without_return_error(env):
