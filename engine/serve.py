@@ -64,6 +64,7 @@ class Server:
         self._listen_nursery: trio.Nursery | None = None
         self._conn_nursery: trio.Nursery | None = None
         self.drain_timeout = DRAIN_TIMEOUT
+        self._done = trio.Event()
 
     async def run(self, listeners: list[Listener],
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -81,6 +82,11 @@ class Server:
                 lis.tsock.close()
             self.listeners = []
             conns.cancel_scope.deadline = trio.current_time() + self.drain_timeout
+        self._done.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once run() has finished (every connection is gone)."""
+        await self._done.wait()
 
     def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting; connections get `drain_timeout` seconds to end."""

@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", action="count", default=0)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("-f", default=HTTPD_CONF)
+    # Privilege separation: a child re-executed by the parent (proc.c's -P/-I).
+    ap.add_argument("-P", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("-I", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("-S", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.P:
+        return _child(args)
     macros: dict[str, str] = {}
     for d in args.D:
         try:
@@ -55,7 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.d:
         _daemonize()
     from httpd import parent
-    return parent.run(conf, args.f, macros, args.v)
+    return parent.run(conf, args.f, macros, args.v, debug=args.d)
+
+
+def _child(args) -> int:
+    import signal
+
+    from shared import proc
+    # A terminal's Ctrl-C reaches the whole process group: the parent
+    # decides how its children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log.init(debug=args.d, verbose=args.v, ident="httpd")
+    log.procinit(args.P)
+    proc.set_title(f"httpd: {args.P}")
+    if args.P == "server":
+        from httpd import server
+        return server.child_main(args.S)
+    if args.P == "logger":
+        from httpd import logger
+        return logger.logger_main(args.S)
+    sys.stderr.write(f"httpd: unknown process {args.P}\n")
+    return 1
 
 
 def _daemonize() -> None:

@@ -77,14 +77,16 @@ def _header(rtype: int, request_id: int, clen: int, plen: int) -> bytes:
     return _HEADER.pack(FCGI_VERSION_1, rtype, request_id, clen, plen)
 
 
-def encode(rtype: int, content: bytes, request_id: int = 1) -> bytes:
-    """Encode content as records of type rtype.
+def encode(rtype: int | Record, content: bytes = b"", request_id: int = 1) -> bytes:
+    """Encode content as records of type rtype (or encode a Record as is).
 
     Content longer than MAX_CONTENT is split over several records.  Each
     record is padded to a multiple of 8 bytes, as nginx and flup do (the
     spec recommends it for alignment).  Empty content gives one empty
     record, which terminates a stream (PARAMS, STDIN, STDOUT, ...).
     """
+    if type(rtype) is Record:
+        rtype, content, request_id = rtype.type, rtype.content, rtype.request_id
     n = len(content)
     if n <= MAX_CONTENT:        # one record: the common case, kept cheap
         plen = -n & 7

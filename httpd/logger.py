@@ -11,6 +11,7 @@ This module does not decide *when* to log: server_http calls it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import syslog
@@ -150,3 +151,134 @@ class Logs:
 
     def close(self) -> None:
         self.reopen()
+
+
+# -- privilege separation: workers send lines, the logger process writes -----
+
+class LogSender:
+    """A server process's Logs: lines go to the logger over a datagram
+    socket (one datagram per line, so lines of different workers never
+    interleave).  Same interface as Logs; files are the logger's business."""
+
+    def __init__(self, sock) -> None:
+        import collections
+        sock.setblocking(False)
+        self.sock = sock
+        self.pending = collections.deque()
+        self.logdir = ""
+        self._wake = None
+
+    def write(self, name: str, line: str, use_syslog: bool = False,
+              pri: int = syslog.LOG_INFO) -> None:
+        data = json.dumps([name, line, bool(use_syslog), pri]).encode()
+        if not self.pending:
+            try:
+                self.sock.send(data)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+        if len(self.pending) < 65536:
+            self.pending.append(data)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def flusher(self) -> None:
+        """Send what write() could not (the logger was busy)."""
+        import trio
+        tsock = trio.socket.from_stdlib_socket(self.sock)
+        while True:
+            self._wake = trio.Event()
+            if not self.pending:
+                await self._wake.wait()
+            while self.pending:
+                try:
+                    await tsock.send(self.pending[0])
+                except OSError:
+                    pass
+                self.pending.popleft()
+
+    def open_all(self, names) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def logger_main(fd: int) -> int:
+    """`httpd -P logger`: write the workers' lines to the files the parent
+    opened (passed as descriptors); new descriptors replace old ones on
+    SIGUSR1 and reload."""
+    import socket
+
+    import trio
+
+    from shared import proc
+    from shared.imsg import Channel, Imsg
+
+    sock = proc.child_socket(fd)
+    setup = proc.recv_setup(sock)
+    cfg = setup.config
+    files: dict[str, int] = {m.payload["name"]: m.fd for m in setup.fds(Imsg.LOG_FILE)}
+    lsock = socket.socket(fileno=setup.fds(Imsg.CFG_LOGSOCK)[0].fd)
+    user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
+    proc.drop_privileges(cfg.get("chroot"), user)
+
+    def write_line(raw: bytes) -> None:
+        try:
+            name, line, use_syslog, pri = json.loads(raw)
+        except (ValueError, TypeError):
+            return
+        if use_syslog:
+            syslog.syslog(syslog.LOG_DAEMON | int(pri), str(line))
+            return
+        fd = files.get(name)
+        if fd is None:
+            return
+        try:
+            os.write(fd, (str(line) + "\n").encode("utf-8", "surrogateescape"))
+        except OSError as e:
+            log.warn_errno(f"logger: write to {name} failed", e)
+
+    async def main() -> None:
+        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
+        lsock.setblocking(False)
+        tl = trio.socket.from_stdlib_socket(lsock)
+
+        async def lines() -> None:
+            while True:
+                write_line(await tl.recv(65536))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lines)
+            await chan.send(Imsg.CTL_READY)
+            while True:
+                msg = await chan.recv()
+                if msg is None or msg.type == Imsg.CTL_STOP:
+                    break
+                if msg.type == Imsg.LOG_FILE and msg.fd >= 0:
+                    old = files.get(msg.payload["name"])
+                    files[msg.payload["name"]] = msg.fd
+                    if old is not None and old != msg.fd:
+                        os.close(old)
+                elif msg.type == Imsg.CTL_VERBOSE:
+                    log.set_verbose(int(msg.payload.get("verbose", 0)))
+            # Write what the workers sent before they stopped.
+            with trio.move_on_after(0.5):
+                while True:
+                    try:
+                        write_line(lsock.recv(65536))
+                    except BlockingIOError:
+                        await trio.sleep(0.05)
+                        try:
+                            write_line(lsock.recv(65536))
+                        except BlockingIOError:
+                            break
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0

@@ -1,14 +1,25 @@
-"""httpd.parent -- the parent: load config, bind sockets, signals, reload.
+"""httpd.parent -- the privileged parent: config, sockets, log files,
+children, signals.
 
 The parent parses and validates the whole configuration before it binds
-anything, binds every listening socket, and runs the server.  SIGHUP parses
-the file again into a *new* configuration; if that fails, every error is
-logged as `file:line: message` and the old configuration keeps serving.
-On success sockets whose address is unchanged are kept (never rebound), new
-ones are bound and removed ones closed.  SIGUSR1 reopens log files;
-SIGTERM/SIGINT stop accepting, let connections drain and exit 0.
+anything, binds every listening socket, opens the log files, and starts
+its children by re-executing httpd (shared.proc): one `logger` and
+`prefork` `server` processes (default: one per core).  Each server gets
+the configuration, a descriptor per listening socket and the datagram
+socket to the logger, then chroots and drops to the `www` user.
 
-Does not serve HTTP itself (httpd.server does).
+SIGHUP parses the file again into a *new* configuration; if that fails,
+every error is logged as `file:line: message` and the old configuration
+keeps serving.  On success sockets whose address is unchanged are kept
+(never rebound), new ones are bound; a new generation of servers starts
+on the new configuration, and once all of it is ready the old generation
+stops accepting, finishes its requests and exits: no connection is
+refused or reset by a reload.  SIGUSR1 reopens the log files and passes
+the new descriptors to the logger.  SIGTERM/SIGINT: children drain, the
+parent logs `parent terminating, pid N` and exits 0.  A child that dies
+unexpectedly is logged (`lost child: ...`) and restarted.
+
+Does not serve HTTP itself (httpd.server does, in the children).
 """
 
 from __future__ import annotations
@@ -23,12 +34,19 @@ import trio
 from engine.listen import bind_tcp
 from httpd import parse
 from httpd.config import HttpdConfig
-from httpd.server import ServerProc, SockKey, socket_groups
-from shared import log
+from httpd.server import SockKey, log_names, logdir_of, socket_groups
+from shared import log, proc
+from shared.imsg import Imsg
 from shared.lexer import ConfigError
 
 # Seconds connections get to finish on SIGTERM.
 STOP_DRAIN = 10.0
+# Seconds an old generation gets to finish its requests after a reload.
+RELOAD_DRAIN = 600.0
+# Seconds a new generation of servers gets to become ready.
+READY_TIMEOUT = 30.0
+# The unprivileged users, in order of preference.
+HTTPD_USERS = ("www", "www-data")
 
 
 def bind_all(conf: HttpdConfig, old: dict[SockKey, socket.socket] | None = None
@@ -53,16 +71,100 @@ def bind_all(conf: HttpdConfig, old: dict[SockKey, socket.socket] | None = None
     return out
 
 
+def open_logs(conf: HttpdConfig) -> dict[str, int]:
+    """Open every log file the config names (the parent's job: root, no chroot)."""
+    logdir = logdir_of(conf)
+    out: dict[str, int] = {}
+    for name in log_names(conf):
+        path = name if os.path.isabs(name) else os.path.join(logdir, name)
+        try:
+            out[name] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            log.warn_errno(f"logger: cannot open {path}", e)
+    return out
+
+
+def needs_dac(conf: HttpdConfig, user) -> list[str]:
+    """Configured paths `user` could not reach from inside the chroot."""
+    if user is None or os.geteuid() != 0:
+        return []
+    root = conf.chroot.rstrip("/")
+    want: list[tuple[str, bool]] = [(conf.chroot, False)]
+    for srv in conf.servers:
+        for c in (srv, *[loc.conf for loc in srv.locations if loc.conf]):
+            want.append((root + c.root, False))
+            if c.errdocs:
+                want.append((root + c.errdocs, False))
+            if c.auth:
+                want.append((root + c.auth.htpasswd, False))
+            if c.fastcgi and c.fastcgi.socket and c.fastcgi.host is None:
+                want.append((root + c.fastcgi.socket, True))
+    bad = []
+    for path, write in want:
+        if path not in bad and not proc.can_reach(path, user, write):
+            bad.append(path)
+    return bad
+
+
 class Parent:
     def __init__(self, conf: HttpdConfig, path: str, macros: dict[str, str],
-                 verbose: int) -> None:
+                 verbose: int, debug: bool) -> None:
         self.conf = conf
         self.path = path
         self.macros = macros
         self.verbose = verbose
+        self.debug = debug
         self.sockets: dict[SockKey, socket.socket] = {}
-        self.proc: ServerProc | None = None
+        self.logfiles: dict[str, int] = {}
+        self.generation = 0
+        self.sup: proc.Supervisor | None = None
+        self.logsock: tuple[socket.socket, socket.socket] | None = None
+        self.user = proc.find_user(HTTPD_USERS) if os.geteuid() == 0 else None
+        self.reloading = False
 
+    def child_args(self) -> list[str]:
+        return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
+
+    # -- children's set-up ---------------------------------------------------
+    def _server_setup(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]):
+        keep_dac = False
+        bad = needs_dac(conf, self.user)
+        if bad:
+            keep_dac = True
+            log.warn(f"user {self.user.pw_name} cannot reach {', '.join(bad)}: "
+                     "server processes keep CAP_DAC_OVERRIDE")
+
+        async def setup(child: proc.Child) -> None:
+            c = child.chan
+            await c.send(Imsg.CFG_CONFIG, {"conf": conf, "keep_dac": keep_dac,
+                                           "user": self.user.pw_name if self.user else None})
+            for key, sock in sockets.items():
+                await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
+            await c.send(Imsg.CFG_LOGSOCK, None, fd=self.logsock[1].fileno())
+            await c.send(Imsg.CFG_DONE)
+        return setup
+
+    def _logger_setup(self):
+        async def setup(child: proc.Child) -> None:
+            c = child.chan
+            await c.send(Imsg.CFG_CONFIG, {"chroot": self.conf.chroot,
+                                           "user": self.user.pw_name if self.user else None})
+            for name, fd in self.logfiles.items():
+                await c.send(Imsg.LOG_FILE, {"name": name}, fd=fd)
+            await c.send(Imsg.CFG_LOGSOCK, None, fd=self.logsock[0].fileno())
+            await c.send(Imsg.CFG_DONE)
+        return setup
+
+    def nservers(self, conf: HttpdConfig) -> int:
+        return conf.prefork or os.cpu_count() or 1
+
+    async def start_servers(self, conf: HttpdConfig, sockets) -> list[proc.Child]:
+        self.generation += 1
+        setup = self._server_setup(conf, sockets)
+        return [await self.sup.start("server", i, self.generation, setup)
+                for i in range(self.nservers(conf))]
+
+    # -- main ----------------------------------------------------------------
     async def run(self) -> int:
         # Signals are caught before the sockets are bound: a client (or a
         # test) may connect, and send SIGHUP, as soon as a port accepts.
@@ -73,32 +175,56 @@ class Parent:
             except OSError as e:
                 log.warn(f"server_privinit: failed to bind: {e.strerror}")
                 return 1
-            self.proc = ServerProc(self.conf, self.sockets, chrooted=False)
+            self.logfiles = open_logs(self.conf)
+            self.logsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.logsock[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if os.geteuid() != 0:
+                proc.warn_not_sandboxed("httpd")
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.proc.run)
+                self.sup = proc.Supervisor("httpd", self.child_args(), nursery)
+                logger = await self.sup.start("logger", 0, 0, self._logger_setup())
+                servers = await self.start_servers(self.conf, self.sockets)
+                if not await self.sup.wait_ready([logger, *servers], READY_TIMEOUT):
+                    log.warn("parent: children did not start")
                 notify("READY=1")
-                nursery.start_soon(self._signals, sigs, nursery)
+                await self._signals(sigs)
+                nursery.cancel_scope.cancel()
         return 0
 
-    async def _signals(self, sigs, nursery: trio.Nursery) -> None:
+    async def _signals(self, sigs) -> None:
         async for sig in sigs:
             if sig == signal.SIGHUP:
-                log.info("parent_reload: reloading config")
+                if self.reloading:
+                    log.info("parent_reload: reload already in progress")
+                    continue
+                log.info("parent_sig_handler: reload requested with SIGHUP")
                 notify("RELOADING=1")
-                self.reload()
+                await self.reload()
                 notify("READY=1")
             elif sig == signal.SIGUSR1:
                 log.info("parent_sig_handler: reopening logs")
-                self.proc.reopen_logs()
+                await self.reopen_logs()
             else:
                 log.info(f"parent terminating, pid {os.getpid()}")
                 notify("STOPPING=1")
-                self.proc.stop(STOP_DRAIN)
+                self.sup.stopping = True
+                servers = [c for c in self.sup.children if c.title == "server"]
+                await self.sup.stop(servers, STOP_DRAIN)
+                await self.sup.stop([c for c in self.sup.children], 1.0)
                 for s in self.sockets.values():
                     s.close()
                 return
 
-    def reload(self) -> bool:
+    async def reopen_logs(self) -> None:
+        old = self.logfiles
+        self.logfiles = open_logs(self.conf)
+        for lg in self.sup.of("logger"):
+            for name, fd in self.logfiles.items():
+                await self.sup.send(lg, Imsg.LOG_FILE, {"name": name}, fd=fd)
+        for fd in old.values():
+            os.close(fd)
+
+    async def reload(self) -> bool:
         try:
             new = parse.load(self.path, self.macros, self.verbose)
         except ConfigError as e:
@@ -114,15 +240,34 @@ class Parent:
         try:
             sockets = bind_all(new, self.sockets)
         except OSError as e:
-            log.warn(f"parent_reload: failed to bind: {e.strerror}; keeping the current configuration")
+            log.warn(f"parent_reload: failed to bind: {e.strerror}; "
+                     "keeping the current configuration")
             return False
-        self.proc.configure(new, sockets)
-        for key, s in self.sockets.items():
-            if sockets.get(key) is not s:
-                s.close()
-        self.sockets = sockets
-        self.conf = new
-        log.info("parent_reload: configuration reloaded")
+        self.reloading = True
+        try:
+            old_servers = self.sup.of("server")
+            fresh = await self.start_servers(new, sockets)
+            if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
+                log.warn("parent_reload: new servers did not start, keeping the current configuration")
+                await self.sup.stop(fresh, 0)
+                for key, s in sockets.items():
+                    if self.sockets.get(key) is not s:
+                        s.close()
+                return False
+            old_sockets = self.sockets
+            self.sockets = sockets
+            self.conf = new
+            await self.reopen_logs()
+            log.info("parent_reload: configuration reloaded")
+        finally:
+            self.reloading = False
+
+        async def retire() -> None:
+            await self.sup.stop(old_servers, RELOAD_DRAIN)
+            for key, s in old_sockets.items():
+                if self.sockets.get(key) is not s:
+                    s.close()
+        self.sup.nursery.start_soon(retire)
         return True
 
 
@@ -141,8 +286,9 @@ def notify(state: str) -> None:
         pass
 
 
-def run(conf: HttpdConfig, path: str, macros: dict[str, str], verbose: int) -> int:
-    parent = Parent(conf, path, macros, verbose)
+def run(conf: HttpdConfig, path: str, macros: dict[str, str], verbose: int,
+        debug: bool = True) -> int:
+    parent = Parent(conf, path, macros, verbose, debug)
     try:
         return trio.run(parent.run)
     except KeyboardInterrupt:

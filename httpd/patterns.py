@@ -145,6 +145,7 @@ class _Compiled:
     anchor: bool
     nodes: tuple[tuple, ...]
     ncap: int
+    first: str | None = None  # the one char the first item needs, if that is all it is
 
 
 @lru_cache(maxsize=512)
@@ -217,7 +218,20 @@ def _compile(pattern: str) -> _Compiled:
     if any(caps):
         raise PatternError("unfinished capture")
     nodes.append((_END,))
-    return _Compiled(None, anchor, tuple(nodes), len(caps))
+    return _Compiled(None, anchor, tuple(nodes), len(caps), _first_literal(pat, 1 if anchor else 0, p_end))
+
+
+def _first_literal(pat: str, p: int, p_end: int) -> str | None:
+    # The char an unquantified literal or escaped item at p matches, if any.
+    if p == p_end:
+        return None
+    ch = pat[p]
+    if ch in "().[$" or (ch == "%" and (pat[p + 1] in "bf" or pat[p + 1].isalnum())):
+        return None  # '$' could be the end anchor; %b, %f, classes, back-refs
+    if ch == "%":
+        ch = pat[p + 1]
+        p += 1
+    return None if pat[p + 1] in _SUFFIXES else ch
 
 
 def _too_complex() -> PatternError:
@@ -407,6 +421,17 @@ def _search(s: str, pattern: str) -> tuple[int, int, _Matcher | None] | None:
     try:
         while True:
             # Every start position is tried, the one past the end included.
+            if comp.first is not None and not comp.anchor:
+                # Jump to the next place the first item can match; every
+                # position skipped still costs its step, as it would in C.
+                k = s.find(comp.first, start)
+                skip = (m.n + 1 if k < 0 else k) - start
+                m.steps -= skip
+                if m.steps < 0:
+                    raise _too_complex()
+                if k < 0:
+                    return None
+                start = k
             if not m.quick_fail(start, first):
                 end = m.run(start, 0)
                 if end >= 0:

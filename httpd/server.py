@@ -20,7 +20,8 @@ import trio
 from engine.serve import Listener, Server
 from httpd import logger, server_http
 from httpd.config import SERVER_MAX_CLIENTS, HttpdConfig, ServerConfig
-from shared import log
+from shared import log, proc
+from shared.imsg import Channel, Imsg
 
 SockKey = tuple[str, int]
 
@@ -57,11 +58,13 @@ class ServerProc:
     """One server process's serving state; see the module docstring."""
 
     def __init__(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
-                 chrooted: bool = False) -> None:
+                 chrooted: bool = False, logs=None) -> None:
         self.conf = conf
         self.chrooted = chrooted
         prefix = "" if chrooted else conf.chroot.rstrip("/")
-        self.worker = server_http.Worker(prefix=prefix, logs=logger.Logs(logdir_of(conf, chrooted)))
+        if logs is None:
+            logs = logger.Logs(logdir_of(conf, chrooted))
+        self.worker = server_http.Worker(prefix=prefix, logs=logs)
         try:
             from httpd import server_fcgi
             self.worker.fcgi = server_fcgi
@@ -122,4 +125,52 @@ class ServerProc:
         self.worker.logs.open_all(log_names(self.conf))
 
     def stop(self, drain: float | None = None) -> None:
+        self.worker.draining = True
         self.server.stop(drain)
+
+
+# -- the server process (privilege separation) -------------------------------
+
+def preload() -> None:
+    """Import now what would otherwise be imported lazily after the chroot."""
+    import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
+    import bcrypt  # noqa: F401
+    from httpd import auth, fcgi, server_fcgi, server_file  # noqa: F401
+    trio.to_thread  # noqa: B018
+
+
+def child_main(fd: int) -> int:
+    """`httpd -P server`: take config and sockets, sandbox, serve."""
+    sock = proc.child_socket(fd)
+    setup = proc.recv_setup(sock)
+    cfg = setup.config
+    conf: HttpdConfig = cfg["conf"]
+    sockets = {tuple(m.payload["key"]): socket.socket(fileno=m.fd) for m in setup.fds(Imsg.CFG_SOCKET)}
+    logfd = setup.fds(Imsg.CFG_LOGSOCK)[0].fd
+    preload()
+    user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
+    chrooted = proc.drop_privileges(conf.chroot, user, keep_dac=cfg.get("keep_dac", False))
+    logs = logger.LogSender(socket.socket(fileno=logfd))
+
+    async def main() -> None:
+        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
+        sp = ServerProc(conf, sockets, chrooted=chrooted, logs=logs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sp.run)
+            nursery.start_soon(logs.flusher)
+            await chan.send(Imsg.CTL_READY)
+            while True:
+                msg = await chan.recv()
+                if msg is None:             # the parent is gone: drain and exit
+                    sp.stop(0)
+                    break
+                if msg.type == Imsg.CTL_STOP:
+                    sp.stop(float(msg.payload.get("drain", 0)))
+                    break
+                if msg.type == Imsg.CTL_VERBOSE:
+                    log.set_verbose(int(msg.payload.get("verbose", 0)))
+            await sp.server.wait_stopped()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0

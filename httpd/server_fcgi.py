@@ -34,7 +34,7 @@ import trio
 
 from engine.conn import CLOSED
 from engine.http1 import REASONS, HttpError, http_date
-from httpd import fcgi
+from httpd import fcgi, route
 from httpd.config import ServerConfig
 from httpd.http import SERVER_SOFTWARE
 from httpd.logger import vis
@@ -177,7 +177,7 @@ def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
         (b"GATEWAY_INTERFACE", b"CGI/1.1"),
     ]
     if conf.auth is not None:
-        env.append((b"REMOTE_USER", _raw(x.user or "")))
+        env.append((b"REMOTE_USER", _utf8(x.user or "")))
     for low, value in req.hmap.items():
         name = _ENV_NAMES.get(low)
         if name is None:
@@ -189,11 +189,12 @@ def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
         if verify is not None:
             env.append((b"TLS_PEER_VERIFY", verify.encode()))
     for name, value in fc.params:
-        try:
-            value = x.expand(value)
-        except Exception:   # an expansion too long: send it as written
-            pass
-        env.append((_utf8(name), _raw(value)))
+        if "$" in value or "%" in value:
+            try:
+                value = x.expand(value)     # the macros of `block return`
+            except route.RouteError:        # unknown macro or capture: as written
+                pass
+        env.append((_utf8(name), _utf8(value)))
     env += [
         (b"REMOTE_ADDR", t.peer[0].encode()),
         (b"REMOTE_PORT", str(t.peer[1]).encode()),

@@ -19,7 +19,7 @@ import jinja2
 import trio
 
 from engine.conn import CLOSED, Transport
-from engine.http1 import (BAD_CONTENT_LENGTH, MAX_HEAD, REASONS, HttpError, Request,
+from engine.http1 import (MAX_HEAD, REASONS, HttpError, Request,
                           ServerConn, http_date)
 from httpd import auth, logger, route, server_file
 from httpd.config import HttpdConfig, ServerConfig
@@ -52,6 +52,7 @@ class Worker:
     next_id: int = 0
     server_name: str = SERVER_SOFTWARE
     extra: dict = field(default_factory=dict)
+    draining: bool = False             # stopping: answer, then close (no reset)
 
     def fs(self, path: str) -> str:
         """A config path (relative to the chroot) on the real file system."""
@@ -141,9 +142,9 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
+                    # An invalid Content-Length is 400 here; OpenBSD
+                    # answers 500 (strtonum() failure), which is a bug.
                     status = e.status
-                    if e.msg == BAD_CONTENT_LENGTH:
-                        status = 500         # OpenBSD: strtonum() failed (sic)
                     await abort_http(x, status, e.msg or "malformed", log_req=True)
                     reason = x.close_msg
                     break
@@ -196,7 +197,7 @@ def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
 def _exists(worker: Worker):
     def exists(conf: ServerConfig, path: str) -> bool:
         full = worker.fs(conf.root) + server_file_strip(path, conf.strip)
-        return os.access(full, os.R_OK)
+        return os.access(full, os.R_OK, effective_ids=True)
     return exists
 
 
@@ -256,7 +257,7 @@ async def handle_request(x: Exchange) -> bool:
             srv = ctx.servers[0]
             x.host = local_host(x.t.local)
         x.srv = srv
-        if x.conn.requests >= srv.connection.max_requests:
+        if x.conn.requests >= srv.connection.max_requests or x.worker.draining:
             x.keep = False
         exists = _exists(x.worker)
         conf, loc, caps = route.find_location(srv, x.path, exists)

@@ -34,6 +34,9 @@ it in pfe) when privilege separation lands:
    its RelayProc, RelayState, Stats and Hce).  Under privilege separation
    a backend of the same interface will exchange imsgs instead.
 
+trio is imported inside the functions that need it: relayctl imports the
+protocol part and starts faster without it.
+
 Not here: the command-line grammar and the text layout (relayctl), the
 checks (hce), the counters (stats).
 """

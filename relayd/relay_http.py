@@ -149,11 +149,12 @@ def _keep_alive(version: str, conn_tokens: set[str]) -> bool:
 _CONN_WORDS = frozenset({"close", "keep-alive", "upgrade"})
 
 
-def _build_head(first: str, items, conn_tokens: set[str], framing: str | None,
+def _build_head(first: str, items, conn_tokens: set[str], framing: tuple | None,
                 connection: str | None, upgrade: bool, raw_length: bool) -> bytes:
     """A head for the other side: hop-by-hop headers (and those Connection
-    names) dropped, `framing` and `connection` written where the client's
-    framing or Connection header was, else at the end.  `upgrade` keeps
+    names) dropped; the body framing written anew, `("length", n)` or
+    `("chunked", codings)`, in place of the peer's framing header (keeping
+    its name) or at the end; `connection` likewise.  `upgrade` keeps
     Connection and Upgrade as they are (WebSocket); `raw_length` keeps
     Content-Length as it came (responses to HEAD, 304)."""
     lines = [first]
@@ -166,19 +167,26 @@ def _build_head(first: str, items, conn_tokens: set[str], framing: str | None,
         if low in drop:
             if upgrade and (low == "connection" or low == "upgrade"):
                 lines.append(f"{name}: {value}\r\n")
-            elif low == "content-length" and raw_length:
-                lines.append(f"{name}: {value}\r\n")
-            elif low == "content-length" or low == "transfer-encoding":
-                if framing:
-                    lines.append(framing)
+            elif low == "content-length":
+                if raw_length:
+                    lines.append(f"{name}: {value}\r\n")
+                elif framing is not None and framing[0] == "length":
+                    lines.append(f"{name}: {framing[1]}\r\n")
+                    framing = None
+            elif low == "transfer-encoding":
+                if framing is not None and framing[0] == "chunked":
+                    lines.append(f"{name}: {framing[1]}\r\n")
                     framing = None
             elif low == "connection" and connection:
                 lines.append(connection)
                 connection = None
             continue
         lines.append(f"{name}: {value}\r\n")
-    if framing:
-        lines.append(framing)
+    if framing is not None:
+        if framing[0] == "length":
+            lines.append(f"Content-Length: {framing[1]}\r\n")
+        else:
+            lines.append(f"Transfer-Encoding: {framing[1]}\r\n")
     if connection:
         lines.append(connection)
     lines.append("\r\n")
@@ -200,7 +208,10 @@ class HttpRelay:
         self.s = session
         proto = session.proto
         self.proto = proto
-        self.rules = rules.compile_rules(proto.rules) if proto.rules else None
+        compiled = rules.compile_rules(proto.rules) if proto.rules else {}
+        # None when a direction has no rules: its heads pass untouched.
+        self.rules = compiled if compiled.get(rules.REQUEST) else None
+        self.resp_rules = compiled if compiled.get(rules.RESPONSE) else None
         client: Transport = session.client
         self.client = client
         self.conn = ServerConn(client, max_head=proto.http.headerlen)
@@ -266,6 +277,7 @@ class HttpRelay:
             self.touch()
             if not await self._exchange(req):
                 return "done"
+            self.sent = False
 
     async def _abort(self, a: _Abort) -> str:
         """relay_abort_http(): the error page if configured, the close reason."""
@@ -363,15 +375,15 @@ class HttpRelay:
         if method in NO_BODY_METHODS:
             body = framing = None
         elif req.chunked:
-            body, framing = "chunked", "Transfer-Encoding: chunked\r\n"
+            body, framing = "chunked", ("chunked", "chunked")
         elif req.content_length:
             body = req.content_length
-            framing = f"Content-Length: {body}\r\n"
+            framing = ("length", body)
         else:
             body = framing = None
         version = req.version
         client_keep = req.keep_alive and not req.upgrade and "close" not in conn_tokens
-        if ws:
+        if ws or method == "CONNECT":
             connection = None
         elif not client_keep:
             connection = "Connection: close\r\n"
@@ -417,6 +429,9 @@ class HttpRelay:
     async def _drop_backend(self) -> None:
         backend, self.backend, self.bconn = self.backend, None, None
         if backend is not None:
+            backends = getattr(self.s, "backends", None)
+            if backends is not None and backend in backends:
+                backends.remove(backend)        # closed here, not by the dispatcher
             with trio.CancelScope(shield=True):
                 try:
                     await backend.aclose()
@@ -439,7 +454,7 @@ class HttpRelay:
         while True:
             try:
                 resp = await bc.read_response()
-            except HttpError as e:
+            except HttpError:
                 raise _Abort(502, "Bad Gateway") from None
             except CLOSED:
                 return None
@@ -483,8 +498,10 @@ class HttpRelay:
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
                 result.append(await self._response(req, resp, ws, client_keep))
-            except (_Abort, _Close, HttpError, *CLOSED) as e:
+            except (_Abort, _Close, *CLOSED) as e:
                 failure.append(e)
+            except HttpError:
+                failure.append(_Close("done"))
             nursery.cancel_scope.cancel()
         if up.error is not None:
             st, reason = client_error(self.conn, up.error)
@@ -537,11 +554,13 @@ class HttpRelay:
         st = resp.status
         if st == 204 and resp.content_length:
             raise _Abort(502, "Bad Gateway")
-        if self.rules is not None:
+        if self.resp_rules is not None:
             msg = rules.Message.response(st, resp.headers)
             self._response_rules(msg)
             items, joined = msg.items(), msg.joined
         else:
+            if self.haslog:
+                self.s.log_items.append(";")
             items, joined = resp.headers, resp.hmap.get
         conn_tokens = _tokens(joined("connection"))
         if st == 101 and not (ws and "websocket" in _tokens(joined("upgrade"))
@@ -563,9 +582,10 @@ class HttpRelay:
         keep = backend_keep and client_keep and "close" not in conn_tokens
 
         if mode == "chunked":
-            framing = "Transfer-Encoding: chunked\r\n"
+            # other codings stay announced (they are still applied)
+            framing = ("chunked", resp.hmap.get("transfer-encoding") or "chunked")
         elif mode == "length":
-            framing = f"Content-Length: {resp.content_length}\r\n"
+            framing = ("length", resp.content_length)
         else:
             framing = None
         if mode == "tunnel":
@@ -602,7 +622,7 @@ class HttpRelay:
         s = self.s
         ctx = self.ctx
         ctx.tag, ctx.label = s.tag, s.label
-        v = rules.evaluate(self.rules, rules.RESPONSE, msg, ctx)
+        v = rules.evaluate(self.resp_rules, rules.RESPONSE, msg, ctx)
         if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
             s.tag, s.label = v.tag, v.label
             raise _Abort(400 if v.result == rules.RES_BAD else 500,
@@ -651,8 +671,10 @@ class HttpRelay:
             raise _Abort(502, "Bad Gateway")
         version, status, reason, headers = parsed
         msg = rules.Message.response(status, headers)
-        if self.rules is not None:
+        if self.resp_rules is not None:
             self._response_rules(msg)
+        elif self.haslog:
+            self.s.log_items.append(";")
         ok = 200 <= status < 300
         lines = [f"HTTP/{version} {status} {reason}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in msg.items()

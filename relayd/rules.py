@@ -210,7 +210,7 @@ def _ip(addr: str):
 class _Test:
     """One entity of a rule, compiled."""
 
-    __slots__ = ("ent", "type", "option", "key", "keyglob", "value", "valglob",
+    __slots__ = ("ent", "type", "option", "key", "key_low", "keyglob", "value", "valglob",
                  "digest", "macro", "keyset")
 
     def __init__(self, ent: Entity, key: str | None) -> None:
@@ -218,6 +218,7 @@ class _Test:
         self.type = ent.type
         self.option = ent.option
         self.key = key
+        self.key_low = (key or "").lower()
         self.value = ent.value
         self.digest = ent.digest
         self.macro = ent.value is not None and "$" in ent.value
@@ -239,7 +240,7 @@ class _Test:
 
 class _Rule:
     __slots__ = ("rule", "action", "quick", "af", "src", "dst", "method", "tagged",
-                 "tests", "strip", "has_keyset")
+                 "tests", "plan", "strip", "conds")
 
     def __init__(self, rule: Rule, tests: list[_Test]) -> None:
         self.rule = rule
@@ -250,11 +251,12 @@ class _Rule:
         self.dst = rule.dst
         self.method = rule.method
         self.tagged = rule.tagged
+        self.conds = bool(self.af or self.src or self.dst or self.method or self.tagged)
         # relay_test()'s order: header, query, path, url, cookie
         order = {"header": 0, "query": 1, "path": 2, "url": 3, "cookie": 4}
         self.tests = sorted(tests, key=lambda t: order[t.type])
+        self.plan = [(_TESTS[t.type], t) for t in self.tests]
         self.strip = rule.path_strip
-        self.has_keyset = any(t.keyset is not None for t in tests)
 
 
 def _compile_rule(rule: Rule) -> list[_Rule]:
@@ -333,17 +335,18 @@ def evaluate(rules: Sequence[Rule] | dict, direction: str, msg: Message, ctx: Ct
     final: _Rule | None = None
     final_acts: list = []
     for r in compiled.get(direction, ()):
-        if r.af and ((ctx.client is not None and ctx.client.version != r.af)):
-            continue
-        if r.src is not None and not _in(ctx.client, r.src):
-            continue
-        if r.dst is not None and not _in(ctx.local, r.dst):
-            continue
-        if r.method is not None and (direction != REQUEST or msg.method != r.method):
-            continue
-        if r.tagged is not None and v.tag != r.tagged:
-            continue
-        variants = _test_rule(r, msg, v.tag)
+        if r.conds:
+            if r.af and ctx.client is not None and ctx.client.version != r.af:
+                continue
+            if r.src is not None and not _in(ctx.client, r.src):
+                continue
+            if r.dst is not None and not _in(ctx.local, r.dst):
+                continue
+            if r.method is not None and (direction != REQUEST or msg.method != r.method):
+                continue
+            if r.tagged is not None and v.tag != r.tagged:
+                continue
+        variants = _test_rule(r, msg)
         if variants is None:
             continue
         if isinstance(variants, str):          # RES_BAD / RES_INTERNAL
@@ -370,36 +373,28 @@ def _in(addr, net) -> bool:
     return addr is not None and addr.version == net.version and addr in net
 
 
-def _test_rule(r: _Rule, msg: Message, tag: str | None):
+def _test_rule(r: _Rule, msg: Message):
     """None: no match; RES_BAD/RES_INTERNAL; else a list of action lists,
     one per matching copy (a rule without file keys has one)."""
     acts: list = []
-    keyset_keys: list[str] | None = None
-    keyset_test: _Test | None = None
-    for t in r.tests:
-        m = _TESTS[t.type](t, r, msg)
+    hits = None
+    for fn, t in r.plan:
+        m = fn(t, r, msg)
         if m is _NO:
             return None
         if type(m) is str:
             return m
         if t.keyset is not None:
-            keyset_keys, keyset_test = m, t
-            continue
-        if t.option is not None:
+            hits, kt = m, t
+        elif t.option is not None:
             acts.append((t, m))
-        if t.type == "path" and r.strip is not None:
-            acts.append((_STRIP, r.strip))
-    if r.strip is not None and not any(t.type == "path" for t in r.tests):
+    if r.strip is not None:
         acts.append((_STRIP, r.strip))
-    if keyset_keys is None:
+    if hits is None:
         return [acts]
-    out = []
-    for k in keyset_keys:
-        copy = list(acts)
-        if keyset_test.option is not None:
-            copy.append((keyset_test, k))
-        out.append(copy)
-    return out
+    if kt.option is None:
+        return [acts] * len(hits)
+    return [acts + [(kt, k)] for k in hits]
 
 
 _NO = object()
@@ -416,6 +411,8 @@ _STRIP = _StripTest()
 def _header_test(t: _Test, r: _Rule, msg: Message):
     headers = msg.headers
     g = t.keyglob
+    if t.option in ("set", "append") and (g is None or g.plain):
+        return ()                       # looked up when applied
     if g is None or not g.plain:
         idx = [i for i, h in enumerate(headers) if not h[2] and (g is None or g(h[0]))]
     else:
@@ -706,7 +703,7 @@ def _act_header(t: _Test, idx: list[int], msg: Message, env: Env, v: Verdict, ou
         g = t.keyglob
         if g is None or g.plain:
             # Looked up again: an earlier action may have added or removed it.
-            live = [i for i in msg.index().get((t.key or "").lower(), ()) if not headers[i][2]]
+            live = [i for i in msg.index().get(t.key_low, ()) if not headers[i][2]]
         else:
             live = [i for i in idx if not headers[i][2]]
         if not live:

@@ -101,10 +101,10 @@ class Channel:
     """One end of a socketpair, under trio.  Sends are serialised."""
 
     def __init__(self, sock: socket.socket, allow_pickle: bool = False,
-                 trusted_send: bool = False) -> None:
+                 trusted_send: bool = False, reader: Reader | None = None) -> None:
         sock.setblocking(False)
         self.sock = trio.socket.from_stdlib_socket(sock)
-        self.reader = Reader(allow_pickle)
+        self.reader = reader or Reader(allow_pickle)
         self.trusted_send = trusted_send
         self.pending: list[Msg] = []
         self._lock = trio.Lock()
@@ -126,6 +126,8 @@ class Channel:
 
     async def recv(self) -> Msg | None:
         """The next message, or None when the peer closed the channel."""
+        if not self.pending and self.reader.buf:
+            self._take(b"", [])
         while not self.pending:
             if self.closed:
                 return None
@@ -141,12 +143,15 @@ class Channel:
                 for fd in fds:
                     os.close(fd)
                 return None
-            msgs = self.reader.feed(data, fds)
-            for m in msgs:
-                # One fd per message at most, in order.
-                m.fd = self.reader.fds.pop(0) if self.reader.fds and _wants_fd(m) else -1
-            self.pending.extend(msgs)
+            self._take(data, fds)
         return self.pending.pop(0)
+
+    def _take(self, data: bytes, fds: list[int]) -> None:
+        msgs = self.reader.feed(data, fds)
+        for m in msgs:
+            # One fd per message at most, in order.
+            m.fd = self.reader.fds.pop(0) if self.reader.fds and _wants_fd(m) else -1
+        self.pending.extend(msgs)
 
     def close(self) -> None:
         self.sock.close()
@@ -182,3 +187,29 @@ def send_blocking(sock: socket.socket, mtype: int, payload: Any = None, fd: int 
         n = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         data = data[n:]
     sock.sendall(data)
+
+
+class Imsg:
+    """Message types of both daemons, grouped by prefix as OpenBSD's."""
+    CTL_READY = 1        # child -> parent: configured and serving
+    CTL_STOP = 2         # parent -> child: stop accepting, drain {"drain": s}, exit
+    CTL_VERBOSE = 3      # parent -> child: {"verbose": n}
+    CTL_REOPEN = 4       # parent -> logger: log files follow (LOG_FILE), old ones close
+    CTL_COMMAND = 5      # control -> parent: a relayctl command to carry out
+    CTL_REPLY = 6        # parent -> control: its answer
+    CFG_CONFIG = 10      # parent -> child: the child's slice of the config (pickled)
+    CFG_SOCKET = 11      # parent -> child: a listening socket (fd) {"key": [addr, port]}
+    CFG_LOGSOCK = 12     # parent -> child: the datagram socket to the logger (fd)
+    CFG_DONE = 13        # parent -> child: configuration complete
+    LOG_FILE = 20        # parent -> logger: an open log file (fd) {"name": n}
+    HOST_STATUS = 30     # hce -> parent -> relays, control: {"id": n, "up": bool|None}
+    HOST_SNAPSHOT = 31   # hce -> parent -> control: hosts and tables (relayctl show)
+    HCE_COMMAND = 32     # parent -> hce: poll / enable / disable
+    SCRIPT_RUN = 40      # hce -> parent: run a check script {"path", "host", "timeout", "seq"}
+    SCRIPT_RESULT = 41   # parent -> hce: {"seq": n, "status": int}
+    RELAY_STATS = 50     # relay -> parent -> control: session counters
+    RELAY_SESSIONS = 51  # relay -> parent -> control: live sessions
+    EVENT = 60           # any -> parent -> control: a monitor event
+
+
+carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE)

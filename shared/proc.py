@@ -16,8 +16,8 @@ children exist and what they get.
 from __future__ import annotations
 
 import ctypes
-import grp
 import os
+import stat
 import pwd
 import socket
 import sys
@@ -58,10 +58,74 @@ def no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None) -> bool:
+# Capabilities kept when the unprivileged user cannot reach configured
+# files (see drop_privileges): read and write past file modes, nothing else.
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+PR_SET_KEEPCAPS = 8
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _set_caps(caps: list[int]) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    mask = 0
+    for c in caps:
+        mask |= 1 << c
+    data[0].effective = data[0].permitted = mask
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:
+    """Could `user` open `path` (search every directory on the way)?
+
+    Judged from the mode bits, as the kernel would for that uid and its
+    primary group; a missing file counts as reachable (nothing to judge)."""
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for i, part in enumerate(parts + [None]):
+        try:
+            st = os.stat(cur)
+        except OSError:
+            return True
+        last = part is None
+        if stat.S_ISDIR(st.st_mode) and not last:
+            need = 1
+        else:
+            need = 2 if write else 4
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & (need << 6)
+        elif st.st_gid == user.pw_gid:
+            ok = st.st_mode & (need << 3)
+        else:
+            ok = st.st_mode & need
+        if not ok:
+            return False
+        if last:
+            return True
+        cur = os.path.join(cur, part)
+    return True
+
+
+def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
+                    keep_dac: bool = False) -> bool:
     """chroot + setgroups + setresgid/setresuid + no_new_privs.
 
-    Returns False (and changes nothing) when not running as root."""
+    `keep_dac` keeps CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (only those)
+    across the uid change: for files the configuration names that the
+    unprivileged user's modes do not reach.  Returns False (and changes
+    nothing) when not running as root."""
     if os.geteuid() != 0:
         return False
     # Load what would otherwise be read from files after the chroot.
@@ -70,9 +134,13 @@ def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None) -> bool:
         os.chroot(chroot)
         os.chdir("/")
     if user is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if keep_dac:
+            libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
         os.setgroups([user.pw_gid])
         os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
         os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        _set_caps([CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] if keep_dac else [])
     no_new_privs()
     return True
 
@@ -132,3 +200,144 @@ def exit_status(code: int | None) -> str:
 
 def warn_not_sandboxed(name: str) -> None:
     log.warn(f"{name}: not running as root: children are not chrooted and keep this user")
+
+
+# A child that dies sooner than this after its start is restarted only
+# after a pause (no busy restart loop for a child that cannot start).
+RESTART_PAUSE = 1.0
+
+
+class Supervisor:
+    """The parent's children: start, read, watch, restart, stop.
+
+    `setup(child)` sends a freshly started child its configuration; the
+    same function restarts a child that died.  `on_message(child, msg)`
+    gets every message other than CTL_READY."""
+
+    def __init__(self, module: str, args: list[str], nursery: trio.Nursery,
+                 on_message=None) -> None:
+        self.module = module
+        self.args = args
+        self.nursery = nursery
+        self.on_message = on_message
+        self.children: list[Child] = []
+        self.stopping = False
+
+    def of(self, title: str, generation: int | None = None) -> list[Child]:
+        return [c for c in self.children if c.title == title and not c.stopping
+                and (generation is None or c.generation == generation)]
+
+    async def start(self, title: str, instance: int, generation: int, setup) -> Child:
+        from shared.imsg import Imsg  # noqa: F401  (types used by callers)
+        child = await spawn(self.module, title, instance, generation, self.args)
+        child.info["setup"] = setup
+        child.info["started"] = trio.current_time()
+        self.children.append(child)
+        self.nursery.start_soon(self._watch, child)
+        self.nursery.start_soon(self._read, child)
+        try:
+            await setup(child)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass   # it died during set-up: _watch reports and restarts it
+        return child
+
+    async def _read(self, child: Child) -> None:
+        from shared.imsg import Imsg, ImsgError
+        while True:
+            try:
+                msg = await child.chan.recv()
+            except ImsgError as e:
+                log.warn(f"{child.title}: {e}: killing pid {child.pid}")
+                child.process.kill()
+                return
+            except (OSError, trio.ClosedResourceError):
+                return
+            if msg is None:
+                return
+            if msg.type == Imsg.CTL_READY:
+                child.ready.set()
+            elif self.on_message is not None:
+                try:
+                    await self.on_message(child, msg)
+                except Exception as e:
+                    log.warn_exc(f"{child.title}: bad message {msg.type}: {e!r}")
+
+    async def _watch(self, child: Child) -> None:
+        code = await child.process.wait()
+        if child in self.children:
+            self.children.remove(child)
+        if self.stopping or child.stopping:
+            child.chan.close()
+            return
+        log.warn(f"lost child: pid {child.pid} {exit_status(code)}")
+        child.chan.close()
+        if trio.current_time() - child.info.get("started", 0) < RESTART_PAUSE:
+            await trio.sleep(RESTART_PAUSE)
+        if self.stopping:
+            return
+        await self.start(child.title, child.instance, child.generation, child.info["setup"])
+
+    async def wait_ready(self, children: list[Child], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            for c in children:
+                await c.ready.wait()
+            return True
+        return False
+
+    async def send(self, child: Child, mtype: int, payload=None, fd: int = -1) -> bool:
+        try:
+            await child.chan.send(mtype, payload, fd)
+            return True
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def broadcast(self, mtype: int, payload=None, title: str | None = None) -> None:
+        for c in list(self.children):
+            if not c.stopping and (title is None or c.title == title):
+                await self.send(c, mtype, payload)
+
+    async def stop(self, children: list[Child], drain: float) -> None:
+        """Ask `children` to drain and exit; kill what is left after `drain`."""
+        from shared.imsg import Imsg
+        for c in children:
+            c.stopping = True
+            await self.send(c, Imsg.CTL_STOP, {"drain": drain})
+        with trio.move_on_after(drain + 2):
+            for c in children:
+                await c.process.wait()
+        for c in children:
+            if c.process.returncode is None:
+                c.process.kill()
+                with trio.move_on_after(2):
+                    await c.process.wait()
+
+
+@dataclass
+class Setup:
+    """What a child received from the parent before CFG_DONE."""
+    config: object
+    msgs: list
+    reader: object
+
+    def fds(self, mtype: int) -> list:
+        return [m for m in self.msgs if m.type == mtype]
+
+
+def recv_setup(sock: socket.socket) -> Setup:
+    """Blocking: read messages until CFG_DONE (before the sandbox, before trio)."""
+    from shared.imsg import Imsg, Reader, _recv_fds, _wants_fd
+    reader = Reader(allow_pickle=True)
+    msgs = []
+    config = None
+    while True:
+        data, fds = _recv_fds(sock)
+        if not data:
+            raise SystemExit(1)      # the parent went away during set-up
+        for m in reader.feed(data, fds):
+            m.fd = reader.fds.pop(0) if reader.fds and _wants_fd(m) else -1
+            if m.type == Imsg.CFG_CONFIG:
+                config = m.payload
+            elif m.type == Imsg.CFG_DONE:
+                return Setup(config, msgs, reader)
+            else:
+                msgs.append(m)

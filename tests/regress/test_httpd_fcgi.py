@@ -210,6 +210,9 @@ server "flup" {{
     location "/rstrip/*" {{
         request strip 1
     }}
+    location "/rw/*" {{
+        request rewrite "/cgi/app.cgi/rewritten?was=$QUERY_STRING"
+    }}
     location "/auth/*" {{
         authenticate "fcgi" with "{T}/htpasswd"
     }}
@@ -429,6 +432,14 @@ def test_request_strip_keeps_prefix_in_script_name(site) -> None:
     assert env["DOCUMENT_URI"] == "/rstrip/cgi/app.cgi/more"
 
 
+def test_rewrite_changes_path_and_query_not_request_uri(site) -> None:
+    env = get(site.flup, "/rw/orig?q=1").json()["env"]
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/cgi/app.cgi", "/rewritten")
+    assert env["DOCUMENT_URI"] == "/cgi/app.cgi/rewritten"
+    assert env["QUERY_STRING"] == "was=q=1"
+    assert env["REQUEST_URI"] == "/rw/orig?q=1"
+
+
 def test_remote_user(site) -> None:
     auth = "Basic " + base64.b64encode(b"alice:secret").decode()
     assert get(site.flup, "/auth/x").status == 401
@@ -536,6 +547,41 @@ def test_echo_streams_both_ways(site) -> None:
             sender.join()
     assert r.status == 200 and r.framing == "chunked" and r.complete
     assert len(r.body) == len(BIG) and hashlib.md5(r.body).digest() == hashlib.md5(BIG).digest()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_reaches_app_before_upload_ends(site, chunked: bool) -> None:
+    """Never buffered whole: the app echoes the first half while the client
+    still holds back the second."""
+    half = os.urandom(MIB)
+    with Client(site.flup) as c:
+        if chunked:
+            c.sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + b"%x\r\n" % len(half) + half + b"\r\n")
+        else:
+            c.sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                           % (2 * len(half)) + half)
+        assert c.file.readline().startswith(b"HTTP/1.1 200")
+        while c.file.readline() not in (b"\r\n", b""):
+            pass
+        got = b""
+        while len(got) < 65536:                     # echoed bytes of the first half
+            size = int(c.file.readline(), 16)
+            got += c.file.read(size)
+            c.file.read(2)
+        assert got == half[:len(got)]
+        second = os.urandom(MIB)
+        if chunked:
+            c.sock.sendall(b"%x\r\n" % len(second) + second + b"\r\n0\r\n\r\n")
+        else:
+            c.sock.sendall(second)
+        while True:
+            size = int(c.file.readline(), 16)
+            if size == 0:
+                break
+            got += c.file.read(size)
+            c.file.read(2)
+    assert got == half + second
 
 
 def test_chunked_body_over_limit_is_413(site) -> None:
@@ -878,3 +924,17 @@ def test_path_info_len_walks_back_to_existing_prefix() -> None:
 def test_env_name(header: str, name: bytes) -> None:
     from httpd.server_fcgi import env_name
     assert env_name(header) == name
+
+
+def test_codec_encode_record_round_trip() -> None:
+    """The sans-I/O codec: encode(record) → bytes, feed(bytes) → records."""
+    from httpd import fcgi
+    recs = [fcgi.Record(fcgi.STDOUT, 1, b"x" * n) for n in (0, 1, 7, 8, 65535)]
+    recs.append(fcgi.Record(fcgi.END_REQUEST, 1, bytes(8)))
+    wire = b"".join(fcgi.encode(r) for r in recs)
+    assert len(wire) % 8 == 0
+    reader = fcgi.RecordReader()
+    out = []
+    for i in range(0, len(wire), 1000):
+        out += reader.feed(wire[i:i + 1000])
+    assert out == recs
