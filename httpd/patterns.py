@@ -218,7 +218,8 @@ def _compile(pattern: str) -> _Compiled:
     if any(caps):
         raise PatternError("unfinished capture")
     nodes.append((_END,))
-    return _Compiled(None, anchor, tuple(nodes), len(caps), _first_literal(pat, 1 if anchor else 0, p_end))
+    first = _first_literal(pat, 1 if anchor else 0, p_end)
+    return _Compiled(None, anchor, tuple(nodes), len(caps), first)
 
 
 def _first_literal(pat: str, p: int, p_end: int) -> str | None:

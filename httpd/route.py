@@ -139,6 +139,9 @@ def find_location(srv: ServerConfig, path: str,
                 caps = None
             if caps is None:
                 continue
+            # OpenBSD's str_match(): %0 is the whole path, %1.. the
+            # captures, or the matched part when the pattern has none.
+            caps = [path] + (caps[1:] if len(caps) > 1 else caps[:1])
         elif not fnmatchcase(path.lower(), loc.pattern.lower()):
             continue
         if loc.found is not None and exists(loc.conf, path) != loc.found:
