@@ -464,7 +464,16 @@ def _url_test(t: _Test, r: _Rule, msg: Message):
     if t.keyset is None and r.action != "block" and t.option == "log" \
             and t.keyglob is not None and t.keyglob(msg.path):
         return None                     # a glob over the path, only for logging
-    looked = _lookups(msg, host, t.digest, t.key)
+    if t.keyset is not None and t.digest:
+        # a file may mix SHA1 (40 hex) and MD5 (32 hex) digests
+        looked = set()
+        for kind in {len(k) for k in t.keyset}:
+            got = _lookups(msg, host, True, "x" * kind)
+            if got is None:
+                return RES_BAD
+            looked |= got
+    else:
+        looked = _lookups(msg, host, t.digest, t.key)
     if looked is None:
         return RES_BAD
     if t.keyset is not None:

@@ -9,7 +9,6 @@ payloads, error pages and the session log lines."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil

@@ -371,6 +371,16 @@ def test_url_digest():
     assert v.result == R.RES_DROP
 
 
+def test_url_digest_file_mixed(tmp_path):
+    f = tmp_path / "digests"
+    f.write_text(hashlib.md5(b"www.example.com/a").hexdigest() + "\n"
+                 + hashlib.sha1(b"example.com/b/").hexdigest().upper() + "\n")
+    lines = f'block request url digest file "{f}"'
+    assert run(lines, req("/a"))[0].result == R.RES_DROP
+    assert run(lines, req("/b/c"))[0].result == R.RES_DROP
+    assert run(lines, req("/c"))[0].result == R.RES_PASS
+
+
 def test_url_bad_host():
     v, _, _ = run('block request url "example.com/"', req("/", [("Host", "...")]))
     assert v.result == R.RES_BAD
