@@ -416,6 +416,14 @@ class _Job:
         x = self.x
         limit = self.conf.connection.max_request_body
         total = 0
+        req = x.req
+        if req.has_body and req.version == "1.1" and \
+                req.hmap.get("expect", "").lower() == "100-continue":
+            # RFC 9110 §10.1.1: the client waits for this before the body.
+            try:
+                await x.t.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except CLOSED:
+                raise _ClientGone("client closed") from None
         while True:
             self.waiting_client = True
             try:
