@@ -1,9 +1,9 @@
 """engine.conn -- the byte transports a connection handler talks to.
 
 A handler never sees a trio socket or a stream directly: it gets a
-Transport.  SocketTransport drives a trio socket with recv/send and
+Transport.  SocketTransport drives a socket by hand with recv/send and
 os.sendfile (the hot path: perf-baseline.md measured trio.socket 20 % cheaper
-than SocketStream).  StreamTransport wraps any trio Stream: TLS streams and
+than SocketStream, and the raw calls are cheaper still).  StreamTransport wraps any trio Stream: TLS streams and
 the memory streams of unit tests.  Both raise only the exceptions listed in
 CLOSED, so handlers catch one tuple.
 
@@ -24,8 +24,11 @@ CLOSED = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 RECV_SIZE = 65536
 # Fair share: a sendfile loop yields to other tasks after this many rounds.
 SENDFILE_ROUNDS = 16
+# ... and so do sends that never block, with no receive in between.
+SEND_ROUNDS = 16
 # Chunk size when a stream cannot sendfile and reads the file instead.
 FILE_CHUNK = 262144
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def _sockname(addr) -> tuple[str, int]:
@@ -53,6 +56,12 @@ class Transport:
     async def sendfile(self, fd: int, offset: int, count: int) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    async def send_more(self, data) -> None:
+        """send_all() for data that more will follow at once (a response
+        head before its file body): a socket holds it back to go out with
+        the body rather than as a segment of its own."""
+        await self.send_all(data)
+
     async def send_eof(self) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -64,29 +73,77 @@ class Transport:
 
 
 class SocketTransport(Transport):
-    __slots__ = ("sock", "peer", "local", "bytes_in", "bytes_out")
+    """A plain socket, driven by hand: non-blocking send()/recv() on the
+    stdlib socket, trio.lowlevel.wait_readable/wait_writable when they would
+    block (what trio.socket does, without its per-call layers: about 8 µs a
+    request, perf-baseline.md §5.2).
 
-    def __init__(self, sock: trio.socket.SocketType, peer=None, local=None) -> None:
+    Scheduling: a receive is a scheduling point, whether it waited or not
+    (as trio's recv).  A send that completes at once is not (trio's send
+    yields every time), but after SEND_ROUNDS of those in a row without a
+    receive in between (pipelined requests) a send yields, so that no
+    client holds the loop.
+
+    `sock` is a stdlib socket; a trio socket given to the constructor is
+    taken over (detached), so that only this transport closes it."""
+
+    __slots__ = ("sock", "peer", "local", "bytes_in", "bytes_out", "_rounds")
+
+    def __init__(self, sock, peer=None, local=None) -> None:
+        if not isinstance(sock, socket.socket):
+            sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            sock.setblocking(False)
         self.sock = sock
         self.peer = _sockname(peer if peer is not None else sock.getpeername())
         self.local = _sockname(local if local is not None else sock.getsockname())
         self.bytes_in = 0
         self.bytes_out = 0
+        self._rounds = 0
 
     async def receive(self, n: int = RECV_SIZE) -> bytes:
-        data = await self.sock.recv(n)
+        sock = self.sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = sock.recv(n)
+        except BlockingIOError:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(n)
+                    break
+                except BlockingIOError:
+                    pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        self._rounds = 0
         self.bytes_in += len(data)
         return data
 
-    async def send_all(self, data) -> None:
+    async def send_all(self, data, flags: int = 0) -> None:
         sock = self.sock
         total = len(data)
-        n = await sock.send(data)
+        try:
+            n = sock.send(data, flags)
+        except BlockingIOError:
+            n = 0
         if n < total:
             view = memoryview(data)
             while n < total:
-                n += await sock.send(view[n:])
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    n += sock.send(view[n:], flags)
+                except BlockingIOError:
+                    pass
+            self._rounds = 0
+        else:
+            self._rounds += 1
+            if self._rounds >= SEND_ROUNDS:
+                self._rounds = 0
+                await trio.lowlevel.checkpoint()
         self.bytes_out += total
+
+    async def send_more(self, data) -> None:
+        await self.send_all(data, MSG_MORE)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         fileno = self.sock.fileno()
@@ -115,7 +172,10 @@ class SocketTransport(Transport):
             pass
 
     async def aclose(self) -> None:
-        self.sock.close()
+        sock = self.sock
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)   # wakes a task waiting on it
+            sock.close()
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -238,7 +239,8 @@ def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
             return InternalRedirect(path + conf.index)
         if not stat.S_ISREG(st.st_mode):     # special files
             raise HttpError(403, path)
-        os.set_blocking(fd, True)
+        # Blocking again (one fcntl: no other status flag was set by open).
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)
         media = media_type(gconf, conf, fs)
         if method == "GET" and "range" in headers:
             resp = _partial(fd, st, media, headers["range"], path)
@@ -408,8 +410,18 @@ def _read(fd: int, size: int, path: str) -> bytes:
 
 # -- dates -----------------------------------------------------------------
 
+_http_times: dict[int, str] = {}
+
+
 def _http_time(t: int) -> str:
-    return formatdate(t, usegmt=True)
+    # Memoised: Last-Modified of the same few files on every request.
+    s = _http_times.get(t)
+    if s is None:
+        s = formatdate(t, usegmt=True)
+        if len(_http_times) >= 1024:
+            _http_times.clear()
+        _http_times[t] = s
+    return s
 
 
 # strptime(3) "%a, %d %h %Y %T %Z" as OpenBSD does it; trailing text ignored.

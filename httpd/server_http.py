@@ -19,6 +19,7 @@ import jinja2
 import trio
 
 from engine.conn import CLOSED, Transport
+from engine.serve import Timer
 from engine.http1 import (MAX_HEAD, REASONS, HttpError, Request,
                           ServerConn, http_date)
 from httpd import auth, logger, route, server_file
@@ -40,6 +41,8 @@ class ListenCtx:
     servers: list[ServerConfig]
     port: int
     tls: bool = False
+    # Host header -> server (route.find_server is pure): filled per request.
+    hosts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Worker:
     server_name: str = SERVER_SOFTWARE
     extra: dict = field(default_factory=dict)
     draining: bool = False             # stopping: answer, then close (no reset)
+    exists: object = None              # `location found` test (see _exists)
 
     def fs(self, path: str) -> str:
         """A config path (relative to the chroot) on the real file system."""
@@ -65,7 +69,7 @@ class Exchange:
     __slots__ = ("t", "req", "conn", "srv", "conf", "path", "query", "user",
                  "captures", "status", "sent", "keep", "host", "method",
                  "version", "ctx", "worker", "cid", "log_path", "close_msg",
-                 "orig_query")
+                 "orig_query", "timer")
 
     def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker) -> None:
         self.t = t
@@ -87,6 +91,7 @@ class Exchange:
         self.version: str | None = None
         self.close_msg: str | None = None  # why the connection closes, for the log
         self.orig_query: str | None = None  # query as requested (path: log_path)
+        self.timer: Timer | None = None    # the connection's (serve_client)
 
     # -- macros (server_expand_http) -------------------------------------
     def macros(self) -> dict[str, str]:
@@ -117,6 +122,13 @@ class Exchange:
         return route.expand(template, self.macros(), self.captures, server_file.url_encode)
 
 
+# Timed phases of a connection (engine.serve.Timer): reading a request
+# (`request timeout`, restarted by every read) and sending a file response
+# (`connection timeout` for the whole send).
+READING = "read"
+SENDING = "send"
+
+
 async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     """Serve one connection until it closes (the engine's handler)."""
     worker.next_id += 1
@@ -130,25 +142,45 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     # Until a Host header picks a server, the first server's request timeout
     # applies; later the one of the server that answered the last request.
     timeout = primary.connection.request_timeout
+    timer: Timer | None = None
+    x: Exchange | None = None
     try:
-        while True:
-            x = Exchange(t, ctx, worker)
-            x.cid = cid
-            x.conn = conn
-            with trio.move_on_after(timeout) as cs:
-                # An inactivity timeout, as libevent's: every read restarts it.
-                conn.on_data = lambda cs=cs: setattr(
-                    cs, "deadline", trio.current_time() + timeout)
+        # One cancel scope for the whole connection, cancelled by the timer
+        # of the phase that timed out (no scope per request: see Timer).
+        with trio.CancelScope() as scope:
+            timer = Timer(scope)
+            # An inactivity timeout, as libevent's: every read restarts it.
+            conn.on_data = timer.restart
+            while True:
+                x = Exchange(t, ctx, worker)
+                x.cid = cid
+                x.conn = conn
+                x.timer = timer
+                timer.arm(timeout, READING)
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
+                    timer.disarm()
                     # An invalid Content-Length is 400 here; OpenBSD
                     # answers 500 (strtonum() failure), which is a bug.
-                    status = e.status
-                    await abort_http(x, status, e.msg or "malformed", log_req=True)
+                    await abort_http(x, e.status, e.msg or "malformed", log_req=True)
                     reason = x.close_msg
                     break
-            if cs.cancelled_caught:
+                timer.disarm()
+                if req is None:
+                    reason = "closed"
+                    break
+                x.req = req
+                keep = await handle_request(x)
+                srv_for_log = x.srv
+                timeout = x.srv.connection.request_timeout
+                if x.conf.log.style == "connection" and x.log_path is not None:
+                    summary.append(f" [{server_file.url_encode(x.log_path)}]")
+                if not keep:
+                    reason = x.close_msg or "done"
+                    break
+        if scope.cancelled_caught:
+            if timer.fired is READING:
                 # server_error(): 408 if a request was partly read, else
                 # the idle connection is just closed.
                 if conn.head_started():
@@ -156,23 +188,19 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                     reason = x.close_msg
                 else:
                     reason = "timeout"
-                break
-            conn.on_data = None
-            if req is None:
-                reason = "closed"
-                break
-            x.req = req
-            keep = await handle_request(x)
-            srv_for_log = x.srv
-            timeout = x.srv.connection.request_timeout
-            if x.conf.log.style == "connection" and x.log_path is not None:
-                summary.append(f" [{server_file.url_encode(x.log_path)}]")
-            if not keep:
-                reason = x.close_msg or "done"
-                break
+            else:
+                # The response did not go out in time (send_file).
+                x.keep = False
+                x.close_msg = "timeout"
+                srv_for_log = x.srv
+                if x.conf.log.style == "connection" and x.log_path is not None:
+                    summary.append(f" [{server_file.url_encode(x.log_path)}]")
+                reason = "timeout"
     except CLOSED:
         reason = "buffer event error"
     finally:
+        if timer is not None:
+            timer.close()
         worker.active -= 1
         _log_close(worker, srv_for_log, cid, t, reason, "".join(summary))
 
@@ -195,10 +223,48 @@ def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
 
 
 def _exists(worker: Worker):
-    def exists(conf: ServerConfig, path: str) -> bool:
-        full = worker.fs(conf.root) + server_file_strip(path, conf.strip)
-        return os.access(full, os.R_OK, effective_ids=True)
-    return exists
+    fn = worker.exists
+    if fn is None:
+        def fn(conf: ServerConfig, path: str) -> bool:
+            full = worker.fs(conf.root) + server_file_strip(path, conf.strip)
+            return os.access(full, os.R_OK, effective_ids=True)
+        worker.exists = fn
+    return fn
+
+
+# Bounded memo caches of pure per-request functions (request paths and Host
+# values come from clients: never let them grow without limit).
+CACHE_MAX = 1024
+_paths: dict[str, str] = {}
+
+
+def _canonical(raw_path: str) -> str:
+    """route.canonicalize_path(route.url_decode(raw_path)), memoised;
+    raises route.RouteError (not memoised)."""
+    path = _paths.get(raw_path)
+    if path is None:
+        path = route.canonicalize_path(route.url_decode(raw_path))
+        if len(_paths) >= CACHE_MAX:
+            _paths.clear()
+        _paths[raw_path] = path
+    return path
+
+
+_NO_SERVER = object()
+
+
+def _find_server(ctx: ListenCtx, host: str | None) -> ServerConfig | None:
+    """route.find_server() for this socket, memoised per Host value;
+    raises route.RouteError (not memoised)."""
+    hosts = ctx.hosts
+    srv = hosts.get(host)
+    if srv is None:
+        srv = route.find_server(ctx.servers, host, ctx.port)
+        if len(hosts) >= CACHE_MAX:
+            hosts.clear()
+        hosts[host] = srv if srv is not None else _NO_SERVER
+        return srv
+    return srv if srv is not _NO_SERVER else None
 
 
 def local_host(local: tuple[str, int]) -> str:
@@ -240,7 +306,7 @@ async def handle_request(x: Exchange) -> bool:
         raw_path, sep, query = target.partition("?")
         x.query = x.orig_query = query if sep else None
         try:
-            x.path = route.canonicalize_path(route.url_decode(raw_path))
+            x.path = _canonical(raw_path)
         except route.RouteError as e:
             x.log_path = raw_path            # logged as received (encoded)
             raise HttpError(400, str(e)) from None
@@ -248,7 +314,7 @@ async def handle_request(x: Exchange) -> bool:
         x.keep = req.keep_alive and not req.upgrade
         x.host = req.hmap.get("host")
         try:
-            srv = route.find_server(ctx.servers, x.host, ctx.port)
+            srv = _find_server(ctx, x.host)
         except route.RouteError as e:
             raise HttpError(400, str(e)) from None
         if srv is None:
@@ -379,49 +445,69 @@ def build_head(status: int, version: str, headers: list[tuple[str, str]]) -> byt
     return "".join(lines).encode("latin-1", "replace")
 
 
+def _file_head(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse) -> bytes:
+    """send_file()'s head when no `header` action and no HSTS applies: the
+    bytes build_head() makes of the same list, in one string."""
+    ctype = None
+    rest = ""
+    for k, v in fr.headers:
+        if k == "Content-Type":
+            ctype = v
+        else:
+            rest += f"{k}: {v}\r\n"
+    status = fr.status
+    head = (f"{x.version} {status} {REASONS.get(status, 'Unknown')}\r\n"
+            + (f"Server: {x.worker.server_name}\r\n" if conf.banner else "")
+            + ("Connection: keep-alive\r\n" if x.keep else "Connection: close\r\n")
+            + (f"Content-Type: {ctype}\r\n" if ctype is not None else "")
+            + (f"Content-Length: {fr.length}\r\n" if fr.length >= 0 else "")
+            + rest + f"Date: {http_date()}\r\n\r\n")
+    return head.encode("latin-1", "replace")
+
+
 async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
     conf = x.conf
     t = x.t
     try:
-        hdrs: list[tuple[str, str]] = []
-        if conf.banner:
-            hdrs.append(("Server", x.worker.server_name))
-        hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
-        ctype = None
-        rest = []
-        for k, v in fr.headers:
-            if k == "Content-Type":
-                ctype = v
-            else:
-                rest.append((k, v))
-        if ctype is not None:
-            hdrs.append(("Content-Type", ctype))
-        if fr.length >= 0:
-            hdrs.append(("Content-Length", str(fr.length)))
-        hdrs.extend(rest)
-        hdrs.extend(_hsts(x, conf))
-        hdrs.append(("Date", http_date()))
-        hdrs = _custom_headers(conf, hdrs, error=False)
-        head = build_head(fr.status, x.version, hdrs)
+        if not conf.headers and (conf.hsts is None or not x.ctx.tls):
+            head = _file_head(x, conf, fr)
+        else:
+            hdrs: list[tuple[str, str]] = []
+            if conf.banner:
+                hdrs.append(("Server", x.worker.server_name))
+            hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
+            ctype = None
+            rest = []
+            for k, v in fr.headers:
+                if k == "Content-Type":
+                    ctype = v
+                else:
+                    rest.append((k, v))
+            if ctype is not None:
+                hdrs.append(("Content-Type", ctype))
+            if fr.length >= 0:
+                hdrs.append(("Content-Length", str(fr.length)))
+            hdrs.extend(rest)
+            hdrs.extend(_hsts(x, conf))
+            hdrs.append(("Date", http_date()))
+            hdrs = _custom_headers(conf, hdrs, error=False)
+            head = build_head(fr.status, x.version, hdrs)
         x.status = fr.status
         # Logged before sending, with the Content-Length as the size (also
         # for HEAD), as server_response_http() does.
         x.sent = max(fr.length, 0)
         access_log(x)
         body = fr.segments if x.req.method != "HEAD" else []
-        with trio.fail_after(conf.connection.timeout):
-            if not body:
-                await t.send_all(head)
-            elif len(body) == 1 and type(body[0]) is bytes:
-                await t.send_all(head + body[0])
-            else:
-                await t.send_all(head)
-                for seg in body:
-                    if type(seg) is bytes:
-                        await t.send_all(seg)
-                    else:
-                        off, cnt = seg
-                        await t.sendfile(fr.fd, off, cnt)
+        timer = x.timer
+        if timer is None:
+            with trio.fail_after(conf.connection.timeout):
+                await _send_body(t, head, body, fr.fd)
+        else:
+            # The connection's timer, not a cancel scope per response: if it
+            # fires, serve_client ends the connection as the except below.
+            timer.arm(conf.connection.timeout, SENDING)
+            await _send_body(t, head, body, fr.fd)
+            timer.disarm()
     except trio.TooSlowError:
         x.keep = False
         x.close_msg = "timeout"
@@ -430,6 +516,23 @@ async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
         if fr.fd is not None:
             os.close(fr.fd)
     return x.keep
+
+
+async def _send_body(t: Transport, head: bytes, body: list, fd: int | None) -> None:
+    if not body:
+        await t.send_all(head)
+    elif len(body) == 1 and type(body[0]) is bytes:
+        await t.send_all(head + body[0])          # one send for small files
+    else:
+        # The head waits for the body's first bytes (MSG_MORE) instead of
+        # going out as a segment of its own.
+        await t.send_more(head)
+        for seg in body:
+            if type(seg) is bytes:
+                await t.send_all(seg)
+            else:
+                off, cnt = seg
+                await t.sendfile(fd, off, cnt)
 
 
 def access_log(x: Exchange) -> None:

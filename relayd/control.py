@@ -30,9 +30,13 @@ it in pfe) when privilege separation lands:
    when run as root; a stale socket is removed, a live one -- another
    relayd answering -- is refused) and serve() answers connections on trio.
 
-4. InProcessBackend: the backend over today's single process (Parent with
-   its RelayProc, RelayState, Stats and Hce).  Under privilege separation
-   a backend of the same interface will exchange imsgs instead.
+4. InProcessBackend: the backend over one process holding everything (a
+   Parent-like object with its RelayProc, RelayState, Stats and Hce): unit
+   tests and tools.
+
+5. MessageBackend: the backend of the pfe process under privilege
+   separation, where the socket lives: views and switches are commands to
+   the parent, which forwards them to hce and the relay processes.
 
 trio is imported inside the functions that need it: relayctl imports the
 protocol part and starts faster without it.
@@ -554,6 +558,72 @@ async def serve(sock: socket.socket, backend: ControlBackend,
         close_socket(sock)
 
 
+# -- views shared by the backends ----------------------------------------------
+
+def snapshot_tables(snapshot: list[dict]) -> dict[int, tuple[dict, list[dict]]]:
+    """Table instance id -> (table row, host rows) from hce's snapshot()."""
+    out: dict[int, tuple[dict, list[dict]]] = {}
+    for t in snapshot:
+        hosts = [host_row(h["id"], h["name"], h["state"], parent=h["parent"],
+                          table=t["id"], disabled=h["disabled"],
+                          check_cnt=h["check_cnt"], up_cnt=h["up_cnt"],
+                          retry_cnt=h["retry_cnt"], error=h["error"],
+                          addr=h["addr"], availability=h["availability"])
+                 for h in t["hosts"]]
+        out[t["id"]] = (table_row(t["id"], t["name"], t["up"], t["disabled"],
+                                  port=t["port"], check=t["check"]), hosts)
+    return out
+
+
+def summary_rows(conf, tables: dict, rdr_disabled: set, relay_stats,
+                 pfe_rows: dict) -> list[dict]:
+    """Rows in pfe's show() order.  `relay_stats(name)`: the ctl_stats
+    list of one relay; `pfe_rows`: redirect/router rows pfe made, by
+    (type, id)."""
+    rows: list[dict] = []
+
+    def add_table(inst) -> None:
+        if inst is None or inst.id not in tables:
+            return
+        trow, hrows = tables[inst.id]
+        rows.append(trow)
+        if not trow["disabled"]:
+            rows.extend(hrows)
+
+    for rdr in conf.redirects:
+        disabled = rdr.disabled or rdr.name in rdr_disabled
+        main = tables.get(rdr.table.table.id) if rdr.table.table else None
+        bak = tables.get(rdr.backup.table.id) if rdr.backup and rdr.backup.table else None
+        main_up = main[0]["up"] if main and not main[0]["disabled"] else 0
+        bak_up = bak[0]["up"] if bak and not bak[0]["disabled"] else 0
+        rows.append(pfe_rows.get(("redirect", rdr.id)) or  # pfe hook
+                    redirect_row(rdr.id, rdr.name, disabled,
+                                 down=disabled or (not main_up and not bak_up),
+                                 backup=not main_up and bak_up > 0))
+        if disabled:
+            continue
+        add_table(rdr.table.table)
+        if rdr.backup is not None:
+            add_table(rdr.backup.table)
+    for rl in conf.relays:
+        for lis in rl.listens or (None,):
+            rid = (lis.id if lis is not None else 0) or rl.id
+            name = (lis.name if lis is not None else "") or rl.name
+            rows.append(relay_row(rid, name, rl.disabled, relay_stats(name)))
+            for fwd in rl.tables:
+                add_table(fwd.table)
+    for rt in conf.routers:
+        rows.append(pfe_rows.get(("router", rt.id)) or  # pfe hook
+                    router_row(rt.id, rt.name, rt.disabled, rtable=rt.rtable,
+                               rtlabel=rt.rtlabel,
+                               routes=[[str(n.network_address), n.prefixlen]
+                                       for n in rt.routes]))
+        if rt.disabled:
+            continue
+        add_table(rt.forward.table)
+    return rows
+
+
 # -- 4. the in-process backend -------------------------------------------------
 
 class InProcessBackend(ControlBackend):
@@ -602,15 +672,7 @@ class InProcessBackend(ControlBackend):
         engine = getattr(self.parent, "hce", None)
         out: dict[int, tuple[dict, list[dict]]] = {}
         if engine is not None:
-            for t in engine.snapshot():
-                hosts = [host_row(h["id"], h["name"], h["state"], parent=h["parent"],
-                                  table=t["id"], disabled=h["disabled"],
-                                  check_cnt=h["check_cnt"], up_cnt=h["up_cnt"],
-                                  retry_cnt=h["retry_cnt"], error=h["error"],
-                                  addr=h["addr"], availability=h["availability"])
-                         for h in t["hosts"]]
-                out[t["id"]] = (table_row(t["id"], t["name"], t["up"], t["disabled"],
-                                          port=t["port"], check=t["check"]), hosts)
+            out = snapshot_tables(engine.snapshot())
             return out
         state = self.parent.proc.state if self.parent.proc is not None else None
         for inst in conf.instances:
@@ -624,51 +686,20 @@ class InProcessBackend(ControlBackend):
                                       check=inst.check.type), hosts)
         return out
 
+    async def _pfe_rows(self) -> dict:   # pfe hook: redirect/router rows from pfe
+        pfe = getattr(self.parent, "pfe", None)
+        if pfe is None:
+            return {}
+        await pfe.refresh_stats()
+        return {(r["type"], r["id"]): r for r in pfe.snapshot()}
+
     async def summary(self) -> list[dict]:
-        conf = self.parent.conf
         tables = self._tables()
-        rows: list[dict] = []
-
-        def add_table(inst) -> None:
-            if inst is None or inst.id not in tables:
-                return
-            trow, hrows = tables[inst.id]
-            rows.append(trow)
-            if not trow["disabled"]:
-                rows.extend(hrows)
-
-        for rdr in conf.redirects:
-            disabled = rdr.disabled or rdr.name in self._rdr_disabled
-            main = tables.get(rdr.table.table.id) if rdr.table.table else None
-            bak = tables.get(rdr.backup.table.id) if rdr.backup and rdr.backup.table else None
-            main_up = main[0]["up"] if main and not main[0]["disabled"] else 0
-            bak_up = bak[0]["up"] if bak and not bak[0]["disabled"] else 0
-            rows.append(redirect_row(rdr.id, rdr.name, disabled,
-                                     down=disabled or (not main_up and not bak_up),
-                                     backup=not main_up and bak_up > 0))
-            if disabled:
-                continue
-            add_table(rdr.table.table)
-            if rdr.backup is not None:
-                add_table(rdr.backup.table)
+        pfe_rows = await self._pfe_rows()   # pfe hook
         stats = getattr(self.parent.proc, "stats", None)
-        for rl in conf.relays:
-            for lis in rl.listens or (None,):
-                rid = (lis.id if lis is not None else 0) or rl.id
-                name = (lis.name if lis is not None else "") or rl.name
-                st = [stats.relay(name)] if stats is not None else []
-                rows.append(relay_row(rid, name, rl.disabled, st))
-                for fwd in rl.tables:
-                    add_table(fwd.table)
-        for rt in conf.routers:
-            rows.append(router_row(rt.id, rt.name, rt.disabled, rtable=rt.rtable,
-                                   rtlabel=rt.rtlabel,
-                                   routes=[[str(n.network_address), n.prefixlen]
-                                           for n in rt.routes]))
-            if rt.disabled:
-                continue
-            add_table(rt.forward.table)
-        return rows
+        return summary_rows(self.parent.conf, tables, self._rdr_disabled,
+                            lambda name: [stats.relay(name)] if stats is not None else [],
+                            pfe_rows)
 
     async def sessions(self) -> list[dict]:
         stats = getattr(self.parent.proc, "stats", None)
@@ -740,6 +771,9 @@ class InProcessBackend(ControlBackend):
                 t = engine.find_table(inst.id) if inst is not None else None
                 if t is not None:
                     self._switch_table(t, enable)
+        pfe = getattr(self.parent, "pfe", None)   # pfe hook: add/remove the rules
+        if pfe is not None:
+            await pfe.redirect_set(rdr.id, enable)
         self._event("redirect", enable, rdr.id, key)
         return True
 
@@ -764,3 +798,160 @@ class InProcessBackend(ControlBackend):
         level = 2 if verbose else 0
         log.set_verbose(level)
         self.hub.publish(verbose_event(level))
+
+
+# -- 5. the backend of the pfe process ----------------------------------------
+
+# Seconds the pfe process waits for the parent's answer to a command; a
+# reload starts a new generation of relay processes and waits for them.
+ASK_TIMEOUT = 10.0
+RELOAD_TIMEOUT = 120.0
+
+
+class MessageBackend(ControlBackend):
+    """relayctl under privilege separation, in the pfe process.
+
+    Everything is asked of the parent, which forwards to hce or to the
+    relay processes and answers: `ask(cmd: dict, timeout) -> result or
+    None` (None: no answer).  Commands (all JSON):
+
+      {"cmd": "snapshot"}                    hce's snapshot() (tables, hosts)
+      {"cmd": "stats"}                       {"workers": [RelayProc.status()...],
+                                              "retired": {"relays": {name: n}, ...}}
+      {"cmd": "sessions"}                    session rows of every relay process
+      {"cmd": "host"|"table", "key", "enable"}  hce's switch, then the relays'
+      {"cmd": "poll"} | {"cmd": "reload", "path"} | {"cmd": "log", "level"}
+      {"cmd": "stop"}
+
+    Host state changes come in as HOST_STATUS (host_status()); the last
+    snapshot is kept for when hce does not answer (restarting).  `pfe` is
+    the relayd.pfe.Pfe this process runs (redirect/router rows, redirect
+    switches), or None."""
+
+    def __init__(self, conf, ask, pfe=None) -> None:
+        self.conf = conf
+        self.ask = ask
+        self.pfe = pfe
+        self.hub = EventHub()
+        self._rdr_disabled: set[str] = set()
+        self.snapshot: list[dict] = []
+
+    def configure(self, conf) -> None:
+        """A reload: the new file decides what is disabled."""
+        self.conf = conf
+        self._rdr_disabled.clear()
+
+    def host_status(self, host_id: int, state: str, name: str = "", quiet: bool = False) -> None:
+        """A HOST_STATUS the parent forwarded: a monitor event."""
+        if quiet or not self.hub.subscribers:
+            return
+        self.hub.publish(host_status_event(host_id, state, name))
+
+    def subscribe(self):
+        return self.hub.subscribe()
+
+    # -- views -----------------------------------------------------------------
+    async def tables(self) -> dict:
+        snap = await self.ask({"cmd": "snapshot"}, ASK_TIMEOUT)
+        if isinstance(snap, list):
+            self.snapshot = snap
+        return snapshot_tables(self.snapshot)
+
+    async def relay_stats(self) -> dict:
+        r = await self.ask({"cmd": "stats"}, ASK_TIMEOUT)
+        return r if isinstance(r, dict) else {"workers": [], "retired": {}}
+
+    async def _pfe_rows(self) -> dict:
+        if self.pfe is None:
+            return {}
+        await self.pfe.refresh_stats()
+        return {(r["type"], r["id"]): r for r in self.pfe.snapshot()}
+
+    async def summary(self) -> list[dict]:
+        tables = await self.tables()
+        st = await self.relay_stats()
+        workers = sorted(st.get("workers") or [], key=lambda w: (w.get("instance", 0),
+                                                                 w.get("pid", 0)))
+        retired = (st.get("retired") or {}).get("relays") or {}
+
+        def stats(name: str) -> list[dict]:
+            out = [w["relays"][name] for w in workers if name in w.get("relays", {})]
+            if retired.get(name):
+                iv = out[0].get("interval", 0) if out else 0
+                out.append({"cnt": retired[name], "interval": iv})
+            return out
+        return summary_rows(self.conf, tables, self._rdr_disabled, stats,
+                            await self._pfe_rows())
+
+    async def sessions(self) -> list[dict]:
+        rows = await self.ask({"cmd": "sessions"}, ASK_TIMEOUT)
+        if not isinstance(rows, list):
+            return []
+        return sorted(rows, key=lambda r: (r.get("id", 0), r.get("proc", 0)))
+
+    # -- switches --------------------------------------------------------------
+    def _event(self, kind: str, enable: bool, id: int, key: int | str) -> None:
+        self.hub.publish(ctl_event(kind, enable, id, key if isinstance(key, str) else ""))
+
+    async def _switch(self, kind: str, key: int | str, enable: bool) -> dict | None:
+        r = await self.ask({"cmd": kind, "key": key, "enable": enable}, ASK_TIMEOUT)
+        if r is None:
+            raise CommandFailed("no answer from the health check engine")
+        if not r.get("found"):
+            return None
+        if r.get("error"):
+            raise CommandFailed(r["error"])
+        return r
+
+    async def host_set(self, key: int | str, enable: bool) -> bool:
+        r = await self._switch("host", key, enable)
+        if r is None:
+            return False
+        self._event("host", enable, r["id"], key)
+        return True
+
+    async def table_set(self, key: int | str, enable: bool) -> bool:
+        r = await self._switch("table", key, enable)
+        if r is None:
+            return False
+        self._event("table", enable, r["id"], key)
+        return True
+
+    async def redirect_set(self, key: int | str, enable: bool) -> bool:
+        if isinstance(key, str) and key.isdigit():
+            key = int(key)
+        rdr = next((r for r in self.conf.redirects
+                    if (r.id == key if isinstance(key, int) else r.name == key)), None)
+        if rdr is None:
+            return False
+        insts = [rdr.table.table] + ([rdr.backup.table] if enable and rdr.backup else [])
+        if enable:
+            self._rdr_disabled.discard(rdr.name)
+        else:
+            self._rdr_disabled.add(rdr.name)
+        for inst in insts:
+            if inst is not None:
+                await self.ask({"cmd": "table", "key": inst.id, "enable": enable},
+                               ASK_TIMEOUT)
+        if self.pfe is not None:   # pfe hook: add/remove the rules
+            await self.pfe.redirect_set(rdr.id, enable)
+        self._event("redirect", enable, rdr.id, key)
+        return True
+
+    # -- actions ---------------------------------------------------------------
+    async def poll(self) -> None:
+        await self.ask({"cmd": "poll"}, ASK_TIMEOUT)
+
+    async def reload(self, path: str | None = None) -> bool:
+        log.info(f"control: {'load ' + path if path else 'reload'} requested")
+        ok = await self.ask({"cmd": "reload", "path": path}, RELOAD_TIMEOUT)
+        return bool(ok)
+
+    async def log_verbose(self, verbose: bool) -> None:
+        level = 2 if verbose else 0
+        await self.ask({"cmd": "log", "level": level}, ASK_TIMEOUT)
+        log.set_verbose(level)
+        self.hub.publish(verbose_event(level))
+
+    async def stop(self) -> None:
+        await self.ask({"cmd": "stop"}, ASK_TIMEOUT)

@@ -38,6 +38,7 @@ check_script) and the relays' view of the states (relay.RelayState).
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from enum import IntEnum
@@ -49,7 +50,8 @@ import trio
 from relayd import check_http, check_icmp, check_script, check_tcp
 from relayd.check_tcp import HOST_DOWN, HOST_UNKNOWN, HOST_UP
 from relayd.config import InstanceHost, RelaydConfig, TableInstance
-from shared import log
+from shared import log, proc
+from shared.imsg import Channel, Imsg
 
 # Extra time a check gets past its deadline before it is abandoned as
 # `aborted` (the checks honour the deadline themselves; this is a backstop).
@@ -495,3 +497,189 @@ def relay_notify(state) -> Notify:
         state.set_host(host_id, True if st == HostStatus.UP
                        else False if st == HostStatus.DOWN else None)
     return notify
+
+
+# -- under privilege separation ------------------------------------------------
+
+def host_keys(conf: RelaydConfig) -> dict[tuple, InstanceHost]:
+    """Hosts of `conf` by (table instance name, host name, n): how a reload
+    matches hosts (reload() does the same on its HostStates)."""
+    keys: dict = {}
+    seen: dict = {}
+    for inst in conf.instances:
+        for ih in inst.hosts:
+            k = (inst.name, ih.name)
+            n = seen.get(k, 0)
+            seen[k] = n + 1
+            keys[k + (n,)] = ih
+    return keys
+
+
+def carry_states(old: RelaydConfig, new: RelaydConfig, states: dict[int, str]) -> dict[int, str]:
+    """Host states ("up"/"down"/"unknown") by id of `old` -> by id of `new`,
+    as reload() carries them: checked, enabled tables keep what was learnt,
+    unchecked ones are up."""
+    old_keys = host_keys(old)
+    out: dict[int, str] = {}
+    for key, ih in host_keys(new).items():
+        inst = new.instance(ih.table_id)
+        if inst is None or inst.disabled:
+            continue
+        if inst.check.type == "none":
+            out[ih.id] = "up"
+            continue
+        o = old_keys.get(key)
+        if o is not None and o.id in states:
+            out[ih.id] = states[o.id]
+    return out
+
+
+def preload() -> None:
+    """Load before the chroot what the checks would load lazily."""
+    import encodings.idna  # noqa: F401
+    check_tcp.tls_context()
+    trio.to_thread  # noqa: B018
+
+
+class Commands:
+    """hce's side of relayctl's switches and views (the parent forwards
+    them; InProcessBackend does the same in one process)."""
+
+    def __init__(self, engine: Hce) -> None:
+        self.engine = engine
+        self.quiet = False          # no monitor events for what a switch causes
+
+    def run(self, cmd: dict):
+        what = cmd["cmd"]
+        engine = self.engine
+        if what == "snapshot":
+            return engine.snapshot()
+        if what == "poll":
+            engine.poll()
+            return True
+        if what == "host":
+            return self.host(cmd["key"], bool(cmd["enable"]))
+        if what == "table":
+            return self.table(cmd["key"], bool(cmd["enable"]))
+        raise ValueError(f"unknown command {what!r}")
+
+    @staticmethod
+    def _key(key):
+        if isinstance(key, bool) or not isinstance(key, (int, str)):
+            raise ValueError("bad key")
+        return key
+
+    def host(self, key, enable: bool) -> dict:
+        engine = self.engine
+        h = engine.find_host(self._key(key))
+        if h is None:
+            return {"found": False}
+        if h.parent:
+            return {"found": True, "error": f"host {h.name} (id {h.id}) follows its parent "
+                                            f"host {h.parent}; switch that one"}
+        ids = [h.id] + [c.id for c in h.children]
+        changed = h.disabled != (not enable)
+        if changed:
+            self.quiet = True
+            try:
+                for hid in ids:
+                    engine.set_disabled(host=hid, disabled=not enable)
+            finally:
+                self.quiet = False
+            log.debug(f"{'enable' if enable else 'disable'}_host: host {h.id}")
+        return {"found": True, "id": h.id, "ids": ids, "changed": changed}
+
+    def table(self, key, enable: bool) -> dict:
+        engine = self.engine
+        t = engine.find_table(self._key(key))
+        if t is None:
+            return {"found": False}
+        changed = t.disabled != (not enable)
+        if changed:
+            self.quiet = True
+            try:
+                engine.set_disabled(table=t.conf.id, disabled=not enable)
+            finally:
+                self.quiet = False
+            log.debug(f"{'enable' if enable else 'disable'}_table: table {t.conf.id}")
+        return {"found": True, "id": t.conf.id, "changed": changed}
+
+
+def child_main(fd: int) -> int:
+    """`relayd -P hce`: take the config, open the ICMP sockets, sandbox, check."""
+    sock = proc.child_socket(fd)
+    setup = proc.recv_setup(sock)
+    cfg = setup.config
+    conf: RelaydConfig = cfg["conf"]
+    gen = [int(cfg.get("gen", 0))]
+    # As OpenBSD's hce: both ICMP sockets are opened before the drop.
+    pingers = {}
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        p = check_icmp.Pinger(fam)
+        p.open()
+        pingers[fam] = p
+    preload()
+    user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
+    proc.drop_privileges(cfg.get("chroot"), user)
+    status = [0]
+
+    async def main() -> None:
+        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
+        out_send, out_recv = trio.open_memory_channel(math.inf)
+        pending = proc.Pending()
+        commands: list[Commands] = []
+
+        def notify(host_id: int, state: HostStatus) -> None:
+            h = engine.hosts.get(host_id)
+            out_send.send_nowait((Imsg.HOST_STATUS, {
+                "gen": gen[0], "id": host_id, "state": str(state),
+                "name": h.name if h is not None else "",
+                "quiet": bool(commands and commands[0].quiet)}))
+
+        async def run_script(path: str, name: str, deadline: float) -> int:
+            seq, wait = pending.new()
+            timeout = max(deadline - trio.current_time(), 0.0)
+            out_send.send_nowait((Imsg.SCRIPT_RUN, {"seq": seq, "path": path, "host": name,
+                                                    "timeout": timeout}))
+            res = await wait(timeout + 5.0)
+            return res if isinstance(res, int) and not isinstance(res, bool) else -1
+
+        async def sender() -> None:
+            async for mtype, payload in out_recv:
+                await chan.send(mtype, payload)
+
+        engine = Hce(conf, notify, run_script=run_script)
+        engine._pingers.update(pingers)
+        commands.append(Commands(engine))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            await nursery.start(engine.run)
+            await chan.send(Imsg.CTL_READY)
+            while True:
+                msg = await chan.recv()
+                if msg is None or msg.type == Imsg.CTL_STOP:
+                    break
+                try:
+                    p = msg.payload
+                    if msg.type == Imsg.HCE_COMMAND:
+                        result = commands[0].run(p)
+                        if "seq" in p:
+                            out_send.send_nowait((Imsg.CTL_REPLY, {"seq": p["seq"],
+                                                                   "result": result}))
+                    elif msg.type == Imsg.CFG_RELOAD:
+                        gen[0] = int(p["gen"])
+                        engine.reload(p["conf"])
+                    elif msg.type == Imsg.SCRIPT_RESULT:
+                        pending.answer(p)
+                    elif msg.type == Imsg.CTL_VERBOSE:
+                        log.set_verbose(int(p.get("verbose", 0)))
+                    else:
+                        raise ValueError(f"unknown message type {msg.type}")
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    log.warn(f"hce: bad message from the parent: {e!r}")
+                    status[0] = 1
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return status[0]

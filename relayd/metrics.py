@@ -18,8 +18,11 @@ state at scrape time, so checks and sessions pay nothing for them; the
 relay counts each ended session with session_done().  The HTTP side is a tiny server on engine.serve and
 engine.http1 (keep-alive, GET/HEAD only, 404 elsewhere).
 
-XXX with several relay processes each counts its own sessions; the parent
-will have to sum them (STATISTICS messages) once privilege separation lands.
+Under privilege separation the exporter runs in the pfe process
+(Metrics(remote=True)): before each scrape `refresh` asks the parent for
+hce's snapshot and the relay processes' counters, and the session
+counters are the sums over every relay process (plus what processes that
+have exited counted), so they never go backwards across a reload.
 """
 
 from __future__ import annotations
@@ -98,18 +101,65 @@ class _RelayCollector:
         yield g
 
 
-class Metrics:
-    """The registry of one relayd process, with its relay counters."""
+class _TotalsCollector:
+    """Session counters summed over relay processes (remote mode)."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        t = self.metrics.totals
+        ended = CounterMetricFamily("relayd_relay_sessions", "Relay sessions ended",
+                                    labels=["relay"])
+        errors = CounterMetricFamily("relayd_relay_session_errors",
+                                     "Relay sessions that did not end normally",
+                                     labels=["relay"])
+        for name, n in sorted(t.get("ended", {}).items()):
+            ended.add_metric([name], n)
+        for name, n in sorted(t.get("errors", {}).items()):
+            errors.add_metric([name], n)
+        yield ended
+        yield errors
+
+
+class Snapshot:
+    """Stands for an Hce (snapshot()) and a RelayState (active) in the pfe
+    process: the last values the parent sent."""
 
     def __init__(self) -> None:
+        self.tables: list[dict] = []
+        self.active: dict[str, int] = {}
+
+    def snapshot(self) -> list[dict]:
+        return self.tables
+
+
+class Metrics:
+    """The registry of one relayd process, with its relay counters.
+
+    `remote`: the pfe process's exporter; `refresh` (async, set by the
+    owner) updates `view` (hce snapshot, open sessions) and `totals`
+    ({"ended": {relay: n}, "errors": {relay: n}}) before each scrape."""
+
+    def __init__(self, remote: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.hce = None
         self.relay_state = None
-        self.sessions = Counter("relayd_relay_sessions", "Relay sessions ended",
-                                ["relay"], registry=self.registry)
-        self.errors = Counter("relayd_relay_session_errors",
-                              "Relay sessions that did not end normally",
-                              ["relay"], registry=self.registry)
+        self.refresh = None
+        self.totals: dict[str, dict[str, int]] = {}
+        if remote:
+            self.view = Snapshot()
+            self.hce = self.relay_state = self.view
+            self.registry.register(_TotalsCollector(self))
+        else:
+            self.sessions = Counter("relayd_relay_sessions", "Relay sessions ended",
+                                    ["relay"], registry=self.registry)
+            self.errors = Counter("relayd_relay_session_errors",
+                                  "Relay sessions that did not end normally",
+                                  ["relay"], registry=self.registry)
         self.registry.register(_HceCollector(self))
         self.registry.register(_RelayCollector(self))
 
@@ -160,6 +210,11 @@ async def handle(t: Transport, metrics: Metrics) -> None:
         elif path != "/metrics":
             status, ctype, body = 404, "text/plain", b"404 Not Found\n"
         else:
+            if metrics.refresh is not None:
+                try:
+                    await metrics.refresh()
+                except Exception as e:     # stale values rather than no answer
+                    log.warn_exc(f"metrics: refresh failed: {e!r}")
             status, ctype, body = 200, CONTENT_TYPE_LATEST, metrics.render()
         data = _head(status, ctype, len(body), keep)
         if req.method != "HEAD":
@@ -169,27 +224,54 @@ async def handle(t: Transport, metrics: Metrics) -> None:
             return
 
 
+def bind(mconf, old: dict | None = None) -> dict[tuple[str, int], "socket.socket"]:
+    """A listening socket per address of MetricsConfig `mconf` (None: no
+    exporter), reusing `old` ones and sockets systemd passed; binding
+    errors are logged and leave that address out."""
+    from shared import sd
+    old = old or {}
+    out = {}
+    if mconf is None:
+        return out
+    for addr in mconf.addrs:
+        key = (addr, mconf.port)
+        if key in old:
+            out[key] = old[key]
+            continue
+        try:
+            out[key] = sd.take(addr, mconf.port) or listen.bind_tcp(addr, mconf.port)
+        except OSError as e:
+            log.warn_errno(f"metrics: cannot listen on {addr} port {mconf.port}", e)
+    return out
+
+
 async def serve_metrics(mconf, metrics: Metrics,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on every address of MetricsConfig `mconf` and serve until
     cancelled.  Binding errors are logged and leave the exporter off."""
-    listeners = []
-    for addr in mconf.addrs:
-        try:
-            listeners.append(serve.Listener(listen.bind_tcp(addr, mconf.port)))
-        except OSError as e:
-            log.warn_errno(f"metrics: cannot listen on {addr} port {mconf.port}", e)
-    if not listeners:
+    socks = bind(mconf)
+    if not socks:
         task_status.started()
         return
+    await serve_sockets(list(socks.values()), metrics, task_status=task_status)
 
+
+def make_server(metrics: Metrics) -> serve.Server:
+    """A metrics Server to hang listeners on (add_listener/remove_listener)."""
     async def handler(t: Transport, lis) -> None:
         try:
             await handle(t, metrics)
         except CLOSED:
             pass
+    return serve.Server(handler, max_clients=64)
 
-    server = serve.Server(handler, max_clients=64)
+
+async def serve_sockets(socks: list, metrics: Metrics,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve /metrics on listening sockets bound elsewhere until cancelled."""
+    listeners = [serve.Listener(s) for s in socks]
+
+    server = make_server(metrics)
     try:
         await server.run(listeners, task_status=task_status)
     finally:

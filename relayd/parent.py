@@ -27,6 +27,7 @@ import trio
 from engine.listen import bind_tcp, set_options
 from relayd import hce, metrics  # hce hook: health checks, metrics exporter
 from relayd import control  # control hook: the relayctl socket
+from relayd import pfe as pfe_mod  # pfe hook: redirections, routers, carp demotion
 from relayd import parse
 from relayd.config import RELAYD_SOCKET, RelaydConfig  # control hook: RELAYD_SOCKET
 from relayd.relay import RelayProc, SockKey, listen_sockets
@@ -87,7 +88,8 @@ class Parent:
             async with trio.open_nursery() as nursery:
                 self.proc.state.checks = True    # unreported hosts are unknown, not up
                 self.hce = await nursery.start(hce.run, self.conf,
-                                               hce.relay_notify(self.proc.state))
+                                               self._pfe_notify(  # pfe hook
+                                                   hce.relay_notify(self.proc.state)))
                 if self.conf.metrics is not None:
                     self.metrics = metrics.Metrics()
                     self.metrics.attach_hce(self.hce)
@@ -96,6 +98,31 @@ class Parent:
                     await nursery.start(metrics.serve_metrics, self.conf.metrics, self.metrics)
                 task_status.started()
     # -- end of hce hook
+
+    # -- pfe hook: redirections (nftables), routers (netlink), carp demotion
+    # (keepalived track files): relayd/pfe.py.  Moves into the pfe process
+    # (the one keeping CAP_NET_ADMIN) with privilege separation: there the
+    # HOST_STATUS imsgs from hce feed pfe.notify().
+    pfe: pfe_mod.Pfe | None = None
+    _pfe_scope: trio.CancelScope | None = None
+
+    async def _pfe(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run pfe until _pfe_scope is cancelled; on the way out it deletes
+        table inet relayd and its routes and undoes its demotions.  Touches
+        nothing for a configuration without redirects, routers or demote."""
+        with trio.CancelScope() as self._pfe_scope:
+            async with trio.open_nursery() as nursery:
+                self.pfe = await nursery.start(pfe_mod.Pfe(self.conf).run)
+                task_status.started()
+
+    def _pfe_notify(self, inner):
+        """hce's notify callback, teed into pfe (host states in order)."""
+        def notify(host_id, state) -> None:
+            inner(host_id, state)
+            if self.pfe is not None:
+                self.pfe.notify(host_id, state)
+        return notify
+    # -- end of pfe hook
 
     # -- control hook: the relayctl control socket (relayd/control.py)
     control_sock: socket.socket | None = None
@@ -152,6 +179,7 @@ class Parent:
                                        signal.SIGTERM, signal.SIGINT) as sigs:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.proc.run)
+                await nursery.start(self._pfe)      # pfe hook (before hce: it gets its reports)
                 await nursery.start(self._health)   # hce hook
                 await nursery.start(self._control)  # control hook
                 notify("READY=1")
@@ -173,6 +201,8 @@ class Parent:
                 self.proc.stop(STOP_DRAIN)
                 if self._health_scope is not None:   # hce hook
                     self._health_scope.cancel()
+                if self._pfe_scope is not None:      # pfe hook: removes table and routes
+                    self._pfe_scope.cancel()
                 if self._control_scope is not None:  # control hook
                     self._control_scope.cancel()
                 for s in self.sockets.values():
@@ -202,6 +232,8 @@ class Parent:
             log.warn(_bind_error(e) + "; keeping the current configuration")
             return False
         self.proc.configure(new, sockets)
+        if self.pfe is not None:   # pfe hook: queued before hce's reports with the new ids
+            self.pfe.reload_soon(new)
         if self.hce is not None:   # hce hook: keep host states, new ids
             self.hce.reload(new)
         for key, s in self.sockets.items():

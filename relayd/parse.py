@@ -85,10 +85,10 @@ EDH_PARAMS = ("none", "auto", "legacy")
 HOST_NAME_MAX = 255
 
 # Feature names for RelaydConfig.unimplemented.
-UNIMPL_REDIRECT = "redirect"
-UNIMPL_ROUTER = "router"
+# pfe hook: redirect, router and demote are implemented (relayd/pfe.py); a
+# redirect's `route to` (direct server return) is not: nftables has no route-to.
+UNIMPL_ROUTE_TO = "redirect route to (direct server return)"
 UNIMPL_AGENTX = "agentx"
-UNIMPL_DEMOTE = "demote"
 UNIMPL_TRANSPARENT = "transparent forward"
 UNIMPL_DESTINATION = "forward to destination"
 UNIMPL_NATLOOK = "forward to nat lookup"
@@ -553,7 +553,6 @@ class RelaydParser(Parser):
                 if len(group) >= IFNAMSIZ:
                     raise self.error("demote group name too long", gt)
                 fwd.demote = group
-                self._unimpl(ot, UNIMPL_DEMOTE)
             elif self.accept("interval"):
                 n, it = self._int("interval")
                 if n < self.interval or n % self.interval:
@@ -696,7 +695,6 @@ class RelaydParser(Parser):
             raise self.error(f"redirection name truncated: {name}", nt)
         self.last_rdr += 1
         rdr = _Redirect(id=self.last_rdr, name=name, where=self.where(kw))
-        self._unimpl(kw, UNIMPL_REDIRECT)
         self.tableport = 0
         nerr = len(self.errors.lines)
         try:
@@ -766,6 +764,8 @@ class RelaydParser(Parser):
                 raise self.error("missing interface to route to", t)
             if fwdmode == "transparent":
                 raise self.error("no transparent forward here", t)
+            if fwdmode == "route":          # pfe hook
+                self._unimpl(t, UNIMPL_ROUTE_TO)
             if fwd.check.type == "none":
                 raise self.error(f"table {fwd.instance_name} has no check", t)
             if rdr.backup is not None:
@@ -1277,7 +1277,6 @@ class RelaydParser(Parser):
             raise self.error("router name truncated", nt)
         self.last_router += 1
         rt = _Router(id=self.last_router, name=name, where=self.where(kw))
-        self._unimpl(kw, UNIMPL_ROUTER)
         self.tableport = ROUTER_DEFAULT_PORT
         nerr = len(self.errors.lines)
         try:

@@ -52,7 +52,6 @@ Not here: running nft, host states (pfe.py), routes (pfe_route.py).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import zlib
 from dataclasses import dataclass
@@ -247,10 +246,6 @@ def redirect_hosts(rdr: RedirectConfig) -> list[tuple[int, str]]:
     return out
 
 
-def _families(rdr: RedirectConfig) -> set[bool]:
-    return {is_v6(a) for _, a in redirect_hosts(rdr)} | {is_v6(l.addr) for l in rdr.listens}
-
-
 # -- the rules of one redirect ----------------------------------------------------------
 
 def redirect_rules(rdr: RedirectConfig, pool: Pool, *, ct_timeouts: bool = True) -> list[dict]:
@@ -347,7 +342,7 @@ def redirect_update(rdr: RedirectConfig, pool: Pool, old: Pool | None = None, *,
 
 # -- the whole table ----------------------------------------------------------------
 
-def ct_timeouts(conf: RelaydConfig) -> list[tuple[str, str, int]]:
+def ct_timeout_objects(conf: RelaydConfig) -> list[tuple[str, str, int]]:
     """(name, l3proto, seconds) of the ct timeout objects the table needs:
     one per redirect with TCP virtual addresses and address family."""
     out = []
@@ -362,7 +357,7 @@ def ct_timeouts_text(conf: RelaydConfig) -> str:
     """nft(8) syntax creating the ct timeout objects (libnftables 1.0.6
     ignores the policy of a JSON ct timeout, so they go in as text)."""
     lines = []
-    for name, l3, secs in ct_timeouts(conf):
+    for name, l3, secs in ct_timeout_objects(conf):
         lines.append(f"add ct timeout {FAMILY} {TABLE} {name} {{ protocol tcp; "
                      f"l3proto {l3}; policy = {{ established: {secs} }}; }}")
     return "".join(line + "\n" for line in lines)
@@ -381,11 +376,13 @@ def table_delete() -> list[dict]:
 
 
 def ruleset(conf: RelaydConfig, pools: dict[int, Pool], *, reset: bool = True,
-            ct_timeouts: bool = True) -> list[dict]:
+            ct_timeouts: bool = True, timeout_objects: bool = False) -> list[dict]:
     """The commands building table inet relayd for `conf` with the pools by
     redirect id (missing: enabled, empty); `reset` replaces any existing
     table in the same transaction (False when it was just made, holding
-    only the ct timeout objects)."""
+    only the ct timeout objects); `ct_timeouts` sets the `session timeout`
+    objects on TCP connections, `timeout_objects` creates them here (nft
+    1.0.9 and later; else ct_timeouts_text() made them)."""
     cmds: list[dict] = table_reset() if reset else [
         {"add": {"table": {"family": FAMILY, "name": TABLE}}}]
     tagged = [r for r in conf.redirects if r.pftag]
@@ -398,6 +395,10 @@ def ruleset(conf: RelaydConfig, pools: dict[int, Pool], *, reset: bool = True,
     if sticky:
         cmds.append(_add("chain", name="sticky", type="filter", hook="prerouting",
                          prio=PRIO_STICKY, policy="accept"))
+    if ct_timeouts and timeout_objects:
+        for name, l3, secs in ct_timeout_objects(conf):
+            cmds.append(_add("ct timeout", name=name, protocol="tcp", l3proto=l3,
+                             policy={"established": secs}))
     for rdr in conf.redirects:
         cmds.append(_add("counter", name=counter_name(rdr)))
         for v6 in sorted(_host_families(rdr)):
@@ -452,6 +453,8 @@ def describe(cmd: dict) -> str:
     """A short text of one command for error messages ("add rule rdr_1 ...")."""
     for verb, body in cmd.items():
         for kind, obj in body.items():
+            if kind == "table":
+                return f"{verb} table {obj.get('family', FAMILY)} {obj.get('name', TABLE)}"
             name = obj.get("name") or obj.get("chain") or ""
             what = f"{verb} {kind} {FAMILY} {TABLE}"
             if kind == "rule":
@@ -459,10 +462,3 @@ def describe(cmd: dict) -> str:
             return f"{what} {name}".rstrip()
     return str(cmd)
 
-
-def valid_addr(addr: str) -> bool:
-    try:
-        ipaddress.ip_address(addr)
-    except ValueError:
-        return False
-    return True

@@ -26,6 +26,7 @@ does not speak HTTP (relay_http does).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -42,7 +43,8 @@ from relayd import balance
 from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
                            RelaydConfig, TableInstance)
-from shared import log
+from shared import log, proc
+from shared.imsg import Channel, Imsg
 
 SockKey = tuple[str, int]
 
@@ -83,6 +85,9 @@ class RelayState:
         self._names: dict[int, str] = {}
         self._table_disabled: dict[int, bool] = {}    # relayctl table disable/enable
         self.disabled_hosts: set[int] = set()   # control hook: relayctl host disable
+        # Under privilege separation: the counters every relay process
+        # shares (relay_shm.Shared); None in a single process.
+        self.shared = None
         if conf is not None:
             self.configure(conf)
 
@@ -127,11 +132,40 @@ class RelayState:
             self._table_disabled[table_id] = disabled
 
     def roundrobin(self, relay_id: int, table_id: int) -> balance.RoundRobin:
+        if self.shared is not None:
+            rr = self.shared.roundrobin(relay_id, table_id)
+            if rr is not None:
+                return rr
         return self._rr.setdefault((relay_id, table_id), balance.RoundRobin())
 
+    def locked(self):
+        """Hold while a round-robin position is read and moved."""
+        return self.shared.locked() if self.shared is not None else contextlib.nullcontext()
+
     def next_id(self) -> int:
+        if self.shared is not None:
+            self.last_id = self.shared.next_id()
+            return self.last_id
         self.last_id += 1
         return self.last_id
+
+    def session_open(self, name: str) -> None:
+        self.active[name] = self.active.get(name, 0) + 1
+        if self.shared is not None:
+            self.shared.open(name, 1)
+
+    def session_close(self, name: str) -> None:
+        self.active[name] -= 1
+        if self.shared is not None:
+            self.shared.open(name, -1)
+
+    def active_count(self, name: str) -> int:
+        """Sessions open on relay `name` (in every relay process)."""
+        if self.shared is not None:
+            n = self.shared.active(name)
+            if n is not None:
+                return n
+        return self.active.get(name, 0)
 
 
 class Session:
@@ -158,7 +192,7 @@ class Session:
     @property
     def active(self) -> int:
         """Sessions open on this relay, this one included."""
-        return self.state.active.get(self.name, 0)
+        return self.state.active_count(self.name)
 
     # -- backend selection ---------------------------------------------------
     def _forwards(self, forward_to: str | None) -> list[ForwardConfig]:
@@ -179,11 +213,13 @@ class Session:
         if inst is None or not inst.hosts:
             return None
         up = [self.state.host_up(h.id) for h in inst.hosts]
-        host = balance.pick(fwd.mode, inst.hosts, up,
-                            self.state.roundrobin(self.listen.id or self.relay.id, inst.id),
-                            key=fwd.key, client=self.client.peer[0],
-                            relay_addr=self.listen.addr, relay_port=self.listen.port,
-                            hash_input=hash_input)
+        with (self.state.locked() if fwd.mode in ("roundrobin", "least-states")
+              else contextlib.nullcontext()):
+            host = balance.pick(fwd.mode, inst.hosts, up,
+                                self.state.roundrobin(self.listen.id or self.relay.id, inst.id),
+                                key=fwd.key, client=self.client.peer[0],
+                                relay_addr=self.listen.addr, relay_port=self.listen.port,
+                                hash_input=hash_input)
         if host is None:
             log.debug(f"relay_from_table: session {self.id}: no active hosts")
             return None
@@ -324,10 +360,16 @@ class RelayProc:
 
     metrics = None   # hce/metrics hook: a relayd.metrics.Metrics when `metrics listen on` is set
 
-    def __init__(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
+    def __init__(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket],
+                 shared=None, instance: int = 0) -> None:
         self.conf = conf
         self.state = RelayState(conf)
-        self.stats = relay_stats.Stats()        # control hook: show relays/sessions
+        self.state.shared = shared
+        self.instance = instance
+        self.stats = relay_stats.Stats(proc=instance)   # control hook: show relays/sessions
+        # Sessions ended / ended in error, by relay name (metrics).
+        self.ended: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
         nofile = socket_rlimit()
         if nofile == resource.RLIM_INFINITY:
             nofile = 2 * RELAY_MAX_SESSIONS
@@ -385,14 +427,27 @@ class RelayProc:
     def stop(self, drain: float | None = None) -> None:
         self.server.stop(drain)
 
+    def status(self) -> dict:
+        """This process's counters (privilege separation: what the parent
+        sums over relay processes for `relayctl show relays` and metrics)."""
+        names = list(self.stats.relays)
+        for rl in self.conf.relays:
+            for lis in rl.listens:
+                n = lis.name or rl.name
+                if n not in names:
+                    names.append(n)
+        return {"pid": os.getpid(), "instance": self.instance,
+                "relays": {n: self.stats.relay(n) for n in names},
+                "active": {n: c for n, c in self.state.active.items() if c},
+                "ended": dict(self.ended), "errors": dict(self.errors)}
+
     # -- sessions ----------------------------------------------------------------
     async def _handle(self, client: Transport, lis: Listener) -> None:
         ctx: RelayCtx = lis.ctx
         if ctx.relay.disabled:
             return          # accept, then close at once (the engine closes it)
         session = Session(self.state, ctx.conf, ctx.relay, ctx.listen, ctx.proto, client)
-        active = self.state.active
-        active[session.name] = active.get(session.name, 0) + 1
+        self.state.session_open(session.name)
         self.stats.session_start(session)       # control hook: show relays/sessions
         try:
             if ctx.proto.type == "http":
@@ -401,11 +456,15 @@ class RelayProc:
             else:
                 reason = await self._serve_tcp(session)
             session.close_log(reason)
+            error = reason not in DONE_REASONS
+            self.ended[session.name] = self.ended.get(session.name, 0) + 1
+            if error:
+                self.errors[session.name] = self.errors.get(session.name, 0) + 1
             if self.metrics is not None:   # hce/metrics hook (relayd/metrics.py)
-                self.metrics.session_done(session.name, reason not in DONE_REASONS)
+                self.metrics.session_done(session.name, error)
         finally:
             self.stats.session_end(session)     # control hook
-            active[session.name] -= 1
+            self.state.session_close(session.name)
             with trio.CancelScope(shield=True):
                 for backend in session.backends:
                     try:
@@ -429,3 +488,113 @@ class RelayProc:
         if tun.error == "timeout":
             return "splice timeout" if splice else "buffer event timeout"
         return "done"
+
+
+# -- the relay process (privilege separation) --------------------------------
+
+# HOST_STATUS states as RelayState.set_host takes them.
+HOST_STATES = {"up": True, "down": False, "unknown": None}
+
+
+def preload() -> None:
+    """Import now what would otherwise be imported lazily after the chroot."""
+    import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
+    from relayd import relay_http, rules  # noqa: F401
+    trio.to_thread  # noqa: B018
+
+
+class BadMessage(Exception):
+    """A message the relay process does not know: fatal."""
+
+
+def apply_command(rp: RelayProc, cmd: dict):
+    """A CTL_COMMAND from the parent: the result to send back."""
+    what = cmd["cmd"]
+    if what == "stats":
+        return rp.status()
+    if what == "sessions":
+        return rp.stats.session_rows()
+    if what == "host":
+        ids = [int(i) for i in cmd["ids"]]
+        for i in ids:
+            (rp.state.disabled_hosts.add if cmd["disabled"] else
+             rp.state.disabled_hosts.discard)(i)
+        return True
+    if what == "table":
+        disabled = cmd["disabled"]
+        rp.state.set_table(int(cmd["id"]), None if disabled is None else bool(disabled))
+        return True
+    raise BadMessage(f"unknown command {what!r}")
+
+
+def child_main(fd: int) -> int:
+    """`relayd -P relay`: take config and sockets, sandbox, relay."""
+    from relayd.relay_shm import Shared
+    sock = proc.child_socket(fd)
+    setup = proc.recv_setup(sock)
+    cfg = setup.config
+    conf: RelaydConfig = cfg["conf"]
+    sockets = {tuple(m.payload["key"]): socket.socket(fileno=m.fd)
+               for m in setup.fds(Imsg.CFG_SOCKET)}
+    shared = None
+    shm = setup.fds(Imsg.CFG_SHM)
+    if shm and shm[0].fd >= 0:
+        s = cfg["shm"]
+        shared = Shared(shm[0].fd, conf, s["names"], s["worker"], s["rr_base"])
+    preload()
+    socket_rlimit()
+    user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
+    proc.drop_privileges(cfg.get("chroot"), user)
+    status = [0]
+
+    async def main() -> None:
+        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
+        rp = RelayProc(conf, sockets, shared=shared, instance=cfg.get("instance", 0))
+        rp.state.checks = True      # hosts nobody reported yet are unknown, not up
+        for hid, st in (cfg.get("states") or {}).items():
+            rp.state.set_host(int(hid), HOST_STATES[st])
+        for hid in cfg.get("disabled_hosts") or ():
+            rp.state.disabled_hosts.add(int(hid))
+        for tid, dis in (cfg.get("tables") or {}).items():
+            rp.state.set_table(int(tid), dis)
+        for m in setup.msgs:            # host states sent while we were set up
+            if m.type == Imsg.HOST_STATUS:
+                rp.state.set_host(int(m.payload["id"]), HOST_STATES[m.payload["state"]])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rp.run)
+            await chan.send(Imsg.CTL_READY)
+            drain = 0.0
+            while True:
+                msg = await chan.recv()
+                if msg is None:             # the parent is gone: stop now
+                    break
+                try:
+                    if msg.type == Imsg.HOST_STATUS:
+                        p = msg.payload
+                        rp.state.set_host(int(p["id"]), HOST_STATES[p["state"]])
+                    elif msg.type == Imsg.CTL_COMMAND:
+                        result = apply_command(rp, msg.payload)
+                        await chan.send(Imsg.CTL_REPLY, {"seq": msg.payload["seq"],
+                                                         "result": result})
+                    elif msg.type == Imsg.CTL_VERBOSE:
+                        log.set_verbose(int(msg.payload.get("verbose", 0)))
+                    elif msg.type == Imsg.CTL_STOP:
+                        drain = float(msg.payload.get("drain", 0))
+                        break
+                    else:
+                        raise BadMessage(f"unknown message type {msg.type}")
+                except (BadMessage, KeyError, TypeError, ValueError, AttributeError) as e:
+                    log.warn(f"relay: bad message from the parent: {e!r}")
+                    status[0] = 1
+                    break
+            rp.stop(drain)
+            await rp.server.wait_stopped()
+            if msg is not None and status[0] == 0:
+                try:   # what this process counted, for the parent's totals
+                    await chan.send(Imsg.RELAY_STATS, {"final": True, **rp.status()})
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return status[0]

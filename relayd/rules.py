@@ -298,7 +298,7 @@ def compile_rules(rules: Sequence[Rule]) -> dict[str, list[_Rule]]:
 class Verdict:
     """What evaluate() decided.
 
-    `result`: RES_*.  `actions`: (test, match, label) in application order.
+    `result`: RES_*.  `actions`: (test, what it matched) in application order.
     `table`: `forward to` table name chosen (None: the relay's default).
     `tag`/`label`: the session's tag and label after this evaluation."""
 

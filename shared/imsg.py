@@ -101,8 +101,12 @@ class Channel:
     """One end of a socketpair, under trio.  Sends are serialised."""
 
     def __init__(self, sock: socket.socket, allow_pickle: bool = False,
-                 trusted_send: bool = False, reader: Reader | None = None) -> None:
+                 trusted_send: bool = False, reader: Reader | None = None,
+                 accept_fds: bool = True) -> None:
         sock.setblocking(False)
+        # False (the parent's end): descriptors a child sends are closed
+        # unread; nothing goes up with one.
+        self.accept_fds = accept_fds
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.reader = reader or Reader(allow_pickle)
         self.trusted_send = trusted_send
@@ -147,6 +151,10 @@ class Channel:
         return self.pending.pop(0)
 
     def _take(self, data: bytes, fds: list[int]) -> None:
+        if fds and not self.accept_fds:
+            for fd in fds:
+                os.close(fd)
+            fds = []
         msgs = self.reader.feed(data, fds)
         for m in msgs:
             # One fd per message at most, in order.
@@ -201,6 +209,10 @@ class Imsg:
     CFG_SOCKET = 11      # parent -> child: a listening socket (fd) {"key": [addr, port]}
     CFG_LOGSOCK = 12     # parent -> child: the datagram socket to the logger (fd)
     CFG_DONE = 13        # parent -> child: configuration complete
+    CFG_CONTROL = 14     # parent -> pfe: the control socket, listening (fd)
+    CFG_METRICS = 15     # parent -> pfe: a metrics listening socket (fd) {"key": [addr, port]}
+    CFG_SHM = 16         # parent -> relay: the relays' shared counters (memfd)
+    CFG_RELOAD = 17      # parent -> hce, pfe: a new configuration {"conf", "gen"} (pickled)
     LOG_FILE = 20        # parent -> logger: an open log file (fd) {"name": n}
     HOST_STATUS = 30     # hce -> parent -> relays, control: {"id": n, "up": bool|None}
     HOST_SNAPSHOT = 31   # hce -> parent -> control: hosts and tables (relayctl show)
@@ -210,6 +222,13 @@ class Imsg:
     RELAY_STATS = 50     # relay -> parent -> control: session counters
     RELAY_SESSIONS = 51  # relay -> parent -> control: live sessions
     EVENT = 60           # any -> parent -> control: a monitor event
+    DEMOTE = 61          # pfe -> parent: {"group": g, "level": n} (carp track file)
 
 
-carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE)
+carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE, Imsg.CFG_CONTROL,
+           Imsg.CFG_METRICS, Imsg.CFG_SHM)
+
+
+def type_names() -> dict[int, str]:
+    """Imsg values -> names (for log lines about unknown messages)."""
+    return {v: k for k, v in vars(Imsg).items() if k.isupper() and isinstance(v, int)}

@@ -75,7 +75,7 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _set_caps(caps: list[int]) -> None:
+def _set_caps(caps: list[int], inheritable: bool = False) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
@@ -83,6 +83,8 @@ def _set_caps(caps: list[int]) -> None:
     for c in caps:
         mask |= 1 << c
     data[0].effective = data[0].permitted = mask
+    if inheritable:
+        data[0].inheritable = mask
     if libc.capset(ctypes.byref(hdr), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
@@ -118,14 +120,24 @@ def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:
     return True
 
 
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+CAP_NET_RAW = 13
+CAP_NET_ADMIN = 12
+
+
 def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
-                    keep_dac: bool = False) -> bool:
+                    keep_dac: bool = False, keep_caps: tuple[int, ...] = (),
+                    ambient: bool = False) -> bool:
     """chroot + setgroups + setresgid/setresuid + no_new_privs.
 
     `keep_dac` keeps CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (only those)
     across the uid change: for files the configuration names that the
-    unprivileged user's modes do not reach.  Returns False (and changes
-    nothing) when not running as root."""
+    unprivileged user's modes do not reach.  `keep_caps` keeps other
+    capabilities the same way (relayd's pfe: CAP_NET_ADMIN); `ambient`
+    also makes them ambient, so that programs the process runs (nft)
+    have them too.  Returns False (and changes nothing) when not running
+    as root."""
     if os.geteuid() != 0:
         return False
     # Load what would otherwise be read from files after the chroot.
@@ -133,16 +145,37 @@ def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
     if chroot:
         os.chroot(chroot)
         os.chdir("/")
+    caps = ([CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] if keep_dac else []) + list(keep_caps)
     if user is not None:
         libc = ctypes.CDLL(None, use_errno=True)
-        if keep_dac:
+        if caps:
             libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
         os.setgroups([user.pw_gid])
         os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
         os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
-        _set_caps([CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] if keep_dac else [])
+        _set_caps(caps, inheritable=ambient)
+        if ambient:
+            for c in keep_caps:
+                if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0) != 0:
+                    log.warn(f"prctl(PR_CAP_AMBIENT_RAISE, {c}): "
+                             f"{os.strerror(ctypes.get_errno())}")
     no_new_privs()
     return True
+
+
+def make_empty_dir(path: str = "/var/empty") -> None:
+    """The chroot of relayd's children: created when missing, root-owned,
+    mode 0755 (as OpenBSD's /var/empty)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        st = os.stat(path)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o755)
+    except OSError as e:
+        log.warn_errno(f"cannot make {path}", e)
 
 
 @dataclass
@@ -173,7 +206,7 @@ async def spawn(module: str, title: str, instance: int, generation: int,
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(fd,))
     finally:
         csock.close()
-    chan = Channel(psock, allow_pickle=False, trusted_send=True)
+    chan = Channel(psock, allow_pickle=False, trusted_send=True, accept_fds=False)
     return Child(title, instance, generation, proc, chan)
 
 
@@ -215,11 +248,14 @@ class Supervisor:
     gets every message other than CTL_READY."""
 
     def __init__(self, module: str, args: list[str], nursery: trio.Nursery,
-                 on_message=None) -> None:
+                 on_message=None, on_exit=None) -> None:
         self.module = module
         self.args = args
         self.nursery = nursery
         self.on_message = on_message
+        # on_exit(child, returncode): called once a child is gone (before
+        # a restart), e.g. to release what the parent kept for it.
+        self.on_exit = on_exit
         self.children: list[Child] = []
         self.stopping = False
 
@@ -259,13 +295,28 @@ class Supervisor:
             elif self.on_message is not None:
                 try:
                     await self.on_message(child, msg)
+                except (ImsgError, KeyError, TypeError, ValueError, AttributeError) as e:
+                    # Unknown type or malformed payload: fatal for the child.
+                    log.warn(f"{child.title}: bad message {msg.type} ({e!r}): "
+                             f"killing pid {child.pid}")
+                    child.process.kill()
+                    return
                 except Exception as e:
-                    log.warn_exc(f"{child.title}: bad message {msg.type}: {e!r}")
+                    log.warn_exc(f"{child.title}: message {msg.type}: {e!r}")
+            else:
+                log.warn(f"{child.title}: unexpected message {msg.type}: killing pid {child.pid}")
+                child.process.kill()
+                return
 
     async def _watch(self, child: Child) -> None:
         code = await child.process.wait()
         if child in self.children:
             self.children.remove(child)
+        if self.on_exit is not None:
+            try:
+                self.on_exit(child, code)
+            except Exception as e:
+                log.warn_exc(f"{child.title}: exit hook: {e!r}")
         if self.stopping or child.stopping:
             child.chan.close()
             return
@@ -341,3 +392,50 @@ def recv_setup(sock: socket.socket) -> Setup:
                 return Setup(config, msgs, reader)
             else:
                 msgs.append(m)
+
+
+class Pending:
+    """Requests awaiting their answer, by sequence number: a process sends
+    {"seq": n, ...} and the peer's reply {"seq": n, "result": r} wakes it.
+
+        seq, wait = pending.new()
+        await chan.send(TYPE, {"seq": seq, ...})
+        result = await wait(timeout)        # None on timeout
+        ...
+        pending.answer(reply)               # from the reading task
+    """
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._waiting: dict[int, list] = {}
+
+    def new(self):
+        self._seq += 1
+        seq = self._seq
+        slot = [trio.Event(), None]
+        self._waiting[seq] = slot
+
+        async def wait(timeout: float):
+            try:
+                with trio.move_on_after(timeout):
+                    await slot[0].wait()
+                return slot[1]
+            finally:
+                self._waiting.pop(seq, None)
+        return seq, wait
+
+    def answer(self, payload) -> bool:
+        """Deliver a reply; False when nobody waits for it (late, unknown)."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("seq"), int):
+            raise ValueError("reply without a sequence number")
+        slot = self._waiting.get(payload["seq"])
+        if slot is None:
+            return False
+        slot[1] = payload.get("result")
+        slot[0].set()
+        return True
+
+    def fail_all(self) -> None:
+        """Wake every waiter with None (the peer went away)."""
+        for slot in self._waiting.values():
+            slot[0].set()

@@ -239,10 +239,10 @@ def test_check_binary():
     assert check('check binary send nothing expect "aB"').send is None
 
 
-def test_demote_is_parsed_but_unimplemented():
+def test_demote_is_parsed():
     conf = parse("table <web> { 127.0.0.1 }\n" + R + "\tforward to <web> check tcp demote carp\n}\n")
     assert conf.instances[0].demote == "carp"
-    assert conf.unimplemented == ((f"{NAME}:4", "demote"),)
+    assert conf.unimplemented == ()      # relayd/carp.py
 
 
 # -- modes and keys -----------------------------------------------------------------
@@ -544,7 +544,7 @@ def test_redirect_directives():
     assert rd.mode == "source-hash" and len(rd.key) == 16
     assert (rd.pftag, rd.pftag_match, rd.session_timeout) == ("REDIRECTED", True, 90)
     assert rd.sticky_address and rd.disabled
-    assert conf.unimplemented == ((f"{NAME}:3", "redirect"),)
+    assert conf.unimplemented == ()      # relayd/pfe.py
 
 
 def test_redirect_route_to_and_least_states():
@@ -553,6 +553,7 @@ def test_redirect_route_to_and_least_states():
                  "\troute to <b> port 5222 check tcp mode least-states interface em0\n}\n")
     f = conf.redirects[0].table
     assert (f.route, f.interface, f.mode) == (True, "em0", "least-states")
+    assert conf.unimplemented == ((f"{NAME}:4", "redirect route to (direct server return)"),)
 
 
 def test_router():
@@ -564,7 +565,7 @@ def test_router():
     assert rt.forward.table.name == "gw:65535" and rt.forward.table.check.type == "icmp"
     assert (rt.rtable, rt.rtlabel) == (5, "wan")
     assert [h.conf.priority for h in rt.forward.table.hosts] == [52, 0]
-    assert conf.unimplemented == ((f"{NAME}:2", "router"),)
+    assert conf.unimplemented == ()      # relayd/pfe_route.py
 
 
 # -- macros and includes -----------------------------------------------------------------
@@ -743,7 +744,7 @@ def test_manual_examples():
     assert router.forward.table.name == "gateways:65535"
     assert [h.conf.ip_ttl for h in router.forward.table.hosts] == [1, 1]
     assert sorted({f for _, f in conf.unimplemented}) == sorted({
-        "redirect", "router", "listen ... tls", "forward with tls",
+        "redirect route to (direct server return)", "listen ... tls", "forward with tls",
         "forward to destination", "tls interception (ca cert/ca key)"})
     assert conf.warnings == ()
 
