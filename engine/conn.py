@@ -87,7 +87,7 @@ class SocketTransport(Transport):
     `sock` is a stdlib socket; a trio socket given to the constructor is
     taken over (detached), so that only this transport closes it."""
 
-    __slots__ = ("sock", "peer", "local", "bytes_in", "bytes_out", "_rounds")
+    __slots__ = ("sock", "peer", "local", "bytes_in", "bytes_out", "_rounds", "_sent")
 
     def __init__(self, sock, peer=None, local=None) -> None:
         if not isinstance(sock, socket.socket):
@@ -98,11 +98,19 @@ class SocketTransport(Transport):
         self.local = _sockname(local if local is not None else sock.getsockname())
         self.bytes_in = 0
         self.bytes_out = 0
-        self._rounds = 0
+        self._rounds = 0         # sends in a row that did not yield
+        self._sent = False       # the last call was a send
 
     async def receive(self, n: int = RECV_SIZE) -> bytes:
         sock = self.sock
-        await trio.lowlevel.checkpoint_if_cancelled()
+        sent = self._sent
+        if sent:
+            # Just sent (a response): the peer cannot have answered yet, so
+            # wait first rather than fail a recv() with EAGAIN.
+            self._sent = False
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         try:
             data = sock.recv(n)
         except BlockingIOError:
@@ -114,7 +122,8 @@ class SocketTransport(Transport):
                 except BlockingIOError:
                     pass
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not sent:
+                await trio.lowlevel.cancel_shielded_checkpoint()
         self._rounds = 0
         self.bytes_in += len(data)
         return data
@@ -122,6 +131,7 @@ class SocketTransport(Transport):
     async def send_all(self, data, flags: int = 0) -> None:
         sock = self.sock
         total = len(data)
+        self._sent = True
         try:
             n = sock.send(data, flags)
         except BlockingIOError:
@@ -147,6 +157,7 @@ class SocketTransport(Transport):
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         fileno = self.sock.fileno()
+        self._sent = True
         rounds = 0
         end = offset + count
         while offset < end:

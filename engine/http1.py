@@ -177,12 +177,14 @@ class _Conn:
         if not self.in_head:
             return   # trailer fields of a chunked body: dropped
         if self.lenient and value.translate(None, _CTL) != value:
-            raise HttpError(400, "malformed header")
+            self.error = HttpError(400, "malformed header")
+            raise self.error
         n = name.decode("latin-1")
         v = value.decode("latin-1")
         cur.head_size += len(name) + len(value) + 2
         if cur.head_size > self.max_head:
-            raise HttpError(413, "request headers too large")
+            self.error = HttpError(413, "request headers too large")
+            raise self.error
         cur.headers.append((n, v))
         low = n.lower()
         hmap = cur.hmap
@@ -399,13 +401,6 @@ class ServerConn(_Conn):
             raise
         cur.upgrade = p.should_upgrade()
         self.events.append(cur)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        try:
-            super().on_header(name, value)
-        except HttpError as e:
-            self.error = e
-            raise
 
     async def next_request(self, discard_limit: int = 1 << 20) -> Request | None:
         """The next request head, or None when the client is done.

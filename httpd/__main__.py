@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         for where, what in conf.unimplemented:
             sys.stderr.write(f"{where}: {what} is not implemented yet\n")
         return 1
+    # Certificates, keys and the rest must load (parse.y does it too).
+    from httpd import server_tls
+    errors = server_tls.read_files(conf)[2]
+    if errors:
+        for line in errors:
+            sys.stderr.write(line + "\n")
+        return 1
     if args.n:
         sys.stderr.write("configuration OK\n")
         return 0

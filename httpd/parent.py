@@ -31,11 +31,12 @@ import sys
 
 import trio
 
+from engine import tls
 from engine.listen import bind_tcp
-from httpd import parse
+from httpd import parse, server_tls
 from httpd.config import HttpdConfig
 from httpd.server import SockKey, log_names, logdir_of, socket_groups
-from shared import log, proc
+from shared import log, proc, sd
 from shared.imsg import Imsg
 from shared.lexer import ConfigError
 
@@ -47,11 +48,17 @@ RELOAD_DRAIN = 600.0
 READY_TIMEOUT = 30.0
 # The unprivileged users, in order of preference.
 HTTPD_USERS = ("www", "www-data")
+# Session-ticket keys rotate every `ticket lifetime` / this, never faster
+# than TICKET_REKEY_MIN seconds; tls.TICKET_KEYS_KEPT old keys still
+# decrypt, so a ticket stays good for its whole lifetime.
+TICKET_REKEY_DIV = 4
+TICKET_REKEY_MIN = 15
 
 
 def bind_all(conf: HttpdConfig, old: dict[SockKey, socket.socket] | None = None
              ) -> dict[SockKey, socket.socket]:
-    """A socket per (addr, port) of `conf`, reusing `old` ones; raises OSError."""
+    """A socket per (addr, port) of `conf`, reusing `old` ones and sockets
+    systemd passed (shared.sd, socket activation); raises OSError."""
     old = old or {}
     out: dict[SockKey, socket.socket] = {}
     try:
@@ -60,6 +67,10 @@ def bind_all(conf: HttpdConfig, old: dict[SockKey, socket.socket] | None = None
                 out[key] = old[key]
                 continue
             tcp = servers[0].tcp
+            inherited = sd.take(key[0], key[1])
+            if inherited is not None:
+                out[key] = inherited
+                continue
             out[key] = bind_tcp(key[0], key[1], backlog=tcp.backlog,
                                 sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
@@ -121,12 +132,17 @@ class Parent:
         self.logsock: tuple[socket.socket, socket.socket] | None = None
         self.user = proc.find_user(HTTPD_USERS) if os.geteuid() == 0 else None
         self.reloading = False
+        # TLS files of self.conf (read here, in the parent) and ticket keys.
+        self.tls_files: dict = {}
+        self.tls_keys: dict[int, bytes] = {}
+        self.ticket_keys: list[bytes] = []
 
     def child_args(self) -> list[str]:
         return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
 
     # -- children's set-up ---------------------------------------------------
-    def _server_setup(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]):
+    def _server_setup(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
+                      tls_files: dict, tls_keys: dict[int, bytes]):
         keep_dac = False
         bad = needs_dac(conf, self.user)
         if bad:
@@ -137,10 +153,20 @@ class Parent:
         async def setup(child: proc.Child) -> None:
             c = child.chan
             await c.send(Imsg.CFG_CONFIG, {"conf": conf, "keep_dac": keep_dac,
-                                           "user": self.user.pw_name if self.user else None})
+                                           "user": self.user.pw_name if self.user else None,
+                                           "tls": tls_files})
             for key, sock in sockets.items():
                 await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
             await c.send(Imsg.CFG_LOGSOCK, None, fd=self.logsock[1].fileno())
+            # Private keys go by memfd, never in a message a buffer keeps.
+            for sid, key in tls_keys.items():
+                fd = tls.key_to_fd(key)
+                try:
+                    await c.send(Imsg.CFG_TLS_KEY, {"id": sid}, fd=fd)
+                finally:
+                    os.close(fd)
+            if self.ticket_keys:
+                await c.send(Imsg.TLS_TICKET_KEYS, {"keys": list(self.ticket_keys)})
             await c.send(Imsg.CFG_DONE)
         return setup
 
@@ -158,9 +184,12 @@ class Parent:
     def nservers(self, conf: HttpdConfig) -> int:
         return conf.prefork or os.cpu_count() or 1
 
-    async def start_servers(self, conf: HttpdConfig, sockets) -> list[proc.Child]:
+    async def start_servers(self, conf: HttpdConfig, sockets, tls_files: dict,
+                            tls_keys: dict[int, bytes]) -> list[proc.Child]:
         self.generation += 1
-        setup = self._server_setup(conf, sockets)
+        if server_tls.ticket_lifetime(conf) and not self.ticket_keys:
+            self.ticket_keys = [tls.new_ticket_key()]
+        setup = self._server_setup(conf, sockets, tls_files, tls_keys)
         return [await self.sup.start("server", i, self.generation, setup)
                 for i in range(self.nservers(conf))]
 
@@ -170,6 +199,12 @@ class Parent:
         # test) may connect, and send SIGHUP, as soon as a port accepts.
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1,
                                        signal.SIGTERM, signal.SIGINT) as sigs:
+            # Certificates and keys are read before anything is bound.
+            self.tls_files, self.tls_keys, errors = server_tls.read_files(self.conf)
+            if errors:
+                for line in errors:
+                    log.warn(line)
+                return 1
             try:
                 self.sockets = bind_all(self.conf)
             except OSError as e:
@@ -183,7 +218,9 @@ class Parent:
             async with trio.open_nursery() as nursery:
                 self.sup = proc.Supervisor("httpd", self.child_args(), nursery)
                 logger = await self.sup.start("logger", 0, 0, self._logger_setup())
-                servers = await self.start_servers(self.conf, self.sockets)
+                servers = await self.start_servers(self.conf, self.sockets,
+                                                   self.tls_files, self.tls_keys)
+                nursery.start_soon(self._rekey_tickets)
                 if not await self.sup.wait_ready([logger, *servers], READY_TIMEOUT):
                     log.warn("parent: children did not start")
                 notify("READY=1")
@@ -237,6 +274,13 @@ class Parent:
                 log.warn(f"{where}: {what} is not implemented yet")
             log.warn("parent_reload: configuration failed, keeping the current one")
             return False
+        # Read again even if unchanged: renewed certificates take effect.
+        tls_files, tls_keys, errors = server_tls.read_files(new)
+        if errors:
+            for line in errors:
+                log.warn(line)
+            log.warn("parent_reload: configuration failed, keeping the current one")
+            return False
         try:
             sockets = bind_all(new, self.sockets)
         except OSError as e:
@@ -246,7 +290,7 @@ class Parent:
         self.reloading = True
         try:
             old_servers = self.sup.of("server")
-            fresh = await self.start_servers(new, sockets)
+            fresh = await self.start_servers(new, sockets, tls_files, tls_keys)
             if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
                 log.warn("parent_reload: new servers did not start, keeping the current configuration")
                 await self.sup.stop(fresh, 0)
@@ -257,6 +301,7 @@ class Parent:
             old_sockets = self.sockets
             self.sockets = sockets
             self.conf = new
+            self.tls_files, self.tls_keys = tls_files, tls_keys
             await self.reopen_logs()
             log.info("parent_reload: configuration reloaded")
         finally:
@@ -269,6 +314,22 @@ class Parent:
                     s.close()
         self.sup.nursery.start_soon(retire)
         return True
+
+
+    async def _rekey_tickets(self) -> None:
+        """parent_tls_ticket_rekey(): a new session-ticket key for every
+        server process, every `ticket lifetime` / 4."""
+        while True:
+            life = server_tls.ticket_lifetime(self.conf)
+            if not life:
+                await trio.sleep(60)      # a reload may turn tickets on
+                continue
+            await trio.sleep(max(TICKET_REKEY_MIN, life // TICKET_REKEY_DIV))
+            if not server_tls.ticket_lifetime(self.conf):
+                continue
+            self.ticket_keys = [tls.new_ticket_key(), *self.ticket_keys][:tls.TICKET_KEYS_KEPT + 1]
+            await self.sup.broadcast(Imsg.TLS_TICKET_KEYS, {"keys": list(self.ticket_keys)},
+                                     title="server")
 
 
 def notify(state: str) -> None:

@@ -377,8 +377,6 @@ class HttpdParser(Parser):
             listen = Listen(a, port, tls)
             if listen not in b.listens:
                 b.listens.append(listen)
-        if tls:
-            self.unimplemented.append((start.where(), "tls"))
 
     def opt_alias(self, b: _Block, start: Token) -> None:
         self.restricted(b, "alias", start)
@@ -654,14 +652,12 @@ class HttpdParser(Parser):
         tls = b.tls
 
         def item() -> None:
-            t = self.tok
             if self.accept("certificate"):
                 tls["certificate"] = self.string("file")
             elif self.accept("key"):
                 tls["key"] = self.string("file")
             elif self.accept("ocsp"):
                 tls["ocsp"] = self.string("file")
-                self.unimplemented.append((t.where(), "tls ocsp"))
             elif self.accept("ciphers"):
                 tls["ciphers"] = self.value("ciphers")
             elif self.accept("protocols"):
@@ -691,7 +687,6 @@ class HttpdParser(Parser):
                         tls["client_optional"] = True
                     else:
                         break
-                self.unimplemented.append((t.where(), "tls client ca"))
             elif self.accept("ticket"):
                 self.expect("lifetime")
                 if self.accept("default"):
@@ -704,14 +699,12 @@ class HttpdParser(Parser):
                     if life > TLS_TICKET_MAX:
                         raise self.error("ticket lifetime too large", lt)
                 tls["ticket_lifetime"] = life or None
-                self.unimplemented.append((t.where(), "tls ticket lifetime"))
             elif self.accept("no"):
                 self.expect("ticket")
                 tls["ticket_lifetime"] = None
             else:
                 raise self.syntax_error("tls option")
         self.options(item)
-        self.unimplemented.append((start.where(), "tls"))
 
     def opt_include(self, b: _Block, start: Token) -> None:
         self.include()

@@ -17,8 +17,9 @@ import socket
 
 import trio
 
+from engine import tls
 from engine.serve import Listener, Server
-from httpd import logger, server_http
+from httpd import logger, server_http, server_tls
 from httpd.config import SERVER_MAX_CLIENTS, HttpdConfig, ServerConfig
 from shared import log, proc
 from shared.imsg import Channel, Imsg
@@ -58,9 +59,11 @@ class ServerProc:
     """One server process's serving state; see the module docstring."""
 
     def __init__(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
-                 chrooted: bool = False, logs=None) -> None:
+                 chrooted: bool = False, logs=None, tls_files=None) -> None:
         self.conf = conf
         self.chrooted = chrooted
+        # (ServerFiles by server id, keys by server id) from the parent.
+        self.tls_files = tls_files or ({}, {})
         prefix = "" if chrooted else conf.chroot.rstrip("/")
         if logs is None:
             logs = logger.Logs(logdir_of(conf, chrooted))
@@ -80,6 +83,17 @@ class ServerProc:
         tls = any(l.tls for s in servers for l in s.listens if (l.addr, l.port) == key)
         return server_http.ListenCtx(gconf=conf, servers=servers, port=key[1], tls=tls)
 
+    def _wrap(self, ctx: server_http.ListenCtx):
+        """The TLS handshake hook of a TLS socket's Listener, else None."""
+        if not ctx.tls:
+            return None
+        files, keys = self.tls_files
+        try:
+            return server_tls.ListenTls(ctx.servers, files, keys).accept
+        except tls.TlsError as e:
+            log.warn(f"server_tls_init: server {ctx.servers[0].name}: {e}")
+            return _refuse
+
     def _make_listeners(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]
                         ) -> dict[SockKey, Listener]:
         out = {}
@@ -88,8 +102,14 @@ class ServerProc:
             sock = sockets.get(key)
             if sock is None:
                 continue
-            out[key] = Listener(sock, ctx=self._ctx(conf, key, servers))
+            ctx = self._ctx(conf, key, servers)
+            out[key] = Listener(sock, ctx=ctx, wrap=self._wrap(ctx))
+        self._wipe_keys()
         return out
+
+    def _wipe_keys(self) -> None:
+        for key in self.tls_files[1].values():
+            key[:] = bytes(len(key))
 
     async def _handle(self, transport, lis: Listener) -> None:
         await server_http.serve_client(transport, lis.ctx, self.worker)
@@ -101,8 +121,12 @@ class ServerProc:
         self.listeners = self._pending
         await self.server.run(list(self.listeners.values()), task_status=task_status)
 
-    def configure(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket]) -> None:
-        """Swap in `conf` (reload); `sockets` are all sockets of the new config."""
+    def configure(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
+                  tls_files=None) -> None:
+        """Swap in `conf` (reload); `sockets` are all sockets of the new config,
+        `tls_files` the parent's (files, keys) for it."""
+        if tls_files is not None:
+            self.tls_files = tls_files
         groups = socket_groups(conf)
         for key in list(self.listeners):
             if key not in groups or sockets.get(key) is not self.listeners[key].sock:
@@ -111,10 +135,13 @@ class ServerProc:
             ctx = self._ctx(conf, key, servers)
             if key in self.listeners:
                 self.listeners[key].ctx = ctx
+                if tls_files is not None or not ctx.tls:
+                    self.listeners[key].wrap = self._wrap(ctx)
             elif key in sockets:
-                lis = Listener(sockets[key], ctx=ctx)
+                lis = Listener(sockets[key], ctx=ctx, wrap=self._wrap(ctx))
                 self.listeners[key] = lis
                 self.server.add_listener(lis)
+        self._wipe_keys()
         self.conf = conf
         self.worker.logs.reopen()
         self.worker.logs.logdir = logdir_of(conf, self.chrooted)
@@ -129,6 +156,11 @@ class ServerProc:
         self.server.stop(drain)
 
 
+async def _refuse(sock, lis) -> None:
+    """wrap hook of a TLS socket without a usable keypair: close."""
+    return None
+
+
 # -- the server process (privilege separation) -------------------------------
 
 def preload() -> None:
@@ -136,6 +168,7 @@ def preload() -> None:
     import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
     import bcrypt  # noqa: F401
     from httpd import auth, fcgi, server_fcgi, server_file  # noqa: F401
+    tls.server_context  # noqa: B018  (libssl found and OpenSSL set up: engine.tls)
     trio.to_thread  # noqa: B018
 
 
@@ -147,6 +180,10 @@ def child_main(fd: int) -> int:
     conf: HttpdConfig = cfg["conf"]
     sockets = {tuple(m.payload["key"]): socket.socket(fileno=m.fd) for m in setup.fds(Imsg.CFG_SOCKET)}
     logfd = setup.fds(Imsg.CFG_LOGSOCK)[0].fd
+    # TLS: certificates in the config message, each key from its memfd.
+    tls_keys = {m.payload["id"]: tls.key_from_fd(m.fd) for m in setup.fds(Imsg.CFG_TLS_KEY)}
+    for m in setup.fds(Imsg.TLS_TICKET_KEYS):
+        tls.set_ticket_keys(m.payload["keys"])
     preload()
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     chrooted = proc.drop_privileges(conf.chroot, user, keep_dac=cfg.get("keep_dac", False))
@@ -154,7 +191,8 @@ def child_main(fd: int) -> int:
 
     async def main() -> None:
         chan = Channel(sock, allow_pickle=True, reader=setup.reader)
-        sp = ServerProc(conf, sockets, chrooted=chrooted, logs=logs)
+        sp = ServerProc(conf, sockets, chrooted=chrooted, logs=logs,
+                        tls_files=(cfg.get("tls") or {}, tls_keys))
         async with trio.open_nursery() as nursery:
             await nursery.start(sp.run)
             nursery.start_soon(logs.flusher)
@@ -169,6 +207,8 @@ def child_main(fd: int) -> int:
                     break
                 if msg.type == Imsg.CTL_VERBOSE:
                     log.set_verbose(int(msg.payload.get("verbose", 0)))
+                elif msg.type == Imsg.TLS_TICKET_KEYS:
+                    tls.set_ticket_keys(msg.payload["keys"])
             await sp.server.wait_stopped()
             nursery.cancel_scope.cancel()
 

@@ -178,7 +178,8 @@ def serve(conf: ServerConfig, gconf: HttpdConfig, prefix: str, path: str,
     alias: `path` is not the request path (index in another location,
     `request rewrite`): a directory there is a 500, as OpenBSD's
     http_path_alias check.  Raises HttpError(403/404/405/416/500)."""
-    path = path.split("\0", 1)[0]          # a C string ends there
+    if "\0" in path:
+        path = path.split("\0", 1)[0]      # a C string ends there
     if index_dir and conf.index and path.endswith(conf.index) and \
             path[:-len(conf.index)].endswith("/"):
         dir_path = path[:-len(conf.index)]
@@ -207,6 +208,8 @@ def serve(conf: ServerConfig, gconf: HttpdConfig, prefix: str, path: str,
 
 def _blen(s: str) -> int:
     # length of the C string (paths are limited to PATH_MAX bytes)
+    if len(s) * 4 < PATH_MAX:
+        return len(s)        # short enough either way: skip the encoding
     return len(s.encode("utf-8", "surrogateescape"))
 
 
@@ -264,10 +267,11 @@ def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
 
 def _finish(resp: FileResponse, fd: int) -> FileResponse:
     # The fd goes to the caller only if the body refers to it.
-    if any(isinstance(s, tuple) for s in resp.segments):
-        resp.fd = fd
-    else:
-        os.close(fd)
+    for seg in resp.segments:
+        if type(seg) is tuple:
+            resp.fd = fd
+            return resp
+    os.close(fd)
     return resp
 
 

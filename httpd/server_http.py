@@ -267,12 +267,21 @@ def _find_server(ctx: ListenCtx, host: str | None) -> ServerConfig | None:
     return srv if srv is not _NO_SERVER else None
 
 
+_local_hosts: dict[tuple[str, int], str] = {}
+
+
 def local_host(local: tuple[str, int]) -> str:
     """`ip[:port]` of a local address, port 80 omitted, IPv6 in brackets."""
-    ip, port = local
-    if port == 80:
-        return ip
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    s = _local_hosts.get(local)
+    if s is None:
+        ip, port = local
+        if port == 80:
+            s = ip
+        else:
+            s = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        if len(_local_hosts) < CACHE_MAX:   # our own addresses: a few
+            _local_hosts[local] = s
+    return s
 
 
 def server_file_strip(path: str, n: int) -> str:

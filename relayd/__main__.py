@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", action="count", default=0)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("-f", default=RELAYD_CONF)
+    # Privilege separation: a child re-executed by the parent (proc.c's -P/-I).
+    ap.add_argument("-P", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("-I", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("-S", type=int, default=-1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.P:
+        return _child(args)
     log.init(debug=args.d or args.n, verbose=args.v, ident="relayd")
     macros: dict[str, str] = {}
     for d in args.D:
@@ -56,11 +62,37 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("configuration OK\n")
         return 0
     path = args.f
-    if not args.d:
+    if not args.d and not os.environ.get("NOTIFY_SOCKET"):
+        # (systemd's Type=notify wants the main process: no fork there)
         path = os.path.abspath(path)   # daemon(3) changes to / before any reload
         _daemonize()
     from relayd import parent
-    return parent.run(conf, path, macros, args.v)
+    return parent.run(conf, path, macros, args.v, debug=args.d)
+
+
+def _child(args) -> int:
+    """A child process: `relayd -P relay|hce|pfe -I n -S fd`."""
+    import signal
+
+    from shared import proc
+    # A terminal's Ctrl-C or hangup reaches the whole process group: the
+    # parent decides how its children stop and reload.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    log.init(debug=args.d, verbose=args.v, ident="relayd")
+    log.procinit(args.P)
+    proc.set_title(f"relayd: {args.P}")
+    if args.P == "relay":
+        from relayd import relay
+        return relay.child_main(args.S)
+    if args.P == "hce":
+        from relayd import hce
+        return hce.child_main(args.S)
+    if args.P == "pfe":
+        from relayd import privsep
+        return privsep.pfe_main(args.S)
+    sys.stderr.write(f"relayd: unknown process {args.P}\n")
+    return 1
 
 
 def _daemonize() -> None:

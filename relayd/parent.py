@@ -1,18 +1,41 @@
-"""relayd.parent -- the parent: bind relay sockets, signals, reload.
+"""relayd.parent -- the privileged parent: config, sockets, children,
+message hub, check scripts, signals, reload.
 
-The parent gets a parsed, validated configuration, binds one listening
-socket per relay listen address with the protocol's `tcp` options (backlog,
-socket buffer, ip ttl, ip minttl), and runs the relay process logic
-(in-process until privilege separation lands).  SIGHUP parses the file again
-into a *new* configuration; on failure every error is logged as
-`file:line: message` and the old configuration keeps running.  On success,
-sockets whose address is unchanged are kept (never rebound), new ones are
-bound and removed ones closed; sessions in flight go on under the
-configuration they started with (OpenBSD drops them; see style.md §3.4).
-SIGTERM/SIGINT log `parent terminating, pid N`, stop accepting, let
-sessions drain and exit 0.  SIGUSR1 is ignored, as in OpenBSD.
+The parent parses and validates the whole configuration, creates the
+control socket, binds one listening socket per relay listen address (with
+the protocol's `tcp` options) and the metrics sockets -- or takes them
+from systemd (socket activation, shared.sd) -- and starts its children by
+re-executing relayd (shared.proc; the process table is in
+relayd.privsep): `pfe` (nftables, routes, demotion, the control socket,
+metrics; keeps CAP_NET_ADMIN only), `hce` (health checks) and `prefork`
+`relay` processes (default: one per core), the last two chrooted to
+/var/empty as `_relayd` (else `nobody`).  As non-root nothing is dropped;
+relayd says so once and runs.
 
-Does not relay anything itself (relayd.relay does).
+The parent is the message hub: hce's host states go to the relays and to
+pfe, relayctl's commands come from pfe and go to hce and the relays, their
+answers go back through the parent, which never unpickles what a child
+sends.  It runs `check script` programs on hce's behalf (only the paths
+the configuration names) and writes the keepalived files pfe's demotions
+ask for.
+
+Reload (SIGHUP, `relayctl reload` / `load`): the file is parsed into a
+*new* configuration; on failure every error is logged as `file:line:
+message` and the old configuration keeps running.  On success sockets
+whose address is unchanged are kept (never rebound) and new ones bound; a
+new generation of relay processes starts on the new configuration with
+the current host states (carried over by table and host name, as hce
+does); once all of it is ready the old generation stops accepting (and
+closes its listening descriptors), hce and pfe switch to the new
+configuration, `parent_reload: configuration reloaded` is logged, and the
+old relays finish their sessions (RELOAD_DRAIN) and exit: no connection is
+refused or reset by a reload, and `prefork` changes take effect.
+SIGTERM/SIGINT: relays drain (STOP_DRAIN), `parent terminating, pid N`,
+exit 0.  SIGUSR1 is ignored, as in OpenBSD.  A child that dies unexpectedly
+is logged (`lost child: ...`) and restarted.  systemd Type=notify: READY,
+RELOADING, STOPPING.
+
+Does not relay, check or filter anything itself.
 """
 
 from __future__ import annotations
@@ -25,30 +48,48 @@ import sys
 import trio
 
 from engine.listen import bind_tcp, set_options
-from relayd import hce, metrics  # hce hook: health checks, metrics exporter
-from relayd import control  # control hook: the relayctl socket
-from relayd import pfe as pfe_mod  # pfe hook: redirections, routers, carp demotion
-from relayd import parse
-from relayd.config import RELAYD_SOCKET, RelaydConfig  # control hook: RELAYD_SOCKET
-from relayd.relay import RelayProc, SockKey, listen_sockets
-from shared import log
+from relayd import carp, check_script, control, hce, metrics, parse, privsep
+from relayd.config import RELAYD_SOCKET, RelaydConfig
+from relayd.relay import SockKey, listen_sockets
+from relayd.relay_shm import ParentSlots
+from shared import log, proc, sd
+from shared.imsg import Imsg, ImsgError
 from shared.lexer import ConfigError
 
 # Seconds sessions get to finish on SIGTERM/SIGINT.
 STOP_DRAIN = 5.0
+# Seconds an old generation of relays gets to finish its sessions after a
+# reload (then the rest is cut).
+RELOAD_DRAIN = 600.0
+# Seconds a new generation of relays gets to become ready.
+READY_TIMEOUT = 30.0
+# Seconds hce / a relay gets to answer a forwarded command.
+ANSWER_TIMEOUT = 5.0
+# Longest a check script may run, whatever hce asks.
+SCRIPT_MAX = 3600.0
+# The unprivileged users, in order of preference, and the children's chroot.
+RELAYD_USERS = ("_relayd", "nobody")
+RELAYD_CHROOT = "/var/empty"
+
+HOST_STATES = ("up", "down", "unknown")
+
+notify = sd.notify   # kept for callers of relayd.parent.notify
 
 
 def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
              ) -> dict[SockKey, socket.socket]:
     """A listening socket per relay (addr, port) of `conf`, reusing `old`
-    ones (their options are updated); raises OSError."""
+    ones (their options are updated) and sockets systemd passed; raises
+    OSError."""
     old = old or {}
     out: dict[SockKey, socket.socket] = {}
+    key = None
     try:
         for key, ctx in listen_sockets(conf).items():
             tcp = ctx.proto.tcp
-            if key in old:
-                sock = out[key] = old[key]
+            sock = old.get(key) or sd.take(key[0], key[1])
+            if sock is not None:
+                out[key] = sock
                 try:
                     set_options(sock, sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
@@ -60,8 +101,8 @@ def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
                                 sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
     except OSError as e:
-        for key, s in out.items():
-            if key not in old:
+        for k, s in out.items():
+            if k not in old:
                 s.close()
         e.relay_key = key   # type: ignore[attr-defined]
         raise
@@ -74,60 +115,72 @@ def _bind_error(e: OSError) -> str:
     return f"relay_privinit: failed to bind{where}: {e.strerror or e}"
 
 
+def script_paths(conf: RelaydConfig) -> set[str]:
+    return {i.check.path for i in conf.instances if i.check.type == "script" and i.check.path}
+
+
+def host_names(conf: RelaydConfig) -> set[str]:
+    return {h.name for h in conf.hosts()}
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"integer expected: {v!r}")
+    return v
+
+
+def _dict(v) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError("object expected")
+    return v
+
+
 class Parent:
-    # -- hce hook: health checks (relayd/hce.py) and metrics (relayd/metrics.py)
-    hce: hce.Hce | None = None
-    metrics: metrics.Metrics | None = None
-    _health_scope: trio.CancelScope | None = None
+    def __init__(self, conf: RelaydConfig, path: str, macros: dict[str, str],
+                 verbose: int, debug: bool = True) -> None:
+        self.conf = conf
+        self.path = path
+        self.macros = macros
+        self.verbose = verbose
+        self.debug = debug
+        self.root = os.geteuid() == 0
+        self.user = proc.find_user(RELAYD_USERS) if self.root else None
+        self.chroot = RELAYD_CHROOT if self.root else None
+        self.sockets: dict[SockKey, socket.socket] = {}
+        self.metric_socks: dict[SockKey, socket.socket] = {}
+        self.control_sock: socket.socket | None = None
+        self.sup: proc.Supervisor | None = None
+        self.slots: ParentSlots | None = None
+        self.pending = proc.Pending()
+        # Configuration generation: the relays of generation g run the
+        # configuration hce and pfe were given with g.
+        self.generation = 1
+        self.states: dict[int, dict[int, str]] = {1: {}}      # gen -> host id -> state
+        self.switched: dict[int, dict] = {1: self._no_switches()}  # gen -> relayctl switches
+        self.rr_base: dict[int, int] = {}
+        self.worker_slot: dict[int, int] = {}                  # relay pid -> shm worker slot
+        self.retired: dict[str, dict[str, int]] = {"relays": {}, "ended": {}, "errors": {}}
+        self.scripts = script_paths(conf)
+        self.hosts = host_names(conf)
+        self.demoted: dict[str, int] = {}
+        self._reload_lock = trio.Lock()
+        self._hup_queued = False
+        self._stopping = False
 
-    async def _health(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run hce (feeding the relay state) and the metrics exporter until
-        _health_scope is cancelled.  In-process until privilege separation
-        lands; then hce becomes its own process sending HOST_STATUS."""
-        with trio.CancelScope() as self._health_scope:
-            async with trio.open_nursery() as nursery:
-                self.proc.state.checks = True    # unreported hosts are unknown, not up
-                self.hce = await nursery.start(hce.run, self.conf,
-                                               self._pfe_notify(  # pfe hook
-                                                   hce.relay_notify(self.proc.state)))
-                if self.conf.metrics is not None:
-                    self.metrics = metrics.Metrics()
-                    self.metrics.attach_hce(self.hce)
-                    self.metrics.attach_relay(self.proc.state)
-                    self.proc.metrics = self.metrics
-                    await nursery.start(metrics.serve_metrics, self.conf.metrics, self.metrics)
-                task_status.started()
-    # -- end of hce hook
+    @staticmethod
+    def _no_switches() -> dict:
+        return {"hosts": set(), "tables": {}}
 
-    # -- pfe hook: redirections (nftables), routers (netlink), carp demotion
-    # (keepalived track files): relayd/pfe.py.  Moves into the pfe process
-    # (the one keeping CAP_NET_ADMIN) with privilege separation: there the
-    # HOST_STATUS imsgs from hce feed pfe.notify().
-    pfe: pfe_mod.Pfe | None = None
-    _pfe_scope: trio.CancelScope | None = None
+    def child_args(self) -> list[str]:
+        return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
 
-    async def _pfe(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run pfe until _pfe_scope is cancelled; on the way out it deletes
-        table inet relayd and its routes and undoes its demotions.  Touches
-        nothing for a configuration without redirects, routers or demote."""
-        with trio.CancelScope() as self._pfe_scope:
-            async with trio.open_nursery() as nursery:
-                self.pfe = await nursery.start(pfe_mod.Pfe(self.conf).run)
-                task_status.started()
+    def nrelays(self, conf: RelaydConfig) -> int:
+        return conf.prefork or os.cpu_count() or 1
 
-    def _pfe_notify(self, inner):
-        """hce's notify callback, teed into pfe (host states in order)."""
-        def notify(host_id, state) -> None:
-            inner(host_id, state)
-            if self.pfe is not None:
-                self.pfe.notify(host_id, state)
-        return notify
-    # -- end of pfe hook
+    def _user(self) -> str | None:
+        return self.user.pw_name if self.user else None
 
-    # -- control hook: the relayctl control socket (relayd/control.py)
-    control_sock: socket.socket | None = None
-    _control_scope: trio.CancelScope | None = None
-
+    # -- the control socket ----------------------------------------------------
     def _control_open(self) -> bool:
         """Create the socket; False (do not start) when a configured `socket`
         cannot be had.  The default path only warns: several daemons (tests,
@@ -143,77 +196,153 @@ class Parent:
             return False
         return True
 
-    async def _control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Answer relayctl until _control_scope is cancelled (in-process
-        backend until privilege separation moves the socket to pfe)."""
-        if self.control_sock is None:
-            task_status.started()
-            return
-        with trio.CancelScope() as self._control_scope:
-            await control.serve(self.control_sock, control.InProcessBackend(self),
-                                task_status=task_status)
-    # -- end of control hook
+    # -- children's set-up -----------------------------------------------------
+    def _pfe_setup(self):
+        async def setup(child: proc.Child) -> None:
+            c = child.chan
+            await c.send(Imsg.CFG_CONFIG, {
+                "conf": self.conf, "gen": self.generation, "user": self._user(),
+                "chroot": None, "states": dict(self.states.get(self.generation, {}))})
+            if self.control_sock is not None:
+                await c.send(Imsg.CFG_CONTROL, None, fd=self.control_sock.fileno())
+            for key, s in self.metric_socks.items():
+                await c.send(Imsg.CFG_METRICS, {"key": list(key)}, fd=s.fileno())
+            await c.send(Imsg.CFG_DONE)
+        return setup
 
-    def __init__(self, conf: RelaydConfig, path: str, macros: dict[str, str],
-                 verbose: int) -> None:
-        self.conf = conf
-        self.path = path
-        self.macros = macros
-        self.verbose = verbose
-        self.sockets: dict[SockKey, socket.socket] = {}
-        self.proc: RelayProc | None = None
+    def _hce_setup(self):
+        async def setup(child: proc.Child) -> None:
+            await child.chan.send(Imsg.CFG_CONFIG, {
+                "conf": self.conf, "gen": self.generation, "user": self._user(),
+                "chroot": self.chroot})
+            await child.chan.send(Imsg.CFG_DONE)
+        return setup
 
+    def _relay_setup(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket],
+                     gen: int):
+        rr_base = self.rr_base.setdefault(gen, self.slots.rr_block(conf))
+
+        async def setup(child: proc.Child) -> None:
+            w = self.slots.worker()
+            self.worker_slot[child.pid] = w
+            sw = self.switched.get(gen) or self._no_switches()
+            c = child.chan
+            await c.send(Imsg.CFG_CONFIG, {
+                "conf": conf, "gen": gen, "instance": child.instance, "user": self._user(),
+                "chroot": self.chroot, "states": dict(self.states.get(gen, {})),
+                "disabled_hosts": sorted(sw["hosts"]), "tables": dict(sw["tables"]),
+                "shm": self.slots.setup(conf, w, rr_base)})
+            for key, sock in sockets.items():
+                await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
+            await c.send(Imsg.CFG_SHM, None, fd=self.slots.fd)
+            await c.send(Imsg.CFG_DONE)
+        return setup
+
+    async def start_relays(self, conf: RelaydConfig, sockets, gen: int) -> list[proc.Child]:
+        setup = self._relay_setup(conf, sockets, gen)
+        return [await self.sup.start("relay", i, gen, setup) for i in range(self.nrelays(conf))]
+
+    def _relays(self, gen: int | None = None) -> list[proc.Child]:
+        """Relay processes alive (draining ones too), of generation `gen`."""
+        return [c for c in self.sup.children if c.title == "relay"
+                and (gen is None or c.generation == gen)]
+
+    def _one(self, title: str) -> proc.Child | None:
+        kids = self.sup.of(title)
+        return kids[0] if kids else None
+
+    def _on_exit(self, child: proc.Child, code) -> None:
+        if child.title == "relay":
+            self.slots.release(self.worker_slot.pop(child.pid, -1))
+        self.pending.fail_peer(child.pid)
+
+    # -- main ------------------------------------------------------------------
     async def run(self) -> int:
-        if not self._control_open():           # control hook
-            return 1
-        try:
-            self.sockets = bind_all(self.conf)
-        except OSError as e:
-            log.warn(_bind_error(e))
-            if self.control_sock is not None:         # control hook
-                control.close_socket(self.control_sock)
-            return 1
-        log.info("startup")
-        self.proc = RelayProc(self.conf, self.sockets)
+        # Signals are caught before the sockets are bound: a client may
+        # connect, and send SIGHUP, as soon as a port accepts.
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGUSR1,
                                        signal.SIGTERM, signal.SIGINT) as sigs:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.proc.run)
-                await nursery.start(self._pfe)      # pfe hook (before hce: it gets its reports)
-                await nursery.start(self._health)   # hce hook
-                await nursery.start(self._control)  # control hook
-                notify("READY=1")
-                nursery.start_soon(self._signals, sigs)
+            if not self._control_open():
+                return 1
+            try:
+                self.sockets = bind_all(self.conf)
+            except OSError as e:
+                log.warn(_bind_error(e))
+                if self.control_sock is not None:
+                    control.close_socket(self.control_sock)
+                return 1
+            self.metric_socks = metrics.bind(self.conf.metrics)
+            if self.root:
+                proc.make_empty_dir(RELAYD_CHROOT)
+            else:
+                proc.warn_not_sandboxed("relayd")
+            self.slots = ParentSlots()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.sup = proc.Supervisor("relayd", self.child_args(), nursery,
+                                               on_message=self._on_message,
+                                               on_exit=self._on_exit)
+                    pfe = await self.sup.start("pfe", 0, 0, self._pfe_setup())
+                    hce_child = await self.sup.start("hce", 0, 0, self._hce_setup())
+                    relays = await self.start_relays(self.conf, self.sockets, self.generation)
+                    if not await self.sup.wait_ready([pfe, hce_child, *relays], READY_TIMEOUT):
+                        log.warn("parent: children did not start")
+                    # Sockets were bound before; now the relays accept too.
+                    log.info("startup")
+                    notify("READY=1")
+                    await self._signals(sigs, nursery)
+                    nursery.cancel_scope.cancel()
+            finally:
+                for s in [*self.sockets.values(), *self.metric_socks.values()]:
+                    s.close()
+                if self.control_sock is not None:
+                    control.close_socket(self.control_sock)
+                self._undemote()
         return 0
 
-    async def _signals(self, sigs) -> None:
+    async def _signals(self, sigs, nursery: trio.Nursery) -> None:
         async for sig in sigs:
             if sig == signal.SIGHUP:
                 log.info("parent_sig_handler: reload requested with SIGHUP")
-                notify("RELOADING=1")
-                self.reload()
-                notify("READY=1")
+                if not self._hup_queued:
+                    self._hup_queued = True
+                    nursery.start_soon(self._hup)
             elif sig == signal.SIGUSR1:
                 pass
             else:
-                log.info(f"parent terminating, pid {os.getpid()}")
-                notify("STOPPING=1")
-                self.proc.stop(STOP_DRAIN)
-                if self._health_scope is not None:   # hce hook
-                    self._health_scope.cancel()
-                if self._pfe_scope is not None:      # pfe hook: removes table and routes
-                    self._pfe_scope.cancel()
-                if self._control_scope is not None:  # control hook
-                    self._control_scope.cancel()
-                for s in self.sockets.values():
-                    s.close()
+                await self.shutdown()
                 return
 
-    def reload(self, path: str | None = None) -> bool:
+    async def _hup(self) -> None:
+        async with self._reload_lock:
+            self._hup_queued = False     # a SIGHUP from now on reads the file again
+            if self._stopping:
+                return
+            await self.reload()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        log.info(f"parent terminating, pid {os.getpid()}")
+        notify("STOPPING=1")
+        self.sup.stopping = True
+        await self.sup.stop(self._relays(), STOP_DRAIN)
+        # pfe last: it removes its rules, routes and demotions on the way out.
+        await self.sup.stop([c for c in self.sup.children if c.title == "hce"], 2.0)
+        await self.sup.stop(list(self.sup.children), 8.0)
+
+    # -- reload ----------------------------------------------------------------
+    async def reload(self, path: str | None = None) -> bool:
         """Load the file again (`relayctl load`: `path`, this once); switch
-        to it only if it is valid."""
+        to it only if it is valid and its relays start."""
+        notify("RELOADING=1")
         try:
-            new = parse.load(path or self.path, self.macros, self.verbose)  # control hook: path
+            return await self._reload(path)
+        finally:
+            notify("READY=1")
+
+    async def _reload(self, path: str | None) -> bool:
+        try:
+            new = parse.load(path or self.path, self.macros, self.verbose)
         except ConfigError as e:
             for line in e.lines:
                 log.warn(line)
@@ -231,37 +360,248 @@ class Parent:
         except OSError as e:
             log.warn(_bind_error(e) + "; keeping the current configuration")
             return False
-        self.proc.configure(new, sockets)
-        if self.pfe is not None:   # pfe hook: queued before hce's reports with the new ids
-            self.pfe.reload_soon(new)
-        if self.hce is not None:   # hce hook: keep host states, new ids
-            self.hce.reload(new)
-        for key, s in self.sockets.items():
+        metric_socks = metrics.bind(new.metrics, self.metric_socks)
+        old_gen, gen = self.generation, self.generation + 1
+        self.states[gen] = hce.carry_states(self.conf, new, self.states.get(old_gen, {}))
+        self.switched[gen] = self._no_switches()
+        old_relays = self._relays(old_gen)
+        fresh = await self.start_relays(new, sockets, gen)
+        if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
+            log.warn("parent_reload: new relays did not start, keeping the current configuration")
+            await self.sup.stop(fresh, 0)
+            self._forget_gen(gen)
+            for key, s in sockets.items():
+                if self.sockets.get(key) is not s:
+                    s.close()
+            for key, s in metric_socks.items():
+                if self.metric_socks.get(key) is not s:
+                    s.close()
+            return False
+        # The old generation stops accepting before anything says "reloaded".
+        for c in old_relays:
+            c.stopping = True            # not restarted if it dies now
+        async with trio.open_nursery() as n:
+            for c in old_relays:
+                n.start_soon(self._ask, c, Imsg.CTL_COMMAND, {"cmd": "quiesce"})
+        old_conf, old_sockets, old_metric = self.conf, self.sockets, self.metric_socks
+        self.conf, self.sockets, self.metric_socks = new, sockets, metric_socks
+        self.generation = gen
+        self.scripts = script_paths(old_conf) | script_paths(new)
+        self.hosts = host_names(old_conf) | host_names(new)
+        for key, s in old_sockets.items():
             if sockets.get(key) is not s:
                 s.close()
-        self.sockets = sockets
-        self.conf = new
+        # pfe first: hce's reports on the new ids must find it reloaded.
+        pfe = self._one("pfe")
+        if pfe is not None:
+            await self.sup.send(pfe, Imsg.CFG_RELOAD, {
+                "conf": new, "gen": gen, "metrics": [list(k) for k in metric_socks]})
+            for key, s in metric_socks.items():
+                if old_metric.get(key) is not s:
+                    await self.sup.send(pfe, Imsg.CFG_METRICS, {"key": list(key)},
+                                        fd=s.fileno())
+        for key, s in old_metric.items():
+            if metric_socks.get(key) is not s:
+                s.close()
+        hce_child = self._one("hce")
+        if hce_child is not None:
+            await self.sup.send(hce_child, Imsg.CFG_RELOAD, {"conf": new, "gen": gen})
         log.info("parent_reload: configuration reloaded")
+
+        async def retire() -> None:
+            await self.sup.stop(old_relays, RELOAD_DRAIN)
+            if self.generation != old_gen:
+                self._forget_gen(old_gen)
+        self.sup.nursery.start_soon(retire)
         return True
 
+    def _forget_gen(self, gen: int) -> None:
+        self.states.pop(gen, None)
+        self.switched.pop(gen, None)
+        self.rr_base.pop(gen, None)
 
-def notify(state: str) -> None:
-    """sd_notify(3) when started by systemd with Type=notify."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError:
-        pass
+    # -- messages --------------------------------------------------------------
+    async def _on_message(self, child: proc.Child, msg) -> None:
+        """Everything a child sends but CTL_READY.  Raising ImsgError (or
+        KeyError/TypeError/ValueError on a malformed payload) kills it."""
+        t, p = msg.type, msg.payload
+        if t == Imsg.CTL_REPLY:
+            self.pending.answer(p, child.pid)
+        elif child.title == "hce" and t == Imsg.HOST_STATUS:
+            await self._host_status(p)
+        elif child.title == "hce" and t == Imsg.SCRIPT_RUN:
+            self._script(child, p)
+        elif child.title == "relay" and t == Imsg.RELAY_STATS:
+            self._retire_stats(p)
+        elif child.title == "pfe" and t == Imsg.CTL_COMMAND:
+            cmd = self._command_check(p)
+            self.sup.nursery.start_soon(self._command, child, cmd)
+        elif child.title == "pfe" and t == Imsg.DEMOTE:
+            group, level = privsep.valid_demote(_dict(p))
+            self._demote(group, level)
+        else:
+            raise ImsgError(f"unexpected message type {t} from {child.title}")
+
+    async def _host_status(self, p) -> None:
+        p = _dict(p)
+        gen, hid, state = _int(p["gen"]), _int(p["id"]), p["state"]
+        if state not in HOST_STATES:
+            raise ValueError(f"bad host state {state!r}")
+        fwd = {"gen": gen, "id": hid, "state": state, "name": str(p.get("name", "")),
+               "quiet": bool(p.get("quiet"))}
+        if gen in self.states:
+            self.states[gen][hid] = state
+        for c in self._relays(gen):
+            await self.sup.send(c, Imsg.HOST_STATUS, {"id": hid, "state": state})
+        pfe = self._one("pfe")
+        if pfe is not None:
+            await self.sup.send(pfe, Imsg.HOST_STATUS, fwd)
+
+    def _script(self, child: proc.Child, p) -> None:
+        p = _dict(p)
+        seq, path, host = _int(p["seq"]), p["path"], p["host"]
+        timeout = float(p["timeout"])
+        if path not in self.scripts or host not in self.hosts:
+            raise ValueError(f"script {path!r} for {host!r} is not in the configuration")
+
+        async def run() -> None:
+            deadline = trio.current_time() + max(0.0, min(timeout, SCRIPT_MAX))
+            status = await check_script.run(path, host, deadline)
+            await self.sup.send(child, Imsg.SCRIPT_RESULT, {"seq": seq, "result": status})
+        self.sup.nursery.start_soon(run)
+
+    def _retire_stats(self, p) -> None:
+        """A relay process's counters when it exits: kept in the totals."""
+        p = _dict(p)
+        for name, st in _dict(p.get("relays", {})).items():
+            n = _int(_dict(st).get("cnt", 0))
+            self.retired["relays"][str(name)] = self.retired["relays"].get(str(name), 0) + n
+        for what in ("ended", "errors"):
+            for name, n in _dict(p.get(what, {})).items():
+                self.retired[what][str(name)] = self.retired[what].get(str(name), 0) + _int(n)
+
+    def _demote(self, group: str, level: int) -> None:
+        err = carp.Demote()._write(group, level)
+        if err:
+            log.warn(err)
+        else:
+            self.demoted[group] = level
+
+    def _undemote(self) -> None:
+        """Whatever pfe could not undo (it died): back to 0."""
+        for group, level in list(self.demoted.items()):
+            if level:
+                self._demote(group, 0)
+
+    # -- relayctl (commands from pfe) -------------------------------------------
+    @staticmethod
+    def _command_check(p) -> dict:
+        p = _dict(p)
+        _int(p["seq"])
+        cmd = p["cmd"]
+        if cmd in ("host", "table"):
+            if isinstance(p["key"], bool) or not isinstance(p["key"], (int, str)):
+                raise ValueError("bad key")
+            p["enable"] = bool(p["enable"])
+        elif cmd == "reload":
+            if p.get("path") is not None and not isinstance(p["path"], str):
+                raise ValueError("bad path")
+        elif cmd == "log":
+            _int(p["level"])
+        elif cmd not in ("snapshot", "stats", "sessions", "poll", "stop"):
+            raise ValueError(f"unknown command {cmd!r}")
+        return p
+
+    async def _command(self, pfe: proc.Child, p: dict) -> None:
+        try:
+            result = await self._do(p)
+        except Exception as e:       # a bug here must not take the parent down
+            log.warn_exc(f"parent: command {p['cmd']}: {e!r}")
+            result = None
+        await self.sup.send(pfe, Imsg.CTL_REPLY, {"seq": p["seq"], "result": result})
+
+    async def _ask(self, child: proc.Child, mtype: int, payload: dict,
+                   timeout: float = ANSWER_TIMEOUT):
+        seq, wait = self.pending.new(child.pid)
+        if not await self.sup.send(child, mtype, {**payload, "seq": seq}):
+            self.pending.cancel(seq)
+            return None
+        return await wait(timeout)
+
+    async def _ask_all(self, children: list[proc.Child], payload: dict) -> list:
+        results: list = [None] * len(children)
+
+        async def one(i: int, c: proc.Child) -> None:
+            results[i] = await self._ask(c, Imsg.CTL_COMMAND, payload)
+        async with trio.open_nursery() as n:
+            for i, c in enumerate(children):
+                n.start_soon(one, i, c)
+        return [r for r in results if r is not None]
+
+    async def _ask_hce(self, payload: dict):
+        c = self._one("hce")
+        return await self._ask(c, Imsg.HCE_COMMAND, payload) if c is not None else None
+
+    async def _do(self, p: dict):
+        cmd = p["cmd"]
+        if cmd == "snapshot":
+            r = await self._ask_hce({"cmd": "snapshot"})
+            return r if isinstance(r, list) else None
+        if cmd == "stats":
+            workers = [w for w in await self._ask_all(self._relays(), {"cmd": "stats"})
+                       if isinstance(w, dict)]
+            return {"workers": workers, "retired": self.retired}
+        if cmd == "sessions":
+            rows: list = []
+            for r in await self._ask_all(self._relays(), {"cmd": "sessions"}):
+                if isinstance(r, list):
+                    rows.extend(x for x in r if isinstance(x, dict))
+            return rows
+        if cmd in ("host", "table"):
+            return await self._switch(cmd, p["key"], p["enable"])
+        if cmd == "poll":
+            return await self._ask_hce({"cmd": "poll"})
+        if cmd == "reload":
+            log.info("parent: reload requested by relayctl")
+            async with self._reload_lock:
+                if self._stopping:
+                    return False
+                return await self.reload(p.get("path"))
+        if cmd == "log":
+            level = p["level"]
+            log.set_verbose(level)
+            await self.sup.broadcast(Imsg.CTL_VERBOSE, {"verbose": level})
+            return True
+        if cmd == "stop":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return True
+        return None
+
+    async def _switch(self, kind: str, key, enable: bool):
+        """host|table enable|disable: hce first (it finds the target and
+        knows `parent` hosts), then every relay process, then the answer."""
+        gen = self.generation
+        r = await self._ask_hce({"cmd": kind, "key": key, "enable": enable})
+        if not isinstance(r, dict):
+            return None
+        if not r.get("found") or r.get("error") or not r.get("changed"):
+            return r
+        sw = self.switched.setdefault(gen, self._no_switches())
+        if kind == "host":
+            ids = [_int(i) for i in r.get("ids", [])]
+            (sw["hosts"].difference_update if enable else sw["hosts"].update)(ids)
+            cmd = {"cmd": "host", "ids": ids, "disabled": not enable}
+        else:
+            tid = _int(r["id"])
+            sw["tables"][tid] = not enable
+            cmd = {"cmd": "table", "id": tid, "disabled": not enable}
+        await self._ask_all(self._relays(gen), cmd)
+        return r
 
 
-def run(conf: RelaydConfig, path: str, macros: dict[str, str], verbose: int) -> int:
-    parent = Parent(conf, path, macros, verbose)
+def run(conf: RelaydConfig, path: str, macros: dict[str, str], verbose: int,
+        debug: bool = True) -> int:
+    parent = Parent(conf, path, macros, verbose, debug)
     try:
         return trio.run(parent.run)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ desired_routes() is pure; Routes applies a difference with pyroute2.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from relayd.config import RouterConfig
@@ -82,10 +83,10 @@ class Routes:
 
     @staticmethod
     def _family(dst: str) -> int:
-        import socket
         return socket.AF_INET6 if ipaddress.ip_network(dst).version == 6 else socket.AF_INET
 
     def replace(self, key: RouteKey, gws: tuple[str, ...]) -> None:
+        """Install or change the route (one netlink request, atomic)."""
         from pyroute2 import NetlinkError
         kw: dict = dict(dst=key.dst, table=key.table, priority=key.metric,
                         proto=RTPROT_RELAYD, family=self._family(key.dst))
@@ -95,13 +96,6 @@ class Routes:
             kw["multipath"] = [{"gateway": g} for g in gws]
         try:
             with self._ipr() as ipr:
-                if self._family(key.dst) != 2 and len(gws) > 1:
-                    # IPv6 replace appends nexthops: start from a clean route.
-                    try:
-                        ipr.route("del", dst=key.dst, table=key.table, priority=key.metric,
-                                  proto=RTPROT_RELAYD, family=self._family(key.dst))
-                    except NetlinkError:
-                        pass
                 ipr.route("replace", **kw)
         except NetlinkError as e:
             raise RouteError(f"{e.args[1] if len(e.args) > 1 else e}") from None
@@ -126,7 +120,7 @@ class Routes:
         previous relayd left); returns how many."""
         n = 0
         with self._ipr() as ipr:
-            for family in (2, 10):
+            for family in (socket.AF_INET, socket.AF_INET6):
                 for table in sorted(tables):
                     try:
                         routes = ipr.route("dump", family=family, table=table,
@@ -136,7 +130,8 @@ class Routes:
                     for r in routes:
                         if r.get("proto") != RTPROT_RELAYD or r.get_attr("RTA_TABLE") != table:
                             continue
-                        dst = r.get_attr("RTA_DST") or ("::" if family == 10 else "0.0.0.0")
+                        dst = r.get_attr("RTA_DST") or (
+                            "::" if family == socket.AF_INET6 else "0.0.0.0")
                         try:
                             ipr.route("del", dst=f"{dst}/{r['dst_len']}", table=table,
                                       priority=r.get_attr("RTA_PRIORITY") or 0,

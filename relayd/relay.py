@@ -355,6 +355,20 @@ def socket_rlimit() -> int:
     return soft
 
 
+class _Server(Server):
+    """engine.serve's Server that tells when a listener's accept loop is
+    over (Listener.stopped): a relay process of an old generation stops
+    accepting for good before the parent says the reload is done."""
+
+    async def _accept_loop(self, lis: Listener) -> None:
+        try:
+            await super()._accept_loop(lis)
+        finally:
+            ev = getattr(lis, "stopped", None)
+            if ev is not None:
+                ev.set()
+
+
 class RelayProc:
     """One relay process's serving state; see the module docstring."""
 
@@ -373,7 +387,7 @@ class RelayProc:
         nofile = socket_rlimit()
         if nofile == resource.RLIM_INFINITY:
             nofile = 2 * RELAY_MAX_SESSIONS
-        self.server = Server(self._handle,
+        self.server = _Server(self._handle,
                              max_clients=max(16, min(RELAY_MAX_SESSIONS,
                                                      (nofile - FD_RESERVE) // 2)))
         self.listeners: dict[SockKey, Listener] = {}
@@ -381,7 +395,9 @@ class RelayProc:
 
     @staticmethod
     def _listener(sock: socket.socket, ctx: RelayCtx) -> Listener:
-        return Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay))
+        lis = Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay))
+        lis.stopped = trio.Event()
+        return lis
 
     def _make_listeners(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]
                         ) -> dict[SockKey, Listener]:
@@ -389,6 +405,8 @@ class RelayProc:
                 for key, ctx in listen_sockets(conf).items() if key in sockets}
 
     def _launch(self, conf: RelaydConfig) -> None:
+        if self.instance:
+            return          # the first relay process of a generation says it
         for rl in conf.relays:
             for fwd in rl.tables:
                 inst = fwd.table
@@ -426,6 +444,19 @@ class RelayProc:
 
     def stop(self, drain: float | None = None) -> None:
         self.server.stop(drain)
+
+    async def quiesce(self, timeout: float = 2.0) -> None:
+        """Stop accepting and close the listening descriptors (reload: the
+        new generation accepts now); sessions go on."""
+        lst = list(self.listeners.values())
+        self.listeners = {}
+        for lis in lst:
+            self.server.remove_listener(lis)
+        with trio.move_on_after(timeout):
+            for lis in lst:
+                await lis.stopped.wait()
+        for lis in lst:
+            lis.tsock.close()
 
     def status(self) -> dict:
         """This process's counters (privilege separation: what the parent
@@ -548,7 +579,6 @@ def child_main(fd: int) -> int:
     status = [0]
 
     async def main() -> None:
-        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
         rp = RelayProc(conf, sockets, shared=shared, instance=cfg.get("instance", 0))
         rp.state.checks = True      # hosts nobody reported yet are unknown, not up
         for hid, st in (cfg.get("states") or {}).items():
@@ -557,9 +587,14 @@ def child_main(fd: int) -> int:
             rp.state.disabled_hosts.add(int(hid))
         for tid, dis in (cfg.get("tables") or {}).items():
             rp.state.set_table(int(tid), dis)
-        for m in setup.msgs:            # host states sent while we were set up
+        # Host states sent while we were set up or starting: applied before
+        # the first accept (connections may be waiting in the backlog).
+        early = proc.recv_nowait(sock, setup.reader)
+        for m in setup.msgs + early:
             if m.type == Imsg.HOST_STATUS:
                 rp.state.set_host(int(m.payload["id"]), HOST_STATES[m.payload["state"]])
+        setup.reader.leftover.extend(m for m in early if m.type != Imsg.HOST_STATUS)
+        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
         async with trio.open_nursery() as nursery:
             await nursery.start(rp.run)
             await chan.send(Imsg.CTL_READY)
@@ -573,7 +608,11 @@ def child_main(fd: int) -> int:
                         p = msg.payload
                         rp.state.set_host(int(p["id"]), HOST_STATES[p["state"]])
                     elif msg.type == Imsg.CTL_COMMAND:
-                        result = apply_command(rp, msg.payload)
+                        if msg.payload["cmd"] == "quiesce":
+                            await rp.quiesce()
+                            result = True
+                        else:
+                            result = apply_command(rp, msg.payload)
                         await chan.send(Imsg.CTL_REPLY, {"seq": msg.payload["seq"],
                                                          "result": result})
                     elif msg.type == Imsg.CTL_VERBOSE:

@@ -67,6 +67,9 @@ class Reader:
         self.buf = bytearray()
         self.fds: list[int] = []
         self.allow_pickle = allow_pickle
+        # Messages decoded (before trio) but not consumed yet: a Channel
+        # made with this reader delivers them first.
+        self.leftover: list[Msg] = []
 
     def feed(self, data: bytes, fds: list[int] | None = None) -> list[Msg]:
         self.buf += data
@@ -110,7 +113,8 @@ class Channel:
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.reader = reader or Reader(allow_pickle)
         self.trusted_send = trusted_send
-        self.pending: list[Msg] = []
+        self.pending: list[Msg] = list(self.reader.leftover)
+        self.reader.leftover.clear()
         self._lock = trio.Lock()
         self.closed = False
 
@@ -223,6 +227,8 @@ class Imsg:
     RELAY_SESSIONS = 51  # relay -> parent -> control: live sessions
     EVENT = 60           # any -> parent -> control: a monitor event
     DEMOTE = 61          # pfe -> parent: {"group": g, "level": n} (carp track file)
+    CFG_TLS_KEY = 70     # parent -> server: a private key (memfd) {"id": server id}
+    TLS_TICKET_KEYS = 71  # parent -> servers: session-ticket keys, newest first (pickled)
 
 
 carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE, Imsg.CFG_CONTROL,
@@ -232,3 +238,6 @@ carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE, Imsg.CFG_CONTROL,
 def type_names() -> dict[int, str]:
     """Imsg values -> names (for log lines about unknown messages)."""
     return {v: k for k, v in vars(Imsg).items() if k.isupper() and isinstance(v, int)}
+
+
+carries_fd(Imsg.CFG_TLS_KEY)

@@ -380,39 +380,71 @@ def recv_setup(sock: socket.socket) -> Setup:
     reader = Reader(allow_pickle=True)
     msgs = []
     config = None
-    while True:
+    done = False
+    while not done:
         data, fds = _recv_fds(sock)
         if not data:
             raise SystemExit(1)      # the parent went away during set-up
         for m in reader.feed(data, fds):
             m.fd = reader.fds.pop(0) if reader.fds and _wants_fd(m) else -1
-            if m.type == Imsg.CFG_CONFIG:
+            if done:
+                # Read along with CFG_DONE: the Channel made with this
+                # reader delivers them first.
+                reader.leftover.append(m)
+            elif m.type == Imsg.CFG_CONFIG:
                 config = m.payload
             elif m.type == Imsg.CFG_DONE:
-                return Setup(config, msgs, reader)
+                done = True
             else:
                 msgs.append(m)
+    return Setup(config, msgs, reader)
+
+
+def recv_nowait(sock: socket.socket, reader) -> list:
+    """Blocking-socket helper: the messages already waiting on `sock` (the
+    reader's leftovers first), without waiting for more.  Returned
+    messages are consumed; partial ones stay in the reader."""
+    from shared.imsg import _recv_fds, _wants_fd
+    out = list(reader.leftover)
+    reader.leftover.clear()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                data, fds = _recv_fds(sock)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            for m in reader.feed(data, fds):
+                m.fd = reader.fds.pop(0) if reader.fds and _wants_fd(m) else -1
+                out.append(m)
+    finally:
+        sock.setblocking(True)
+    return out
 
 
 class Pending:
     """Requests awaiting their answer, by sequence number: a process sends
     {"seq": n, ...} and the peer's reply {"seq": n, "result": r} wakes it.
 
-        seq, wait = pending.new()
+        seq, wait = pending.new(peer)
         await chan.send(TYPE, {"seq": seq, ...})
         result = await wait(timeout)        # None on timeout
         ...
-        pending.answer(reply)               # from the reading task
-    """
+        pending.answer(reply, peer)         # from the reading task
+
+    `peer` (e.g. the child's pid) guards against one peer answering
+    another's request."""
 
     def __init__(self) -> None:
         self._seq = 0
         self._waiting: dict[int, list] = {}
 
-    def new(self):
+    def new(self, peer=None):
         self._seq += 1
         seq = self._seq
-        slot = [trio.Event(), None]
+        slot = [trio.Event(), None, peer]
         self._waiting[seq] = slot
 
         async def wait(timeout: float):
@@ -424,16 +456,27 @@ class Pending:
                 self._waiting.pop(seq, None)
         return seq, wait
 
-    def answer(self, payload) -> bool:
+    def cancel(self, seq: int) -> None:
+        slot = self._waiting.pop(seq, None)
+        if slot is not None:
+            slot[0].set()
+
+    def answer(self, payload, peer=None) -> bool:
         """Deliver a reply; False when nobody waits for it (late, unknown)."""
         if not isinstance(payload, dict) or not isinstance(payload.get("seq"), int):
             raise ValueError("reply without a sequence number")
         slot = self._waiting.get(payload["seq"])
-        if slot is None:
+        if slot is None or slot[2] != peer:
             return False
         slot[1] = payload.get("result")
         slot[0].set()
         return True
+
+    def fail_peer(self, peer) -> None:
+        """Wake the waiters of `peer` with None (it went away)."""
+        for slot in self._waiting.values():
+            if slot[2] == peer:
+                slot[0].set()
 
     def fail_all(self) -> None:
         """Wake every waiter with None (the peer went away)."""

@@ -232,10 +232,13 @@ def test_show_relays_and_sessions(env, backends):
                        + f"{PAD}average: 0/60s 0/h 0/d sessions\n")
         cport = held.getsockname()[1]
         out = env.ok("show", "sessions")
-        m = re.fullmatch(rf"session 0:(\d+) 127\.0\.0\.1:{cport} -> 127\.0\.0\.1:{env.bport}"
+        # session <relay process instance>:<id>, pid of that relay process
+        m = re.fullmatch(rf"session (\d+):(\d+) 127\.0\.0\.1:{cport} -> 127\.0\.0\.1:{env.bport}"
                          rf"\tRUNNING\n\tage 00:00:0\d, idle 00:00:0\d, relay 1, pid "
-                         rf"{env.d.pid}\n", out)
-        assert m and int(m[1]) >= 4, out
+                         rf"(\d+)\n", out)
+        assert m and int(m[2]) >= 4, out
+        with open(f"/proc/{m[3]}/stat") as f:      # a relay child of the daemon
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == env.d.pid
     finally:
         held.close()
 

@@ -47,6 +47,7 @@ VIP = "10.231.100.1"
 B1, B2 = "10.231.2.2", "10.231.3.2"
 CLIENT1, CLIENT2 = "10.231.1.2", "10.231.1.3"
 ROUTE = "10.231.200.0/24"
+STALE = "10.231.201.0/24"
 RTABLE = 42
 INTERVAL = 1          # relayd `interval`: state flips within ~2 s
 
@@ -339,6 +340,10 @@ def net(tmp_path_factory):
     n = Net(tmp_path_factory.mktemp("netns"))
     try:
         n.setup()
+        # What a killed relayd would leave: relayd replaces both at start.
+        n.ns(n.r, "nft", "add table inet relayd; add chain inet relayd stale")
+        n.ns(n.r, "ip", "route", "add", STALE, "via", B1, "table", str(RTABLE),
+             "proto", "245")
         n.start_relayd(CONF.replace("{sock}", n.sock))
         wait_for(lambda: both_up(n), "both backends and gateways up", n, 20)
         yield n
@@ -364,6 +369,7 @@ def test_nft_table_matches_the_config(net):
     assert chains["prerouting"]["type"] == "nat" and chains["prerouting"]["hook"] == "prerouting"
     assert chains["prerouting"]["prio"] == -100
     assert {"rdr_1", "rdr_2", "rdr_3", "rdr_4", "rdr_3_sticky", "mangle", "sticky"} <= set(chains)
+    assert "stale" not in chains and STALE not in net.routes()
     sets = {o["set"]["name"]: o["set"] for o in objs if "set" in o}
     assert sets["rdr_3_sticky_1"]["timeout"] == 120          # session timeout
     counters = {o["counter"]["name"] for o in objs if "counter" in o}
