@@ -42,10 +42,11 @@ configtest: venv
 	$(VPY) -m relayd -n -f conf/relayd.conf
 
 bench: venv deps
-	$(VPY) bench/bench.py
+	$(VPY) bench/bench.py $(BENCH_ARGS)
+	$(VPY) bench/hce.py
 
 bench-smoke: venv deps
-	$(VPY) bench/bench.py --smoke
+	$(VPY) bench/bench.py --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
