@@ -37,6 +37,10 @@ unit: venv
 regress: venv deps
 	$(VPY) -m pytest -q -n $(JOBS) tests/regress
 
+# The network-namespace tests alone (root: nftables, routes, veth pairs).
+netns: venv deps
+	$(VPY) -m pytest -q -m netns tests/regress
+
 configtest: venv
 	$(VPY) -m httpd -n -f conf/httpd.conf
 	$(VPY) -m relayd -n -f conf/relayd.conf

@@ -304,7 +304,9 @@ def _request(fd: int, size: int, mtime: int, media: str, method: str,
     if method not in ("GET", "HEAD"):
         raise HttpError(405, path)
     hdrs = [("Content-Type", media),
-            ("Last-Modified", _http_time(min(int(time.time()), mtime)))] + extra
+            ("Last-Modified", _http_time(min(int(time.time()), mtime)))]
+    if extra:
+        hdrs += extra
     since = headers.get("if-modified-since")
     if since is not None:
         t = _parse_http_date(since)
@@ -398,8 +400,16 @@ def _strtonum(s: str) -> int | None:
 
 
 def _read(fd: int, size: int, path: str) -> bytes:
-    chunks = []
-    off = 0
+    if size <= 0:
+        return b""
+    try:
+        first = os.pread(fd, size, 0)     # all of it, unless the file shrank
+    except OSError:
+        raise HttpError(500, path) from None
+    if len(first) == size or not first:
+        return first
+    chunks = [first]
+    off = len(first)
     try:
         while off < size:
             b = os.pread(fd, size - off, off)

@@ -334,9 +334,12 @@ async def handle_request(x: Exchange) -> bool:
         x.srv = srv
         if x.conn.requests >= srv.connection.max_requests or x.worker.draining:
             x.keep = False
-        exists = _exists(x.worker)
-        conf, loc, caps = route.find_location(srv, x.path, exists)
-        x.conf, x.captures = conf, caps
+        if srv.locations:
+            exists = _exists(x.worker)
+            conf, loc, caps = route.find_location(srv, x.path, exists)
+            x.conf, x.captures = conf, caps
+        else:
+            conf = x.conf = srv
         rewritten = bool(conf.rewrite)
         if rewritten:
             try:
@@ -347,7 +350,7 @@ async def handle_request(x: Exchange) -> bool:
             except route.RouteError as e:
                 raise HttpError(400, str(e)) from None
             log.debug(f"rewrote {raw_path} -> {x.path}")
-            conf, loc, caps = route.find_location(srv, x.path, exists)
+            conf, loc, caps = route.find_location(srv, x.path, _exists(x.worker))
             x.conf = conf
             if caps is not None:
                 x.captures = caps
@@ -454,9 +457,24 @@ def build_head(status: int, version: str, headers: list[tuple[str, str]]) -> byt
     return "".join(lines).encode("latin-1", "replace")
 
 
+_head_starts: dict[tuple, str] = {}
+_date_line = ["", ""]       # http_date() and its last header line
+
+
 def _file_head(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse) -> bytes:
     """send_file()'s head when no `header` action and no HSTS applies: the
-    bytes build_head() makes of the same list, in one string."""
+    bytes build_head() makes of the same list, in one string (status line,
+    Server and Connection come from a cache, Date from a per-second one)."""
+    status = fr.status
+    server = x.worker.server_name if conf.banner else None
+    key = (x.version, status, server, x.keep)
+    start = _head_starts.get(key)
+    if start is None:
+        start = (f"{x.version} {status} {REASONS.get(status, 'Unknown')}\r\n"
+                 + (f"Server: {server}\r\n" if server is not None else "")
+                 + ("Connection: keep-alive\r\n" if x.keep else "Connection: close\r\n"))
+        if len(_head_starts) < CACHE_MAX:
+            _head_starts[key] = start
     ctype = None
     rest = ""
     for k, v in fr.headers:
@@ -464,13 +482,14 @@ def _file_head(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse) ->
             ctype = v
         else:
             rest += f"{k}: {v}\r\n"
-    status = fr.status
-    head = (f"{x.version} {status} {REASONS.get(status, 'Unknown')}\r\n"
-            + (f"Server: {x.worker.server_name}\r\n" if conf.banner else "")
-            + ("Connection: keep-alive\r\n" if x.keep else "Connection: close\r\n")
+    date = http_date()
+    if date is not _date_line[0]:
+        _date_line[0] = date
+        _date_line[1] = f"Date: {date}\r\n\r\n"
+    head = (start
             + (f"Content-Type: {ctype}\r\n" if ctype is not None else "")
             + (f"Content-Length: {fr.length}\r\n" if fr.length >= 0 else "")
-            + rest + f"Date: {http_date()}\r\n\r\n")
+            + rest + _date_line[1])
     return head.encode("latin-1", "replace")
 
 

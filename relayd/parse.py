@@ -96,7 +96,6 @@ UNIMPL_TLS_LISTEN = "listen ... tls"
 UNIMPL_TLS_FORWARD = "forward with tls"
 UNIMPL_TLS_KEYPAIR = "tls keypair"
 UNIMPL_TLS_INSPECT = "tls interception (ca cert/ca key)"
-UNIMPL_DNS = "dns protocol"
 
 
 # -- builders (mutable while parsing, frozen by _build) --------------------
@@ -941,8 +940,6 @@ class RelaydParser(Parser):
             raise self.error("protocol name truncated", nt)
         self.last_proto += 1
         p = _Protocol(id=self.last_proto, name=name, type=ptype, where=self.where(kw))
-        if ptype == "dns":
-            self._unimpl(kw, UNIMPL_DNS)
         if self.at_punct("{"):
             self._body(lambda: self._proto_item(p))
         if not p.versions:

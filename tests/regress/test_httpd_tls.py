@@ -102,6 +102,14 @@ server "tix.test" {
         ticket lifetime default
     }
 }
+server "moz.test" {
+    listen on 127.0.0.1 tls port {moz}
+    root "/htdocs"
+    tls {
+        certificate "{dir}/moz.crt"
+        key "{dir}/moz.key"
+    }
+}
 server "strict.test" {
     listen on 127.0.0.1 tls port {strict}
     root "/htdocs"
@@ -161,12 +169,52 @@ def make_pki(d: Path) -> dict:
                .revocation_date(NOW - DAY).build())
            .sign(cca_key, hashes.SHA256()))
     (d / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    make_webpki(d)
     return {"ca": ca, "leaves": leaves, "dir": d}
+
+
+def make_webpki(d: Path) -> None:
+    """moz.crt/moz.key issued by mozca.pem as web PKI verifiers want them
+    (trustme marks subjectAltName critical next to a subject: sslyze's
+    path validation refuses that)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "Tandem test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(NOW - DAY).not_valid_after(NOW + 365 * DAY)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME,
+                                                        "moz.test")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - DAY).not_valid_after(NOW + 90 * DAY)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("moz.test")]), False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                         False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), False)
+            .sign(ca_key, hashes.SHA256()))
+    (d / "mozca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "moz.crt").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (d / "moz.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    ports = {k: free_port() for k in ("plain", "auth", "opt", "tix", "strict", "fcgi")}
+    ports = {k: free_port() for k in ("plain", "auth", "opt", "tix", "strict", "moz", "fcgi")}
     work = tmp_path_factory.mktemp("fcgi")
     stub = servers.start_stub(("127.0.0.1", ports["fcgi"]), work, work / "marks")
     pki = {}
@@ -180,7 +228,7 @@ def site(tmp_path_factory):
     try:
         for s in module_site(tmp_path_factory, CONF, setup=setup,
                              extra_ports=[ports[k] for k in ("plain", "auth", "opt", "tix",
-                                                             "strict")], **ports):
+                                                             "strict", "moz")], **ports):
             s.pki = pki
             s.p = ports
             yield s
@@ -531,8 +579,8 @@ def test_sslyze_mozilla_intermediate(site):
     if not sslyze.exists():
         pytest.skip("sslyze not installed")
     r = subprocess.run([str(sslyze), "--mozilla_config=intermediate", "--certinfo",
-                        "--certinfo_ca_file", str(site.dir / "ca.pem"),
-                        f"a.test:{site.port}{{127.0.0.1}}"],
+                        "--certinfo_ca_file", str(site.dir / "mozca.pem"),
+                        f"moz.test:{site.p['moz']}{{127.0.0.1}}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK - Compliant" in r.stdout, r.stdout[-3000:]
 
@@ -614,5 +662,5 @@ def test_reload_with_bad_certificate_keeps_serving(site_factory):
     (s.dir / "a.key").write_text("garbage\n")
     s.daemon.signal(signal.SIGHUP)
     s.daemon.wait_output("configuration failed, keeping the current one")
-    assert https(s.port, client_ctx(s))[0].startswith(b"HTTP/1.1 ")
+    assert https(s.port, client_ctx(s))[0].startswith(b"HTTP/1.")    # old keypair serves
 

@@ -1,0 +1,588 @@
+"""relayd privilege separation, prefork and reload without interruption,
+black-box: `python -m relayd -d -f CONF` as root, looked at through /proc.
+
+Covers A02-A04 and R04/R87/R88: the process table (parent, pfe, hce,
+relay x prefork) with titles, users, NoNewPrivs and chroots; a relay
+worker's view of the file system; a privileged port served by
+unprivileged workers; reloads (SIGHUP) under a client loop without a
+failed or reset connection, a 100 MiB transfer through a TCP relay
+across a reload, a broken file keeping the old configuration, prefork
+changes, a killed worker restarted, systemd notifications and socket
+activation, session counters summed over workers (relayctl, metrics).
+
+Clients are threads with raw sockets; nothing here asserts on timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, REPO, Daemon, free_port, wait_port
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")]
+
+RELAYCTL = str(Path(PYTHON).parent / "relayctl")
+
+
+# -- /proc ---------------------------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(d))
+    return sorted(out)
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def procs(d) -> dict[str, list[int]]:
+    """The daemon's children by title ("relay", "hce", "pfe")."""
+    out: dict[str, list[int]] = {}
+    for c in children(d.pid):
+        try:
+            title = comm(c)
+        except OSError:
+            continue
+        if title.startswith("relayd: "):
+            out.setdefault(title[len("relayd: "):], []).append(c)
+    return out
+
+
+def wait_procs(d, relays: int, timeout: float = 30.0, exclude: set[int] = frozenset()
+               ) -> dict[str, list[int]]:
+    """Wait until the daemon has pfe, hce and exactly `relays` relay processes
+    (none of `exclude`), each with its sandbox in place."""
+    deadline = time.monotonic() + timeout
+    p: dict = {}
+    while time.monotonic() < deadline:
+        p = procs(d)
+        rel = p.get("relay", [])
+        if (len(rel) == relays and len(p.get("hce", [])) == 1 and len(p.get("pfe", [])) == 1
+                and not set(rel) & exclude and all(sandboxed(x) for x in rel)):
+            return p
+        time.sleep(0.1)
+    raise AssertionError(f"process table {p} (want {relays} relays):\n{d.output()}")
+
+
+def sandboxed(pid: int) -> bool:
+    try:
+        return status(pid).get("NoNewPrivs") == "1"
+    except OSError:
+        return False
+
+
+def ids(st: dict, key: str) -> list[int]:
+    return [int(x) for x in st[key].split()]
+
+
+# -- helpers -------------------------------------------------------------------------
+
+def wait_for(fn, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Backend:
+    """Threaded TCP backend: echo, or `size` bytes of a fixed pattern."""
+
+    def __init__(self, handler: str = "echo", size: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.handler, self.size = handler, size
+        self.conns = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._run, args=(c,), daemon=True).start()
+
+    def _run(self, c: socket.socket) -> None:
+        try:
+            if self.handler == "echo":
+                while data := c.recv(65536):
+                    c.sendall(data)
+            else:
+                c.recv(16)
+                c.sendall(pattern(self.size))
+                c.shutdown(socket.SHUT_WR)
+                c.recv(16)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_PATTERN: dict[int, bytes] = {}
+
+
+def pattern(size: int) -> bytes:
+    if size not in _PATTERN:
+        block = hashlib.sha256(b"tandem").digest() * 2048        # 64 KiB
+        _PATTERN[size] = (block * (size // len(block) + 1))[:size]
+    return _PATTERN[size]
+
+
+def echo_once(port: int, data: bytes = b"ping", timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def relay_conf(rport: int, bport: int, extra: str = "", sock: str | None = None) -> str:
+    return (f"{extra}" + (f'socket "{sock}"\n' if sock else "")
+            + f'relay "tcp" {{\n\tlisten on 127.0.0.1 port {rport}\n'
+              f"\tforward to 127.0.0.1 port {bport}\n}}\n")
+
+
+@pytest.fixture
+def relayd(tmp_path):
+    started: list[Daemon] = []
+
+    def start(text: str, env: dict | None = None, name: str = "relayd.conf",
+              wait: bool = True) -> Daemon:
+        conf = tmp_path / name
+        conf.write_text(text)
+        d = Daemon("relayd", conf, env=env)
+        d.path = conf
+        started.append(d)
+        if wait:
+            wait_for(lambda: "startup" in d.output() or d.proc.poll() is not None,
+                     30, "relayd startup")
+            assert d.proc.poll() is None, d.output()
+        return d
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def backend():
+    made: list[Backend] = []
+
+    def make(*a, **kw) -> Backend:
+        b = Backend(*a, **kw)
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.close()
+
+
+def reloaded(d, n: int, timeout: float = 30.0) -> None:
+    wait_for(lambda: d.output().count("parent_reload: configuration reloaded") >= n,
+             timeout, f"{n} reloads:\n{d.output()}")
+
+
+# -- the process table ----------------------------------------------------------------
+
+def test_process_table_users_and_chroots(relayd, backend, tmp_path):
+    b = backend()
+    rport = free_port()
+    d = relayd("prefork 3\n" + relay_conf(rport, b.port, sock=str(tmp_path / "ctl.sock")))
+    p = wait_procs(d, 3)
+    assert sorted(p) == ["hce", "pfe", "relay"]
+    assert status(d.pid)["Uid"].split()[0] == "0"
+    assert os.readlink(f"/proc/{d.pid}/root") == "/"
+    for title in ("relay", "hce", "pfe"):
+        for pid in p[title]:
+            st = status(pid)
+            assert all(u != 0 for u in ids(st, "Uid")), (title, st["Uid"])
+            assert all(g != 0 for g in ids(st, "Gid")), (title, st["Gid"])
+            assert st["NoNewPrivs"] == "1"
+            assert st["Groups"].split() == [st["Gid"].split()[0]]     # no supplementary
+            want = "/" if title == "pfe" else "/var/empty"
+            assert os.readlink(f"/proc/{pid}/root") == want, title
+    for pid in p["relay"] + p["hce"]:
+        assert int(status(pid)["CapEff"], 16) == 0
+    # pfe keeps CAP_NET_ADMIN (12) only, ambient too (for nft).
+    pfe = status(p["pfe"][0])
+    assert int(pfe["CapEff"], 16) == 1 << 12
+    assert int(pfe["CapAmb"], 16) == 1 << 12
+    st = os.stat("/var/empty")
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o755
+    # Serving meanwhile.
+    assert echo_once(rport) == b"ping"
+
+
+def test_worker_sees_only_its_chroot(relayd, backend):
+    b = backend()
+    rport = free_port()
+    d = relayd(relay_conf(rport, b.port))
+    p = wait_procs(d, os.cpu_count() or 1)
+    for pid in p["relay"] + p["hce"]:
+        root = f"/proc/{pid}/root"
+        assert not os.path.exists(f"{root}/etc/passwd")
+        assert not os.path.exists(f"{root}{REPO}")
+        assert os.listdir(root) == [] or set(os.listdir(root)) <= {"lost+found"}
+
+
+def test_privileged_port_served_by_unprivileged_workers(relayd, backend):
+    b = backend()
+    port = None
+    for cand in range(1023, 900, -1):
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", cand))
+            port = cand
+            break
+        except OSError:
+            continue
+    if port is None:
+        pytest.skip("no free port below 1024")
+    d = relayd("prefork 2\n" + relay_conf(port, b.port))
+    p = wait_procs(d, 2)
+    assert echo_once(port) == b"ping"
+    for pid in p["relay"]:
+        assert all(u != 0 for u in ids(status(pid), "Uid"))
+
+
+# -- reload --------------------------------------------------------------------------
+
+def test_sighup_storm_under_load_loses_nothing(relayd, backend):
+    """Ten reloads alternating two files while clients keep connecting:
+    every connection is served (none refused, reset or cut)."""
+    b = backend()
+    rport = free_port()
+    confs = [relay_conf(rport, b.port, "prefork 2\n"),
+             relay_conf(rport, b.port, "prefork 3\nlog connection errors\n")]
+    d = relayd(confs[0])
+    stop = threading.Event()
+    lock = threading.Lock()
+    done, failures = [0], []
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            data = b"%d:%d" % (i, n) * 50
+            try:
+                got = echo_once(rport, data)
+            except OSError as e:
+                with lock:
+                    failures.append(repr(e))
+                continue
+            with lock:
+                if got != data:
+                    failures.append(f"short reply {len(got)}/{len(data)}")
+                done[0] += 1
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(10):
+            d.path.write_text(confs[(i + 1) % 2])
+            d.signal(signal.SIGHUP)
+            reloaded(d, i + 1, 60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures, failures[:5]
+    assert done[0] > 50
+    assert "lost child" not in d.output()
+    wait_procs(d, 2)                       # the last file says prefork 2
+
+
+def test_long_transfer_survives_reload(relayd, backend):
+    size = 100 << 20
+    b = backend("bulk", size)
+    rport = free_port()
+    d = relayd(relay_conf(rport, b.port))
+    got = hashlib.sha256()
+    n = 0
+    with socket.create_connection(("127.0.0.1", rport), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.sendall(b"go")
+        first = s.recv(65536)
+        got.update(first)
+        n += len(first)
+        d.path.write_text(relay_conf(rport, b.port, "log connection\n"))
+        d.signal(signal.SIGHUP)
+        reloaded(d, 1)
+        while chunk := s.recv(1 << 20):
+            got.update(chunk)
+            n += len(chunk)
+    assert n == size
+    assert got.hexdigest() == hashlib.sha256(pattern(size)).hexdigest()
+    assert "lost child" not in d.output()
+
+
+def test_broken_config_keeps_old_one_serving(relayd, backend):
+    b = backend()
+    rport = free_port()
+    d = relayd("prefork 2\n" + relay_conf(rport, b.port))
+    before = wait_procs(d, 2)
+    d.path.write_text("prefork 3\nrelay broken {\n")
+    d.signal(signal.SIGHUP)
+    out = d.output()
+    wait_for(lambda: "configuration failed" in d.output(), what="reload refused")
+    out = d.output()
+    assert re.search(rf"^{re.escape(str(d.path))}:\d+: ", out, re.M), out
+    assert echo_once(rport) == b"ping"
+    assert procs(d)["relay"] == before["relay"]          # same workers, not restarted
+
+
+def test_reload_adds_relay_and_changes_prefork(relayd, backend):
+    b = backend()
+    rport, rport2 = free_port(), free_port()
+    d = relayd("prefork 3\n" + relay_conf(rport, b.port))
+    old = set(wait_procs(d, 3)["relay"])
+    d.path.write_text("prefork 2\n" + relay_conf(rport, b.port)
+                      + f'relay "two" {{\n\tlisten on 127.0.0.1 port {rport2}\n'
+                        f"\tforward to 127.0.0.1 port {b.port}\n}}\n")
+    d.signal(signal.SIGHUP)
+    reloaded(d, 1)
+    assert echo_once(rport2) == b"ping"
+    assert echo_once(rport) == b"ping"
+    new = wait_procs(d, 2, exclude=old)
+    assert not set(new["relay"]) & old
+
+
+def test_reload_by_relayctl(relayd, backend, tmp_path):
+    b = backend()
+    rport = free_port()
+    sock = str(tmp_path / "ctl.sock")
+    d = relayd("prefork 1\n" + relay_conf(rport, b.port, sock=sock))
+    old = set(wait_procs(d, 1)["relay"])
+    d.path.write_text("prefork 2\n" + relay_conf(rport, b.port, sock=sock))
+    r = subprocess.run([RELAYCTL, "-s", sock, "reload"], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout) == (0, ""), (r, d.output())
+    assert "parent_reload: configuration reloaded" in d.output()
+    wait_procs(d, 2, exclude=old)
+    assert echo_once(rport) == b"ping"
+
+
+# -- children dying ------------------------------------------------------------------
+
+@pytest.mark.parametrize("title", ["relay", "hce", "pfe"])
+def test_killed_child_is_logged_and_restarted(relayd, backend, tmp_path, title):
+    b = backend()
+    rport = free_port()
+    sock = str(tmp_path / "ctl.sock")
+    d = relayd("prefork 2\n" + relay_conf(rport, b.port, sock=sock))
+    p = wait_procs(d, 2)
+    victim = p[title][0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"lost child: pid {victim} terminated; signal 9" in d.output(),
+             what="lost child")
+    p2 = wait_procs(d, 2, exclude={victim})
+    assert victim not in p2[title]
+    assert echo_once(rport) == b"ping"
+    r = subprocess.run([RELAYCTL, "-s", sock, "show", "relays"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "tcp" in r.stdout
+    assert d.proc.poll() is None
+
+
+# -- shared counters -------------------------------------------------------------------
+
+def test_sessions_counted_over_workers(relayd, backend, tmp_path):
+    b = backend()
+    rport, mport = free_port(), free_port()
+    sock = str(tmp_path / "ctl.sock")
+    d = relayd(f"prefork 3\nlog connection\nmetrics listen on 127.0.0.1 port {mport}\n"
+               + relay_conf(rport, b.port, sock=sock))
+    wait_procs(d, 3)
+    for _ in range(30):
+        assert echo_once(rport) == b"ping"
+    lines = wait_for(lambda: (lambda ls: ls if len(ls) >= 30 else None)(
+        re.findall(r"^relay tcp, session (\d+) \((\d+) active\)", d.output(), re.M)),
+        what="30 session lines")
+    assert sorted(int(i) for i, _ in lines) == list(range(1, 31))   # one sequence
+    r = subprocess.run([RELAYCTL, "-s", sock, "show", "relays"], capture_output=True,
+                       text=True, timeout=30)
+    m = re.search(r"total: (\d+) sessions", r.stdout)
+    assert m and int(m[1]) == 30, r.stdout
+
+    def scraped():
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
+            text = f.read().decode()
+        m = re.search(r'^relayd_relay_sessions_total\{relay="tcp"\} (\S+)$', text, re.M)
+        return m and float(m[1]) == 30.0
+    wait_for(scraped, what="metrics sum")
+    held = [socket.create_connection(("127.0.0.1", rport), timeout=10) for _ in range(4)]
+    try:
+        for s in held:
+            s.sendall(b"h")
+            assert s.recv(1) == b"h"
+        r = subprocess.run([RELAYCTL, "-s", sock, "show", "sessions"], capture_output=True,
+                           text=True, timeout=30)
+        rows = re.findall(r"^session (\d+):(\d+) .*\n\tage .*, pid (\d+)$", r.stdout, re.M)
+        assert len(rows) == 4, r.stdout
+        relays = set(procs(d)["relay"])
+        assert all(int(pid) in relays for _, _, pid in rows)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_roundrobin_in_turn_over_workers(relayd):
+    """Round-robin positions are shared: hosts are taken in turn whatever
+    worker accepts."""
+    names = []
+    socks = []
+    port = free_port()
+    for i in (1, 2, 3):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((f"127.0.0.{i}", port))
+        s.listen(64)
+        socks.append(s)
+
+        def serve(s=s, name=f"b{i}".encode()):
+            while True:
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    return
+                c.sendall(name)
+                c.close()
+        threading.Thread(target=serve, daemon=True).start()
+    rport = free_port()
+    d = relayd(f"prefork 3\ntable <web> {{ 127.0.0.1, 127.0.0.2, 127.0.0.3 }}\n"
+               f'relay "lb" {{\n\tlisten on 127.0.0.1 port {rport}\n'
+               f"\tforward to <web> port {port} mode roundrobin\n}}\n")
+    wait_procs(d, 3)
+    try:
+        for _ in range(30):
+            with socket.create_connection(("127.0.0.1", rport), timeout=10) as c:
+                names.append(c.recv(16))
+    finally:
+        for s in socks:
+            s.close()
+    assert names[:6] == [b"b1", b"b2", b"b3", b"b1", b"b2", b"b3"]
+    assert {n: names.count(n) for n in set(names)} == {b"b1": 10, b"b2": 10, b"b3": 10}
+
+
+# -- systemd ---------------------------------------------------------------------------
+
+def test_sd_notify_ready_reloading_stopping(relayd, backend, tmp_path):
+    b = backend()
+    rport = free_port()
+    path = str(tmp_path / "notify.sock")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(30)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        d = relayd(relay_conf(rport, b.port), env=env)
+        assert ns.recv(4096) == b"READY=1"
+        d.signal(signal.SIGHUP)
+        assert ns.recv(4096) == b"RELOADING=1"
+        assert ns.recv(4096) == b"READY=1"
+        assert "configuration reloaded" in d.output()
+        d.signal(signal.SIGTERM)
+        assert ns.recv(4096) == b"STOPPING=1"
+        assert d.proc.wait(20) == 0
+    finally:
+        ns.close()
+
+
+def test_socket_activation(tmp_path, backend):
+    """LISTEN_FDS/LISTEN_PID: relayd relays on the socket it was given (a
+    bind of its own would fail: the port is taken without SO_REUSEADDR
+    sharing)."""
+    b = backend()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    rport = lsock.getsockname()[1]
+    conf = tmp_path / "relayd.conf"
+    conf.write_text(relay_conf(rport, b.port))
+    wrapper = ("import os, sys\n"
+               "os.dup2(int(sys.argv[1]), 3)\n"
+               "os.environ['LISTEN_FDS'] = '1'\n"
+               "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+               "os.execv(sys.executable, [sys.executable, '-m', 'relayd', '-d', '-f', sys.argv[2]])\n")
+    out = open(tmp_path / "relayd.stderr", "wb")
+    proc = subprocess.Popen([PYTHON, "-c", wrapper, str(lsock.fileno()), str(conf)], cwd=REPO,
+                            stdout=out, stderr=subprocess.STDOUT, pass_fds=(lsock.fileno(),),
+                            start_new_session=True)
+    lsock.close()
+    try:
+        wait_for(lambda: b"startup" in (tmp_path / "relayd.stderr").read_bytes()
+                 or proc.poll() is not None, 30, "startup")
+        assert proc.poll() is None, (tmp_path / "relayd.stderr").read_text()
+        assert echo_once(rport) == b"ping"
+        for c in children(proc.pid):
+            assert "LISTEN_FDS" not in open(f"/proc/{c}/environ", "rb").read().decode(
+                errors="replace")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        out.close()
+
+
+def test_sigterm_drains_sessions(relayd, backend):
+    b = backend()
+    rport = free_port()
+    d = relayd(relay_conf(rport, b.port))
+    wait_procs(d, os.cpu_count() or 1)
+    with socket.create_connection(("127.0.0.1", rport), timeout=10) as s:
+        s.sendall(b"a")
+        assert s.recv(1) == b"a"
+        d.signal(signal.SIGTERM)
+        wait_for(lambda: "parent terminating" in d.output(), what="terminating")
+        s.sendall(b"b")                       # the session goes on while draining
+        assert s.recv(1) == b"b"
+    assert d.proc.wait(20) == 0
+    assert re.search(rf"^parent terminating, pid {d.pid}$", d.output(), re.M)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", rport), timeout=1).close()
