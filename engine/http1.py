@@ -390,15 +390,17 @@ class ServerConn(_Conn):
         if cur.version not in ("1.1", "1.0"):
             self.error = HttpError(400, "malformed")
             raise self.error
-        hosts = self.hcount.get("host", 1 if "host" in cur.hmap else 0)
+        hmap = cur.hmap
+        hosts = self.hcount.get("host", 1 if "host" in hmap else 0)
         if hosts > 1 or (cur.version == "1.1" and hosts == 0):
             self.error = HttpError(400, "malformed host")
             raise self.error
-        try:
-            self._check_framing(cur)
-        except HttpError as e:
-            self.error = e
-            raise
+        if "content-length" in hmap or "transfer-encoding" in hmap:
+            try:
+                self._check_framing(cur)
+            except HttpError as e:
+                self.error = e
+                raise
         cur.upgrade = p.should_upgrade()
         self.events.append(cur)
 

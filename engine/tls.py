@@ -12,14 +12,18 @@ ssl module's C object (`SSLContext._wrap_socket`) is driven non-blocking
 on the accepted fd, and a task waits for readiness with
 trio.lowlevel.wait_readable/wait_writable only when OpenSSL asks.  One C call
 per receive and per send, no memory-BIO copies, no Python pump.  Measured
-on this machine (1 KiB keep-alive, server CPU per request, wrk -c50):
-trio.SSLStream 39-41 µs, stdlib SSLObject + MemoryBIO pump 26-30, pyOpenSSL
-on the fd 24-30, this path 22-27; full handshakes (ECDSA P-256): SSLStream
-650-750 µs, this path 485-525, pyOpenSSL (OpenSSL 3.5 inside the
-cryptography wheel) 445-500.  pyOpenSSL is not used: its bindings cannot
-set a groups list (its OpenSSL offers X448 and P-521, which the Mozilla
-intermediate profile rejects), the TLS 1.3 ticket count or session-ticket
-keys.
+on this (busy, shared) machine, server CPU per request, wrk -c50, 1 KiB:
+- bare servers, keep-alive: trio.SSLStream 39-41 µs, stdlib SSLObject +
+  MemoryBIO pump 26-30, pyOpenSSL on the fd 24-30, this path 22-27; full
+  ECDSA P-256 handshakes: SSLStream 650-750 µs, this path 485-525,
+  pyOpenSSL (OpenSSL 3.5 inside the cryptography wheel) 445-500;
+- httpd itself, 3 interleaved rounds: keep-alive plain 61-67 µs, this
+  path 73-88, SSLStream 90-130; handshakes: this path 620-894 µs,
+  SSLStream 784-1019.
+pyOpenSSL is not used although its handshakes are a little cheaper: its
+bindings cannot set a groups list (its OpenSSL then offers X448 and P-521,
+which Mozilla's intermediate profile rejects), the TLS 1.3 ticket count or
+session-ticket keys (no resumption across prefork workers).
 
 The ssl module lacks some libtls features.  A ctypes shim calls the very
 libssl the ssl module is linked with (found in /proc/self/maps), on the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import errno
 import fcntl
 import itertools
 import os
@@ -69,6 +74,8 @@ DEFAULT_GROUPS = "X25519:P-256:P-384"
 TICKET_KEY_SIZE = 80
 # Old ticket keys still accepted after a rotation (libtls keeps 4 in all).
 TICKET_KEYS_KEPT = 4
+# describe_error() of a connection closed before it sent anything.
+NO_HANDSHAKE = "closed before the handshake"
 # Seconds a TLS handshake may take when the caller gives no timeout.
 HANDSHAKE_TIMEOUT = 60.0
 # Bytes per write when a file goes out over TLS (no sendfile through TLS).
@@ -597,6 +604,18 @@ def name_matches_cert(name: str, names: list[str]) -> bool:
     return False
 
 
+def select_by_names(pairs: list[tuple[list[str], ssl.SSLContext]]
+                    ) -> Callable[[str], ssl.SSLContext | None]:
+    """An SNI `select` for TlsServer over (certificate names, context)
+    pairs, first match wins: libtls' choice of keypair (relayd's)."""
+    def select(name: str) -> ssl.SSLContext | None:
+        for names, ctx in pairs:
+            if name_matches_cert(name, names):
+                return ctx
+        return None
+    return select
+
+
 # -- keys through file descriptors (parent -> chrooted worker) ---------------
 
 def key_to_fd(key: bytes) -> int:
@@ -637,15 +656,19 @@ class TlsTransport(Transport):
     a trio socket is taken over (detached)."""
 
     __slots__ = ("sock", "_o", "peer", "local", "bytes_in", "bytes_out",
-                 "servername", "closed", "_sent", "_more")
+                 "servername", "closed", "timed_out", "_sent", "_more")
     tls = True
 
     def __init__(self, sock, ctx: ssl.SSLContext, server_side: bool, peer=None,
                  local=None, server_hostname: str | None = None,
                  session: ssl.SSLSession | None = None) -> None:
         if not isinstance(sock, socket.socket):
-            sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        sock.setblocking(False)
+            # A trio socket: drive the stdlib socket inside it (closing
+            # either closes both; no new socket object per connection).
+            inner = getattr(sock, "_sock", None)
+            sock = inner if isinstance(inner, socket.socket) else \
+                socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+            sock.setblocking(False)
         self.sock = sock
         self.peer = _sockname(peer if peer is not None else sock.getpeername())
         self.local = _sockname(local if local is not None else sock.getsockname())
@@ -653,6 +676,7 @@ class TlsTransport(Transport):
         self.bytes_out = 0
         self.servername: str | None = None
         self.closed = False
+        self.timed_out = False
         self._sent = False
         self._more = b""
         # owner=self: the SNI callback gets this object (see TlsServer).
@@ -805,7 +829,8 @@ class TlsTransport(Transport):
 class TlsServer:
     """The server side of one listening socket: the default context (first
     server's keypair) and `select(name) -> context | None` for SNI; names
-    `select` does not know keep the default certificate."""
+    `select` does not know keep the default certificate.  Without `select`
+    no SNI callback runs (nor is TlsTransport.servername set)."""
 
     def __init__(self, default: ssl.SSLContext,
                  select: Callable[[str], ssl.SSLContext | None] | None = None,
@@ -813,7 +838,13 @@ class TlsServer:
         self.default = default
         self.select = select
         self.timeout = timeout
-        default.sni_callback = self._sni
+        if select is not None:
+            default.sni_callback = self._sni
+        # Handshakes in progress and their deadlines, checked by one
+        # watchdog task: a cancel scope per connection costs more
+        # (10-20 µs per handshake measured here).
+        self._pending: dict[TlsTransport, float] = {}
+        self._watching = False
 
     def _sni(self, owner, name, ctx):
         if not isinstance(owner, TlsTransport):
@@ -830,13 +861,45 @@ class TlsServer:
         """Handshake on an accepted socket.  Raises ssl.SSLError, OSError or
         trio.TooSlowError (see describe_error())."""
         t = TlsTransport(sock, self.default, True, peer, local)
+        self._pending[t] = trio.current_time() + self.timeout
+        if not self._watching:
+            self._watching = True
+            trio.lowlevel.spawn_system_task(self._watchdog)
         try:
-            with trio.fail_after(self.timeout):
-                await t.handshake()
-        except BaseException:
+            # Tell a connection closed without a byte (a port probe) apart,
+            # and wait for the ClientHello more cheaply than OpenSSL's
+            # failed first try would.
+            while True:
+                try:
+                    if not t.sock.recv(1, socket.MSG_PEEK):
+                        raise ConnectionAbortedError(errno.ECONNABORTED, NO_HANDSHAKE)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(t.sock)
+            await t.handshake()
+        except BaseException as e:
             t.abort()
+            if t.timed_out and isinstance(e, (trio.ClosedResourceError, OSError)):
+                raise trio.TooSlowError from None
             raise
+        finally:
+            del self._pending[t]
         return t
+
+    async def _watchdog(self) -> None:
+        # Aborting a transport closes its socket: the task waiting on it
+        # wakes up with ClosedResourceError.  Runs while handshakes do.
+        tick = min(1.0, self.timeout / 4)
+        try:
+            while self._pending:
+                await trio.sleep(tick)
+                now = trio.current_time()
+                for t, deadline in list(self._pending.items()):
+                    if deadline <= now and not t.closed:
+                        t.timed_out = True
+                        t.abort()
+        finally:
+            self._watching = False
 
 
 async def connect(sock: trio.socket.SocketType, ctx: ssl.SSLContext,

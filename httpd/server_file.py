@@ -197,7 +197,7 @@ def serve(conf: ServerConfig, gconf: HttpdConfig, prefix: str, path: str,
         if not conf.auto_index:
             raise HttpError(403, path)
         return _index(gconf, conf, prefix + fs_dir, dir_path, method)
-    fs = conf.root + _root_strip(path, conf.strip)
+    fs = conf.root + (_root_strip(path, conf.strip) if conf.strip else path)
     if _blen(fs) >= PATH_MAX:
         raise HttpError(500, path)
     return _access(gconf, conf, prefix, fs, path, method, headers,

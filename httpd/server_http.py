@@ -523,8 +523,9 @@ async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
         x.status = fr.status
         # Logged before sending, with the Content-Length as the size (also
         # for HEAD), as server_response_http() does.
-        x.sent = max(fr.length, 0)
-        access_log(x)
+        x.sent = fr.length if fr.length > 0 else 0
+        if conf.log.enabled:
+            access_log(x)
         body = fr.segments if x.req.method != "HEAD" else []
         timer = x.timer
         if timer is None:
@@ -534,7 +535,10 @@ async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
             # The connection's timer, not a cancel scope per response: if it
             # fires, serve_client ends the connection as the except below.
             timer.arm(conf.connection.timeout, SENDING)
-            await _send_body(t, head, body, fr.fd)
+            if len(body) == 1 and type(body[0]) is bytes:
+                await t.send_all(head + body[0])      # one send for small files
+            else:
+                await _send_body(t, head, body, fr.fd)
             timer.disarm()
     except trio.TooSlowError:
         x.keep = False

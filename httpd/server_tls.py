@@ -80,9 +80,10 @@ def read_files(conf: HttpdConfig) -> tuple[dict[int, ServerFiles], dict[int, byt
                 err(what)
         if len(extra) < 3:
             continue
-        # An empty OCSP file means "no staple" (httpd.conf(5)).
+        # An empty OCSP file means "no staple" (httpd.conf(5)).  The names
+        # are parsed here: workers need not load cryptography.
         f = ServerFiles(cert, extra["ocsp"] or None, extra["ca"], extra["crl"],
-                        tuple(_cert_names(cert)))
+                        tuple(tls.cert_names(cert)))
         try:
             tls.server_context(options(tc, f), tls.Keypair(cert, key, f.ocsp))
         except tls.TlsError as e:
@@ -94,11 +95,6 @@ def read_files(conf: HttpdConfig) -> tuple[dict[int, ServerFiles], dict[int, byt
         files[srv.id] = f
         keys[srv.id] = key
     return files, keys, errors
-
-
-def _cert_names(cert: bytes) -> list[str]:
-    # Parsed in the parent: workers need not load cryptography.
-    return tls.cert_names(cert)
 
 
 def ticket_lifetime(conf: HttpdConfig) -> int | None:
@@ -117,7 +113,7 @@ class ListenTls:
         if not self.servers:
             raise tls.TlsError("no keypair for this socket")
         self.contexts: dict[int, ssl.SSLContext] = {}
-        self.names: list[tuple[tuple[str, ...], ssl.SSLContext]] = []
+        names: list[tuple[list[str], ssl.SSLContext]] = []
         made: dict[tuple[bytes, bytes | None], ssl.SSLContext] = {}
         for srv in self.servers:
             f = files[srv.id]
@@ -127,10 +123,13 @@ class ListenTls:
                 ctx = tls.server_context(options(srv.tls, f), tls.Keypair(f.cert, key, f.ocsp))
                 made[(f.cert, f.ocsp)] = ctx
             self.contexts[srv.id] = ctx
-            self.names.append((f.names, ctx))
+            names.append((list(f.names), ctx))
+        self.by_cert = tls.select_by_names(names)
         first = self.servers[0]
         timeout = first.connection.request_timeout
-        self.server = tls.TlsServer(self.contexts[first.id], self.select, timeout)
+        # One keypair on the socket: no SNI callback per handshake.
+        select = self.select if len(made) > 1 else None
+        self.server = tls.TlsServer(self.contexts[first.id], select, timeout)
 
     def select(self, name: str) -> ssl.SSLContext | None:
         """The context for an SNI name; None keeps the first server's."""
@@ -139,11 +138,12 @@ class ListenTls:
             if route.name_matches(srv.name, srv.name_lua, name) or \
                     any(route.name_matches(a.pattern, a.lua, name) for a in srv.aliases):
                 return self.contexts[srv.id]
-        for names, ctx in self.names:
-            if tls.name_matches_cert(name, list(names)):
-                return ctx
-        log.debug(f"server_tls_sni: unknown server name {name}, "
-                  f"using the certificate of server {self.servers[0].name}")
+        ctx = self.by_cert(name)
+        if ctx is not None:
+            return ctx
+        if log.get_verbose() > 1:
+            log.debug(f"server_tls_sni: unknown server name {name}, "
+                      f"using the certificate of server {self.servers[0].name}")
         return None
 
     async def accept(self, sock, lis) -> tls.TlsTransport | None:
@@ -157,7 +157,7 @@ class ListenTls:
             line = (f"server_tls_handshake: server {self.servers[0].name}, "
                     f"{peer[0]}:{peer[1]} -> {lis.local[0]}:{lis.local[1]}, "
                     f"tls handshake failed - {why}")
-            if why == "connection closed":
+            if why == tls.NO_HANDSHAKE:
                 log.verbose(line)    # port probes: connect, close
             else:
                 log.info(line)

@@ -49,6 +49,7 @@ import trio
 
 from engine.listen import bind_tcp, set_options
 from relayd import carp, check_script, control, hce, metrics, parse, privsep
+from relayd import relay_udp   # dns hook
 from relayd.config import RELAYD_SOCKET, RelaydConfig
 from relayd.relay import SockKey, listen_sockets
 from relayd.relay_shm import ParentSlots
@@ -100,6 +101,8 @@ def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
             out[key] = bind_tcp(key[0], key[1], backlog=tcp.backlog,
                                 sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
+        for key, (_, _, proto) in relay_udp.udp_listens(conf).items():   # dns hook
+            out[key] = old.get(key) or relay_udp.bind_udp(key[1], key[2], proto)
     except OSError as e:
         for k, s in out.items():
             if k not in old:
@@ -111,7 +114,7 @@ def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
 
 def _bind_error(e: OSError) -> str:
     key = getattr(e, "relay_key", None)
-    where = f" {key[0]}:{key[1]}" if key else ""
+    where = f" {key[-2]}:{key[-1]}" if key else ""   # dns hook: ("udp", addr, port) keys
     return f"relay_privinit: failed to bind{where}: {e.strerror or e}"
 
 
@@ -274,6 +277,9 @@ class Parent:
             self.metric_socks = metrics.bind(self.conf.metrics)
             if self.root:
                 proc.make_empty_dir(RELAYD_CHROOT)
+                if self.user is None:
+                    log.warn(f"no user {' or '.join(RELAYD_USERS)}: "
+                             "children are chrooted but stay root")
             else:
                 proc.warn_not_sandboxed("relayd")
             self.slots = ParentSlots()
@@ -282,14 +288,7 @@ class Parent:
                     self.sup = proc.Supervisor("relayd", self.child_args(), nursery,
                                                on_message=self._on_message,
                                                on_exit=self._on_exit)
-                    pfe = await self.sup.start("pfe", 0, 0, self._pfe_setup())
-                    hce_child = await self.sup.start("hce", 0, 0, self._hce_setup())
-                    relays = await self.start_relays(self.conf, self.sockets, self.generation)
-                    if not await self.sup.wait_ready([pfe, hce_child, *relays], READY_TIMEOUT):
-                        log.warn("parent: children did not start")
-                    # Sockets were bound before; now the relays accept too.
-                    log.info("startup")
-                    notify("READY=1")
+                    nursery.start_soon(self._start)
                     await self._signals(sigs, nursery)
                     nursery.cancel_scope.cancel()
             finally:
@@ -299,6 +298,36 @@ class Parent:
                     control.close_socket(self.control_sock)
                 self._undemote()
         return 0
+
+    async def _start(self) -> None:
+        """Start the children; signals are handled meanwhile."""
+        async with self._reload_lock:
+            if self._stopping:
+                return
+            await self.sup.start("pfe", 0, 0, self._pfe_setup())
+            await self.sup.start("hce", 0, 0, self._hce_setup())
+            await self.start_relays(self.conf, self.sockets, self.generation)
+            if not await self._wait_ready(self.generation, self.nrelays(self.conf),
+                                          READY_TIMEOUT, ("pfe", "hce")):
+                log.warn("parent: children did not start")
+            if self._stopping:
+                return
+            # Sockets were bound before; now the relays accept too.
+            log.info("startup")
+            notify("READY=1")
+
+    async def _wait_ready(self, gen: int, nrelays: int, timeout: float,
+                          titles: tuple[str, ...] = ()) -> bool:
+        """Wait until `nrelays` relays of generation `gen` (and one of each
+        of `titles`) are ready, counting children restarted meanwhile."""
+        with trio.move_on_after(timeout):
+            while not self._stopping:
+                relays = self.sup.of("relay", gen)
+                if (len(relays) >= nrelays and all(c.ready.is_set() for c in relays)
+                        and all(any(c.ready.is_set() for c in self.sup.of(t)) for t in titles)):
+                    return True
+                await trio.sleep(0.02)
+        return False
 
     async def _signals(self, sigs, nursery: trio.Nursery) -> None:
         async for sig in sigs:
@@ -325,10 +354,13 @@ class Parent:
         log.info(f"parent terminating, pid {os.getpid()}")
         notify("STOPPING=1")
         self.sup.stopping = True
-        await self.sup.stop(self._relays(), STOP_DRAIN)
-        # pfe last: it removes its rules, routes and demotions on the way out.
-        await self.sup.stop([c for c in self.sup.children if c.title == "hce"], 2.0)
-        await self.sup.stop(list(self.sup.children), 8.0)
+        # All at once: relays drain their sessions; pfe removes its rules,
+        # routes and demotions on the way out.
+        async with trio.open_nursery() as n:
+            n.start_soon(self.sup.stop, self._relays(), STOP_DRAIN)
+            n.start_soon(self.sup.stop, [c for c in self.sup.children if c.title != "relay"],
+                         8.0)
+        await self.sup.stop(list(self.sup.children), 1.0)     # started meanwhile
 
     # -- reload ----------------------------------------------------------------
     async def reload(self, path: str | None = None) -> bool:
@@ -365,10 +397,10 @@ class Parent:
         self.states[gen] = hce.carry_states(self.conf, new, self.states.get(old_gen, {}))
         self.switched[gen] = self._no_switches()
         old_relays = self._relays(old_gen)
-        fresh = await self.start_relays(new, sockets, gen)
-        if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
+        await self.start_relays(new, sockets, gen)
+        if not await self._wait_ready(gen, self.nrelays(new), READY_TIMEOUT):
             log.warn("parent_reload: new relays did not start, keeping the current configuration")
-            await self.sup.stop(fresh, 0)
+            await self.sup.stop(self._relays(gen), 0)
             self._forget_gen(gen)
             for key, s in sockets.items():
                 if self.sockets.get(key) is not s:

@@ -129,22 +129,21 @@ def pfe_main(fd: int) -> int:
             pfe.set_host(int(hid), st)
         backend = control.MessageBackend(conf, ask, pfe)
 
-        mx = None
-        mserver = None
-        mlisteners: dict = {}
-        if metric_socks or conf.metrics is not None:
-            mx = metrics.Metrics(remote=True)
+        # The exporter runs even without `metrics listen on`: a reload may
+        # add sockets (CFG_METRICS).
+        mx = metrics.Metrics(remote=True)
 
-            async def refresh() -> None:
-                snap = await ask({"cmd": "snapshot"}, 5.0)
-                if isinstance(snap, list):
-                    mx.view.tables = snap
-                    backend.snapshot = snap
-                st = await ask({"cmd": "stats"}, 5.0)
-                if isinstance(st, dict):
-                    mx.view.active, mx.totals = sum_stats(st)
-            mx.refresh = refresh
-            mserver = metrics.make_server(mx)
+        async def refresh() -> None:
+            snap = await ask({"cmd": "snapshot"}, 5.0)
+            if isinstance(snap, list):
+                mx.view.tables = snap
+                backend.snapshot = snap
+            st = await ask({"cmd": "stats"}, 5.0)
+            if isinstance(st, dict):
+                mx.view.active, mx.totals = sum_stats(st)
+        mx.refresh = refresh
+        mserver = metrics.make_server(mx)
+        mlisteners = {k: Listener(s) for k, s in metric_socks.items()}
 
         async with trio.open_nursery() as outer:
             outer.start_soon(sender)
@@ -152,9 +151,7 @@ def pfe_main(fd: int) -> int:
                 await inner.start(pfe.run)
                 if control_sock is not None:
                     await inner.start(control.serve, control_sock, backend)
-                if mserver is not None:
-                    mlisteners = {k: Listener(s) for k, s in metric_socks.items()}
-                    await inner.start(mserver.run, list(mlisteners.values()))
+                await inner.start(mserver.run, list(mlisteners.values()))
                 await chan.send(Imsg.CTL_READY)
                 while True:
                     msg = await chan.recv()
@@ -179,11 +176,11 @@ def pfe_main(fd: int) -> int:
                                 if k not in keep:
                                     lis = mlisteners.pop(k)
                                     mserver.remove_listener(lis)
-                                    lis.sock.close()
+                                    lis.tsock.close()
                         elif msg.type == Imsg.CFG_METRICS:
                             key = tuple(p["key"])
                             s = socket.socket(fileno=msg.fd)
-                            if mserver is None or key in mlisteners:
+                            if key in mlisteners:
                                 s.close()
                             else:
                                 mlisteners[key] = Listener(s)

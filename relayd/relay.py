@@ -40,6 +40,7 @@ from engine.listen import set_options
 from engine.serve import Listener, Server
 from engine.splice import relay as splice_relay
 from relayd import balance
+from relayd import relay_udp               # dns hook: UDP relays (dns protocol)
 from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
                            RelaydConfig, TableInstance)
@@ -85,6 +86,9 @@ class RelayState:
         self._names: dict[int, str] = {}
         self._table_disabled: dict[int, bool] = {}    # relayctl table disable/enable
         self.disabled_hosts: set[int] = set()   # control hook: relayctl host disable
+        # Stopping (or an old generation after a reload): HTTP sessions
+        # answer the request in progress with `Connection: close`.
+        self.draining = False
         # Under privilege separation: the counters every relay process
         # shares (relay_shm.Shared); None in a single process.
         self.shared = None
@@ -392,6 +396,8 @@ class RelayProc:
                                                      (nofile - FD_RESERVE) // 2)))
         self.listeners: dict[SockKey, Listener] = {}
         self._pending = self._make_listeners(conf, sockets)
+        self.udp = relay_udp.relays(conf, sockets, self.state, stats=self.stats,   # dns hook
+                                    counters=self)
 
     @staticmethod
     def _listener(sock: socket.socket, ctx: RelayCtx) -> Listener:
@@ -419,7 +425,10 @@ class RelayProc:
         """Serve until stop(); returns once the last session is gone."""
         self._launch(self.conf)
         self.listeners = self._pending
-        await self.server.run(list(self.listeners.values()), task_status=task_status)
+        async with trio.open_nursery() as udp:     # dns hook: one task per dns relay socket
+            for u in self.udp:
+                await udp.start(u.run)
+            await self.server.run(list(self.listeners.values()), task_status=task_status)
 
     def configure(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
         """Swap in `conf` (reload); `sockets` are all sockets of the new config.
@@ -443,13 +452,19 @@ class RelayProc:
                 self.server.add_listener(lis)
 
     def stop(self, drain: float | None = None) -> None:
+        self.state.draining = True
         self.server.stop(drain)
+        for u in self.udp:      # dns hook
+            u.stop(drain)
 
     async def quiesce(self, timeout: float = 2.0) -> None:
         """Stop accepting and close the listening descriptors (reload: the
         new generation accepts now); sessions go on."""
+        self.state.draining = True
         lst = list(self.listeners.values())
         self.listeners = {}
+        for u in self.udp:      # dns hook: stop reading; answers still go out
+            u.stop()
         for lis in lst:
             self.server.remove_listener(lis)
         with trio.move_on_after(timeout):
@@ -628,6 +643,8 @@ def child_main(fd: int) -> int:
                     break
             rp.stop(drain)
             await rp.server.wait_stopped()
+            for u in rp.udp:    # dns hook
+                await u.wait_stopped()
             if msg is not None and status[0] == 0:
                 try:   # what this process counted, for the parent's totals
                     await chan.send(Imsg.RELAY_STATS, {"final": True, **rp.status()})

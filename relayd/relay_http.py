@@ -392,7 +392,8 @@ class HttpRelay:
         else:
             body = framing = None
         version = req.version
-        client_keep = req.keep_alive and not req.upgrade and "close" not in conn_tokens
+        client_keep = (req.keep_alive and not req.upgrade and "close" not in conn_tokens
+                       and not self.s.state.draining)   # stopping / old generation: close
         if ws or method == "CONNECT":
             connection = None
         elif not client_keep:

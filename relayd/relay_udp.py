@@ -17,9 +17,9 @@ listening socket, answers with another ID -- is dropped (`-vv` says so).
 With `log connection` every session writes the same line as a TCP session
 (relay.Session.close_log), and sessions show in `relayctl show sessions`.
 
-The parent binds the sockets (bind_udp; keys ("udp", addr, port), so they
-never collide with the TCP listeners' (addr, port)); a relay process runs
-one UdpRelay per socket (relays()).  Does not relay DNS over TCP: the TCP
+The parent binds the sockets (udp_listens() and bind_udp(); keys ("udp",
+addr, port), so they never collide with the TCP listeners' (addr, port));
+a relay process runs one UdpRelay per socket (relays()).  Does not relay DNS over TCP: the TCP
 listener a dns relay also gets is a plain TCP relay (relay.py).
 """
 
@@ -40,8 +40,8 @@ import trio
 
 from engine.listen import set_options
 from relayd import balance
+from relayd import relay as relay_mod    # relay.py imports this module too
 from relayd.config import Listen, ProtocolConfig, RelayConfig, RelaydConfig
-from relayd.relay import RelayState, Session
 from shared import log
 
 UdpKey = tuple[str, str, int]          # ("udp", addr, port)
@@ -259,13 +259,6 @@ class IdTable:
         if self._pending.get(p.id) is p:
             del self._pending[p.id]
 
-    def expire(self, now: float, timeout: float) -> list[Pending]:
-        """Remove and return the queries pending longer than `timeout`."""
-        old = [p for p in self._pending.values() if now - p.started >= timeout]
-        for p in old:
-            del self._pending[p.id]
-        return old
-
 
 # -- sockets (the parent) ----------------------------------------------------------
 
@@ -302,23 +295,6 @@ def bind_udp(addr: str, port: int, proto: ProtocolConfig | None = None) -> socke
     return sock
 
 
-def bind_all(conf: RelaydConfig, old: dict | None = None) -> dict[UdpKey, socket.socket]:
-    """A socket per dns relay listen address, reusing `old` ones; on
-    failure closes what it bound and raises OSError with `relay_key`."""
-    old = old or {}
-    out: dict[UdpKey, socket.socket] = {}
-    for key, (_, _, proto) in udp_listens(conf).items():
-        try:
-            out[key] = old.get(key) or bind_udp(key[1], key[2], proto)
-        except OSError as e:
-            for k, s in out.items():
-                if old.get(k) is not s:
-                    s.close()
-            e.relay_key = key[1:]   # type: ignore[attr-defined]
-            raise
-    return out
-
-
 def max_sessions() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
@@ -346,7 +322,7 @@ class UdpRelay:
     an object with `ended` and `errors` dicts and `metrics` (RelayProc)."""
 
     def __init__(self, relay: RelayConfig, proto: ProtocolConfig, sock: socket.socket,
-                 state: RelayState, conf: RelaydConfig, listen: Listen | None = None,
+                 state: relay_mod.RelayState, conf: RelaydConfig, listen: Listen | None = None,
                  stats=None, counters=None, limit: int | None = None) -> None:
         self.relay = relay
         self.proto = proto
@@ -427,14 +403,14 @@ class UdpRelay:
             log.debug(f"relay_udp_server: relay {self.name}: too many sessions")
             return
         self.active += 1
-        sess = Session(self.state, self.conf, self.relay, self.listen, self.proto,
-                       _Client(addr, self.local))
+        sess = relay_mod.Session(self.state, self.conf, self.relay, self.listen, self.proto,
+                                 _Client(addr, self.local))
         self.state.session_open(sess.name)
         if self.stats is not None:
             self.stats.session_start(sess)
         nursery.start_soon(self._session, sess, addr, data)
 
-    async def _session(self, sess: Session, client: tuple, data: bytes) -> None:
+    async def _session(self, sess: relay_mod.Session, client: tuple, data: bytes) -> None:
         pending: Pending | None = None
         try:
             target = self._choose(sess)
@@ -460,7 +436,7 @@ class UdpRelay:
                 self.stats.session_end(sess)
             self.state.session_close(sess.name)
 
-    def _done(self, sess: Session, reason: str) -> None:
+    def _done(self, sess: relay_mod.Session, reason: str) -> None:
         sess.close_log(reason)
         error = reason != "done"
         c = self.counters
@@ -471,7 +447,7 @@ class UdpRelay:
             if getattr(c, "metrics", None) is not None:
                 c.metrics.session_done(sess.name, error)
 
-    def _choose(self, sess: Session) -> tuple[str, int, int] | None:
+    def _choose(self, sess: relay_mod.Session) -> tuple[str, int, int] | None:
         """(addr, port, retry): the relay's tables in order (backups when
         no host of the one before is up), then its address forward."""
         fwds = self.relay.forwards
@@ -499,7 +475,7 @@ class UdpRelay:
             return host.addr, inst.port, host.retry
         return None
 
-    async def _forward(self, sess: Session, p: Pending, data: bytes, retry: int) -> str:
+    async def _forward(self, sess: relay_mod.Session, p: Pending, data: bytes, retry: int) -> str:
         """Send the query with its new ID, wait for the answer, hand it to
         the client with the old ID: the session's close reason."""
         addr, port = p.backend
@@ -542,7 +518,7 @@ class UdpRelay:
         return "done"
 
 
-def relays(conf: RelaydConfig, sockets: dict, state: RelayState, stats=None,
+def relays(conf: RelaydConfig, sockets: dict, state: relay_mod.RelayState, stats=None,
            counters=None) -> list[UdpRelay]:
     """A UdpRelay for each dns relay socket of `conf` found in `sockets`."""
     return [UdpRelay(rl, proto, sockets[key], state, conf, listen=lis, stats=stats,

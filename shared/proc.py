@@ -89,6 +89,16 @@ def _set_caps(caps: list[int], inheritable: bool = False) -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
+def _get_caps() -> int:
+    """The permitted capability set of this process (bit mask)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(hdr), data) != 0:
+        return 0
+    return data[0].permitted | (data[1].permitted << 32)
+
+
 def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:
     """Could `user` open `path` (search every directory on the way)?
 
@@ -146,6 +156,9 @@ def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
         os.chroot(chroot)
         os.chdir("/")
     caps = ([CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] if keep_dac else []) + list(keep_caps)
+    have = _get_caps()
+    caps = [c for c in caps if have >> c & 1]     # e.g. a bounding set without it
+    keep_caps = tuple(c for c in keep_caps if c in caps)
     if user is not None:
         libc = ctypes.CDLL(None, use_errno=True)
         if caps:

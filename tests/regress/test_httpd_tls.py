@@ -36,6 +36,8 @@ from tests.regress.fcgi import servers
 from tests.regress.httpd_helpers import module_site, site_factory, wait_for  # noqa: F401
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
+# Clients below offer TLS 1.0/1.1 on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 DAY = datetime.timedelta(days=1)
 OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, Daemon, free_port, wait_port
+from tests.conftest import PYTHON, REPO, Daemon, free_port
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")]

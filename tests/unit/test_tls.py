@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
 import ssl
 
@@ -21,6 +22,18 @@ from engine import tls
 from engine.tls import Keypair, TlsOptions
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
+# Clients below offer TLS 1.0/1.1 on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def no_sigpipe():
+    # OpenSSL writes with send() without MSG_NOSIGNAL: Python ignores
+    # SIGPIPE, but relayctl's main() (run in-process by test_control)
+    # restores the default, which would kill pytest on a write to a closed peer.
+    old = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, old)
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +426,44 @@ def test_unix_socketpair_is_what_we_think():
     assert a.family == socket.AF_UNIX
     a.close()
     b.close()
+
+
+def test_old_protocols_when_configured(certs):
+    opts = TlsOptions(protocols=frozenset(tls.PROTOCOLS), ciphers="compat")
+    server = tls.TlsServer(tls.server_context(opts, keypair(certs["a.test"])))
+    cctx = client_ctx(minimum_version=ssl.TLSVersion.TLSv1,
+                      maximum_version=ssl.TLSVersion.TLSv1)
+    cctx.set_ciphers("ALL:@SECLEVEL=0")
+    c, s = exchange(server, cctx)
+    assert c["version"] == "TLSv1", (c, s)
+
+
+def test_dhe_parameters(ca):
+    rsa = ca.issue_cert("rsa.test", key_type=trustme.KeyType.RSA)
+    cctx = client_ctx(maximum_version=ssl.TLSVersion.TLSv1_2)
+    cctx.set_ciphers("DHE-RSA-AES128-GCM-SHA256")
+    for dhe, ok in (("auto", True), ("none", False)):
+        server = tls.TlsServer(tls.server_context(TlsOptions(dhe=dhe), keypair(rsa)))
+        c, _ = exchange(server, cctx)
+        assert (isinstance(c, dict) and c["cipher"] == "DHE-RSA-AES128-GCM-SHA256") is ok
+    with pytest.raises(tls.TlsError):
+        tls.server_context(TlsOptions(dhe="strong"), keypair(rsa))
+
+
+def test_probe_and_truncated_hello(certs):
+    server = tls.TlsServer(tls.server_context(TlsOptions(), keypair(certs["a.test"])))
+
+    async def one(data: bytes) -> str:
+        a, b = trio.socket.socketpair()
+        if data:
+            await a.send(data)
+        a.close()
+        with pytest.raises(OSError) as e:
+            await server.accept(b)
+        return tls.describe_error(e.value)
+
+    async def main():
+        assert await one(b"") == tls.NO_HANDSHAKE
+        assert await one(b"\x16\x03\x01\x02\x00\x01") == "connection closed"
+
+    trio.run(main)
