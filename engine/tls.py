@@ -37,7 +37,6 @@ This module knows no HTTP and no daemon configuration syntax.
 from __future__ import annotations
 
 import ctypes
-import datetime
 import errno
 import fcntl
 import itertools
@@ -129,9 +128,8 @@ class TlsOptions:
 
 # -- the libssl shim ----------------------------------------------------------
 
-SSL_CTRL_EXTRA_CHAIN_CERT = 14
+# ssl.h / tls1.h / core.h values (the same in OpenSSL 1.1.1 and 3.x).
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
-SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
 SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB_ARG = 64
 SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71
@@ -390,7 +388,9 @@ def new_ticket_key() -> bytes:
 
 def set_ticket_keys(keys: list[bytes]) -> None:
     """This process's ticket keys, newest first: the first encrypts new
-    tickets, the others still decrypt (and renew) older ones."""
+    tickets, the others still decrypt (and renew) older ones.  Processes
+    given the same keys resume each other's sessions; without any, the
+    first ticket makes a key of this process's own."""
     global _ticket_keys
     _ticket_keys = [_TicketKey(k) for k in keys[:TICKET_KEYS_KEPT + 1]
                     if len(k) == TICKET_KEY_SIZE]
@@ -402,8 +402,9 @@ def _ticket_cb(ssl_ptr, key_name, iv, cctx, hctx, enc):
         lib = _lib
         keys = _ticket_keys
         if enc:
-            if not keys:
-                return 0       # no key yet: no ticket
+            if not keys:       # nobody set keys: this process's own
+                set_ticket_keys([new_ticket_key()])
+                keys = _ticket_keys
             k = keys[0]
             ctypes.memmove(key_name, k.name, 16)
             ctypes.memmove(iv, os.urandom(16), 16)
@@ -957,7 +958,7 @@ def forge_certificate(orig_der: bytes, ca_cert_pem: bytes, ca_key_pem: bytes,
          .not_valid_after(orig.not_valid_after_utc))
     skip = (x509.SubjectKeyIdentifier, x509.AuthorityKeyIdentifier)
     for ext in orig.extensions:
-        if not isinstance(ext.value, skip) and not isinstance(ext.value, x509.UnrecognizedExtension):
+        if not isinstance(ext.value, (*skip, x509.UnrecognizedExtension)):
             b = b.add_extension(ext.value, ext.critical)
     b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -967,11 +968,3 @@ def forge_certificate(orig_der: bytes, ca_cert_pem: bytes, ca_key_pem: bytes,
     cert = b.sign(ca_key, algo)
     return cert.public_bytes(serialization.Encoding.PEM)
 
-
-def not_after(cert_pem: bytes) -> datetime.datetime | None:
-    """Expiry of a PEM certificate (for log lines), None if unreadable."""
-    from cryptography import x509
-    try:
-        return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
-    except ValueError:
-        return None

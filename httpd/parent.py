@@ -315,7 +315,6 @@ class Parent:
         self.sup.nursery.start_soon(retire)
         return True
 
-
     async def _rekey_tickets(self) -> None:
         """parent_tls_ticket_rekey(): a new session-ticket key for every
         server process, every `ticket lifetime` / 4."""

@@ -168,7 +168,8 @@ def preload() -> None:
     import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
     import bcrypt  # noqa: F401
     from httpd import auth, fcgi, server_fcgi, server_file  # noqa: F401
-    tls.server_context  # noqa: B018  (libssl found and OpenSSL set up: engine.tls)
+    # engine.tls, imported above, has found libssl and set OpenSSL up
+    # (configuration file, providers) while the files are still in reach.
     trio.to_thread  # noqa: B018
 
 
@@ -209,6 +210,7 @@ def child_main(fd: int) -> int:
                     log.set_verbose(int(msg.payload.get("verbose", 0)))
                 elif msg.type == Imsg.TLS_TICKET_KEYS:
                     tls.set_ticket_keys(msg.payload["keys"])
+                    log.debug("server_tls_ticket_rekey: new session ticket key")
             await sp.server.wait_stopped()
             nursery.cancel_scope.cancel()
 

@@ -4,10 +4,11 @@ The parent reads every TLS server's certificate, key, OCSP response,
 client CA and CRL with read_files() -- before any child chroots, and again
 on each reload, which is how renewed certificates get served -- and checks
 that OpenSSL takes them.  A server process builds one context per keypair
-from those bytes (listen_tls()); SNI picks the keypair of the server or
-alias of that name, else the one whose certificate names it, else the
-first server's.  accept() runs the handshake before server_http sees the
-connection; a failed handshake ends the connection with one log line.
+from those bytes (ListenTls, one per TLS socket); SNI picks the keypair of
+the server or alias of that name, else the one whose certificate names it,
+else the first server's.  ListenTls.accept() runs the handshake before
+server_http sees the connection; a failed handshake ends the connection
+with one log line.
 
 Does not parse configs, read files in the server process, or speak HTTP.
 """

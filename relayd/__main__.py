@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         for where, what in conf.unimplemented:
             sys.stderr.write(f"{where}: {what} is not implemented yet\n")
         return 1
+    from relayd import relay_tls     # tls hook: missing keypairs fail the load
+    _, tls_errors = relay_tls.read(conf)
+    if tls_errors:
+        for line in tls_errors:
+            sys.stderr.write(line + "\n")
+        return 1
     if args.n:
         sys.stderr.write("configuration OK\n")
         return 0

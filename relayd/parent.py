@@ -49,6 +49,7 @@ import trio
 
 from engine.listen import bind_tcp, set_options
 from relayd import carp, check_script, control, hce, metrics, parse, privsep
+from relayd import relay_tls   # tls hook
 from relayd import relay_udp   # dns hook
 from relayd.config import RELAYD_SOCKET, RelaydConfig
 from relayd.relay import SockKey, listen_sockets
@@ -169,6 +170,7 @@ class Parent:
         self._reload_lock = trio.Lock()
         self._hup_queued = False
         self._stopping = False
+        self.tls: dict[int, relay_tls.Material] = {}   # tls hook: gen -> certificates, keys
 
     @staticmethod
     def _no_switches() -> dict:
@@ -224,6 +226,7 @@ class Parent:
     def _relay_setup(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket],
                      gen: int):
         rr_base = self.rr_base.setdefault(gen, self.slots.rr_block(conf))
+        mat = self.tls.get(gen)      # tls hook
 
         async def setup(child: proc.Child) -> None:
             w = self.slots.worker()
@@ -234,9 +237,17 @@ class Parent:
                 "conf": conf, "gen": gen, "instance": child.instance, "user": self._user(),
                 "chroot": self.chroot, "states": dict(self.states.get(gen, {})),
                 "disabled_hosts": sorted(sw["hosts"]), "tables": dict(sw["tables"]),
-                "shm": self.slots.setup(conf, w, rr_base)})
+                "shm": self.slots.setup(conf, w, rr_base),
+                "tls": mat.payload() if mat else None})     # tls hook
             for key, sock in sockets.items():
                 await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
+            # tls hook: private keys go by memfd, never in a message a buffer keeps.
+            for kid, key in (mat.keys if mat else {}).items():
+                fd = relay_tls.tls.key_to_fd(key)
+                try:
+                    await c.send(Imsg.CFG_TLS_KEY, {"id": kid}, fd=fd)
+                finally:
+                    os.close(fd)
             await c.send(Imsg.CFG_SHM, None, fd=self.slots.fd)
             await c.send(Imsg.CFG_DONE)
         return setup
@@ -267,6 +278,14 @@ class Parent:
                                        signal.SIGTERM, signal.SIGINT) as sigs:
             if not self._control_open():
                 return 1
+            mat, errors = relay_tls.read(self.conf)     # tls hook: keys read before the drop
+            if errors:
+                for line in errors:
+                    log.warn(line)
+                if self.control_sock is not None:
+                    control.close_socket(self.control_sock)
+                return 1
+            self.tls[self.generation] = mat
             try:
                 self.sockets = bind_all(self.conf)
             except OSError as e:
@@ -387,6 +406,12 @@ class Parent:
                 log.warn(f"{where}: {what} is not implemented yet")
             log.warn("parent_reload: configuration failed, keeping the current one")
             return False
+        mat, errors = relay_tls.read(new)     # tls hook: renewed certificates too
+        if errors:
+            for line in errors:
+                log.warn(line)
+            log.warn("parent_reload: configuration failed, keeping the current one")
+            return False
         try:
             sockets = bind_all(new, self.sockets)
         except OSError as e:
@@ -397,6 +422,7 @@ class Parent:
         self.states[gen] = hce.carry_states(self.conf, new, self.states.get(old_gen, {}))
         self.switched[gen] = self._no_switches()
         old_relays = self._relays(old_gen)
+        self.tls[gen] = mat      # tls hook
         await self.start_relays(new, sockets, gen)
         if not await self._wait_ready(gen, self.nrelays(new), READY_TIMEOUT):
             log.warn("parent_reload: new relays did not start, keeping the current configuration")
@@ -451,6 +477,7 @@ class Parent:
         self.states.pop(gen, None)
         self.switched.pop(gen, None)
         self.rr_base.pop(gen, None)
+        self.tls.pop(gen, None)      # tls hook
 
     # -- messages --------------------------------------------------------------
     async def _on_message(self, child: proc.Child, msg) -> None:

@@ -843,8 +843,6 @@ class RelaydParser(Parser):
             addrs = self._resolve(host, ht, f"invalid listen ip: {host}")
             for a in addrs:
                 rl.listens.append((a, port, tls, self.where(t)))
-            if tls:
-                self._unimpl(t, UNIMPL_TLS_LISTEN)
             self.tableport = port
         elif self.at("forward", "route", "transparent"):
             self._relay_forward(rl, t)
@@ -913,9 +911,7 @@ class RelaydParser(Parser):
             fwd.inet6 = prefix
         if route:
             raise self.error("no route for relays", t)
-        fwd.with_tls = with_tls
-        if with_tls:
-            self._unimpl(t, UNIMPL_TLS_FORWARD)
+        fwd.with_tls = with_tls     # tls hook: implemented (relay_tls)
         if transparent:
             rl.transparent = True
             self._unimpl(t, UNIMPL_TRANSPARENT)
@@ -1046,12 +1042,10 @@ class RelaydParser(Parser):
                 p.tls["ca_file"] = self.string("path")
             elif self.accept("cert"):
                 p.tls["ca_cert"] = self.string("path")
-                self._unimpl(t, UNIMPL_TLS_INSPECT)
             elif self.accept("key"):
                 p.tls["ca_key"] = self.string("path")
                 self.expect("password")
                 p.tls["ca_key_password"] = self.string("password")
-                self._unimpl(t, UNIMPL_TLS_INSPECT)
             else:
                 raise self.syntax_error('"file", "cert" or "key"')
         elif self.accept("client"):
@@ -1063,7 +1057,6 @@ class RelaydParser(Parser):
             if len(name) >= 4096:
                 raise self.error("keypair name too long", kt)
             p.keypairs.append(name)
-            self._unimpl(t, UNIMPL_TLS_KEYPAIR)
         else:
             flag = self._tls_flag()
             if flag == "cipher-server-preference":

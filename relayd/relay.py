@@ -40,6 +40,7 @@ from engine.listen import set_options
 from engine.serve import Listener, Server
 from engine.splice import relay as splice_relay
 from relayd import balance
+from relayd import relay_tls               # tls hook: TLS listeners, backends, inspection
 from relayd import relay_udp               # dns hook: UDP relays (dns protocol)
 from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
@@ -192,6 +193,8 @@ class Session:
         self.started = time.monotonic()
         self.backends: list[Transport] = []       # closed by the dispatcher
         self._logged = False
+        self.tls: relay_tls.ListenTls | None = None   # tls hook: this listener's TLS
+        self.preconnected: Transport | None = None    # tls hook: inspection's backend
 
     @property
     def active(self) -> int:
@@ -236,6 +239,9 @@ class Session:
         `forward_to`: a template table name a filter rule chose (only that
         forward is tried).  `hash_input`: the protocol's `hash` inputs for
         `mode hash`.  Sets self.backend; raises BackendError."""
+        if self.preconnected is not None:      # tls hook: inspection connected first
+            backend, self.preconnected = self.preconnected, None
+            return backend
         err: BackendError | None = None
         for fwd in self._forwards(forward_to):
             target = self._pick(fwd, hash_input)
@@ -289,6 +295,14 @@ class Session:
             except BaseException:
                 sock.close()
                 raise
+            if self.tls is not None and self.tls.client is not None:   # tls hook
+                try:
+                    return await self.tls.connect(sock)
+                except (OSError, trio.TooSlowError, ValueError, relay_tls.ssl.SSLError) as e:
+                    sock.close()
+                    log.warn(f"relay_tls_connect: session {self.id}: {addr}:{port}, "
+                             f"tls handshake failed - {relay_tls.tls.describe_error(e)}")
+                    raise BackendError(502, "TLS handshake error") from None
             return SocketTransport(sock, peer=(addr, port))
         raise BackendError(502, "session failed")   # not reached
 
@@ -334,6 +348,7 @@ class RelayCtx:
     relay: RelayConfig
     listen: Listen
     proto: ProtocolConfig
+    tls: object = None    # tls hook: a relay_tls.ListenTls in relay processes
 
 
 def listen_sockets(conf: RelaydConfig) -> dict[SockKey, RelayCtx]:
@@ -379,8 +394,9 @@ class RelayProc:
     metrics = None   # hce/metrics hook: a relayd.metrics.Metrics when `metrics listen on` is set
 
     def __init__(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket],
-                 shared=None, instance: int = 0) -> None:
+                 shared=None, instance: int = 0, tls_listens: dict | None = None) -> None:
         self.conf = conf
+        self.tls_listens = tls_listens or {}     # tls hook: SockKey -> relay_tls.ListenTls
         self.state = RelayState(conf)
         self.state.shared = shared
         self.instance = instance
@@ -401,14 +417,21 @@ class RelayProc:
 
     @staticmethod
     def _listener(sock: socket.socket, ctx: RelayCtx) -> Listener:
-        lis = Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay))
+        lt = ctx.tls       # tls hook: handshake first (inspection: after the backend's)
+        wrap = lt.accept if lt is not None and lt.server is not None and not lt.inspect else None
+        lis = Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay), wrap=wrap)
         lis.stopped = trio.Event()
         return lis
 
     def _make_listeners(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]
                         ) -> dict[SockKey, Listener]:
         return {key: self._listener(sockets[key], ctx)
-                for key, ctx in listen_sockets(conf).items() if key in sockets}
+                for key, ctx in self._with_tls(listen_sockets(conf)).items() if key in sockets}
+
+    def _with_tls(self, ctxs: dict[SockKey, RelayCtx]) -> dict[SockKey, RelayCtx]:
+        for key, ctx in ctxs.items():       # tls hook
+            ctx.tls = self.tls_listens.get(key)
+        return ctxs
 
     def _launch(self, conf: RelaydConfig) -> None:
         if self.instance:
@@ -434,7 +457,7 @@ class RelayProc:
         """Swap in `conf` (reload); `sockets` are all sockets of the new config.
 
         Sessions in flight keep the configuration they started with."""
-        ctxs = listen_sockets(conf)
+        ctxs = self._with_tls(listen_sockets(conf))     # tls hook
         for key in list(self.listeners):
             if key not in ctxs or sockets.get(key) is not self.listeners[key].sock:
                 self.server.remove_listener(self.listeners.pop(key))
@@ -493,9 +516,18 @@ class RelayProc:
         if ctx.relay.disabled:
             return          # accept, then close at once (the engine closes it)
         session = Session(self.state, ctx.conf, ctx.relay, ctx.listen, ctx.proto, client)
+        session.tls = ctx.tls                   # tls hook
         self.state.session_open(session.name)
         self.stats.session_start(session)       # control hook: show relays/sessions
         try:
+            if ctx.tls is not None and ctx.tls.inspect:   # tls hook: TLS inspection
+                reason = await self._inspect(session)
+                if reason is not None:
+                    session.close_log(reason)
+                    return
+            if getattr(session.client, "tls", False):     # tls hook
+                log.debug(f"relay {session.name}, tls session {session.id} established "
+                          f"({session.active} active)")
             if ctx.proto.type == "http":
                 from relayd import relay_http
                 reason = await relay_http.serve(session)
@@ -512,11 +544,32 @@ class RelayProc:
             self.stats.session_end(session)     # control hook
             self.state.session_close(session.name)
             with trio.CancelScope(shield=True):
+                if session.client is not client:      # tls hook: inspection's TLS client
+                    try:
+                        await session.client.aclose()
+                    except Exception:
+                        pass
                 for backend in session.backends:
                     try:
                         await backend.aclose()
                     except Exception:
                         pass
+
+    async def _inspect(self, session: Session) -> str | None:
+        """tls hook: TLS inspection -- connect to the backend first, then
+        complete the client handshake with a forged copy of its
+        certificate.  None when the session goes on."""
+        try:
+            backend = await session.connect()
+        except BackendError as e:
+            return e.msg
+        der = backend.peer_certificate() if getattr(backend, "tls", False) else None
+        client = await session.tls.accept_inspected(session.client, der)
+        if client is None:
+            return "TLS handshake error"
+        session.client = client
+        session.preconnected = backend
+        return None
 
     async def _serve_tcp(self, session: Session) -> str:
         try:
@@ -582,6 +635,12 @@ def child_main(fd: int) -> int:
     conf: RelaydConfig = cfg["conf"]
     sockets = {tuple(m.payload["key"]): socket.socket(fileno=m.fd)
                for m in setup.fds(Imsg.CFG_SOCKET)}
+    # tls hook: certificates in the config message, each key from its memfd.
+    tls_keys = {m.payload["id"]: relay_tls.tls.key_from_fd(m.fd)
+                for m in setup.fds(Imsg.CFG_TLS_KEY)}
+    tls_listens = relay_tls.build(conf, cfg.get("tls"), tls_keys)
+    if any(lt.inspect for lt in tls_listens.values()):
+        relay_tls.preload()
     shared = None
     shm = setup.fds(Imsg.CFG_SHM)
     if shm and shm[0].fd >= 0:
@@ -594,7 +653,8 @@ def child_main(fd: int) -> int:
     status = [0]
 
     async def main() -> None:
-        rp = RelayProc(conf, sockets, shared=shared, instance=cfg.get("instance", 0))
+        rp = RelayProc(conf, sockets, shared=shared, instance=cfg.get("instance", 0),
+                       tls_listens=tls_listens)     # tls hook
         rp.state.checks = True      # hosts nobody reported yet are unknown, not up
         for hid, st in (cfg.get("states") or {}).items():
             rp.state.set_host(int(hid), HOST_STATES[st])

@@ -631,6 +631,19 @@ def test_renewed_certificate_after_sighup(site_factory):
     assert resp.endswith(b"rotated\n")
 
 
+def test_ticket_keys_rotate(site_factory):
+    # `ticket lifetime 60`: a new key every 15 s; tickets of the old key
+    # still resume (on either worker), new ones are issued.
+    conf = ROTATE.replace('key "{dir}/a.key"', 'key "{dir}/a.key"\n        ticket lifetime 60')
+    s = site_factory(conf, setup=lambda st: make_pki(st.dir), args=["-vv"])
+    ctx = client_ctx(s)
+    _, first = https(s.port, ctx)
+    assert https(s.port, ctx, session=first.session)[1].session_reused
+    s.daemon.wait_output("server_tls_ticket_rekey: new session ticket key", timeout=25)
+    for _ in range(4):
+        assert https(s.port, ctx, session=first.session)[1].session_reused
+
+
 def test_config_errors(tmp_path):
     pki = make_pki(tmp_path)
     conf = tmp_path / "httpd.conf"
