@@ -73,6 +73,9 @@ _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
 _date_sec = -1
 _date_str = ""
+# Header name -> (name, lower-case name) memo of on_header(), and its bound.
+_names: dict[bytes, tuple[str, str]] = {}
+NAMES_MAX = 512
 
 
 def http_date(ts: float | None = None) -> str:
@@ -179,14 +182,22 @@ class _Conn:
         if self.lenient and value.translate(None, _CTL) != value:
             self.error = HttpError(400, "malformed header")
             raise self.error
-        n = name.decode("latin-1")
-        v = value.decode("latin-1")
-        cur.head_size += len(name) + len(value) + 2
-        if cur.head_size > self.max_head:
+        size = cur.head_size + len(name) + len(value) + 2
+        cur.head_size = size
+        if size > self.max_head:
             self.error = HttpError(413, "request headers too large")
             raise self.error
+        # Header names repeat from one message to the next: decoded and
+        # lower-cased once (bounded: names come from the peer).
+        names = _names.get(name)
+        if names is None:
+            n = name.decode("latin-1")
+            names = (n, n.lower())
+            if len(_names) < NAMES_MAX:
+                _names[name] = names
+        n, low = names
+        v = value.decode("latin-1")
         cur.headers.append((n, v))
-        low = n.lower()
         hmap = cur.hmap
         if low in hmap:
             self.hcount[low] = self.hcount.get(low, 1) + 1

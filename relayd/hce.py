@@ -32,6 +32,13 @@ host name) and keep state, counters and retries, so a reload causes no
 outage (OpenBSD restarts every host as unknown).  Runtime enable/disable
 is not carried over: the new file decides.
 
+Under privilege separation hce is a process of its own (child_main:
+`relayd -P hce`): it opens both ICMP sockets, drops to /var/empty, sends
+every state change to the parent as HOST_STATUS (tagged with the
+configuration generation), asks the parent to run check scripts
+(SCRIPT_RUN), and answers the relayctl commands the parent forwards
+(Commands); carry_states() is the parent's copy of reload()'s matching.
+
 Not here: the checks themselves (check_tcp, check_http, check_icmp,
 check_script) and the relays' view of the states (relay.RelayState).
 """

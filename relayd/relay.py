@@ -20,6 +20,13 @@ RelayState holds what a relay process learns at run time: host states
 (health checks report them later; until then every host counts as up),
 round-robin positions, session ids and per-relay session counts.
 
+Under privilege separation this runs in `prefork` relay processes
+(child_main: `relayd -P relay`): each gets the configuration, the current
+host states, the listening sockets and the shared counters (relay_shm:
+session ids, open sessions, round-robin positions) from the parent, drops
+to /var/empty, and then takes HOST_STATUS updates and relayctl commands
+(host/table switches, stats, sessions, quiesce) from the parent.
+
 Does not parse configs or bind listening sockets (the parent does), and
 does not speak HTTP (relay_http does).
 """
@@ -640,7 +647,7 @@ def child_main(fd: int) -> int:
                 for m in setup.fds(Imsg.CFG_TLS_KEY)}
     tls_listens = relay_tls.build(conf, cfg.get("tls"), tls_keys)
     if any(lt.inspect for lt in tls_listens.values()):
-        relay_tls.preload()
+        relay_tls.preload(tls_listens)
     shared = None
     shm = setup.fds(Imsg.CFG_SHM)
     if shm and shm[0].fd >= 0:

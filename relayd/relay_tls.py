@@ -264,6 +264,17 @@ class ListenTls:
             return None
 
 
+def _logged_select(relay: str, select):
+    """SNI: an unknown name keeps the first keypair (libtls), said at -vv."""
+    def sel(name: str):
+        ctx = select(name)
+        if ctx is None:
+            log.debug(f"relay {relay}: tls: unknown server name {name}, "
+                      "using the first keypair")
+        return ctx
+    return sel
+
+
 def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
           ) -> dict[SockKey, ListenTls]:
     """The worker's ListenTls objects, from the parent's bytes (built
@@ -298,7 +309,7 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
                 if inspect is None and ca_key is not None and rf.ca_cert:
                     inspect = (rf.ca_cert, bytes(ca_key), bytes(k), opts)
                 pairs.append((list(names), tls.server_context(opts, tls.Keypair(cert, k, ocsp))))
-            select = tls.select_by_names(pairs) if len(pairs) > 1 else None
+            select = _logged_select(name, tls.select_by_names(pairs)) if len(pairs) > 1 else None
             server = tls.TlsServer(pairs[0][1], select, timeout)
             out.setdefault(key, ListenTls(name, timeout, server, client, inspect))
     for k in keys.values():
@@ -306,8 +317,28 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
     return out
 
 
-def preload() -> None:
-    """What forging certificates needs, imported before the chroot."""
-    from cryptography import x509  # noqa: F401
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: F401
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519  # noqa: F401
+def preload(listens: dict[SockKey, ListenTls]) -> None:
+    """What forging certificates needs, imported before the chroot: one
+    forgery of a throwaway certificate per inspecting listener."""
+    import datetime
+
+    import cryptography.hazmat.backends  # noqa: F401
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: F401
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "preload")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    der = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("preload")]), False)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    for lt in listens.values():
+        if lt.inspect:
+            try:
+                ca_cert, ca_key, k, opts = lt.inspect
+                tls.forge_certificate(der, ca_cert, ca_key, k)
+            except Exception as e:      # noqa: BLE001 -- said again per session
+                log.warn(f"relay {lt.name}: tls inspection: {e}")

@@ -150,7 +150,7 @@ def test_server_sees_only_its_chroot(site_factory):
 
 def test_privileged_port_served_by_unprivileged_workers(site_factory):
     port = None
-    for cand in range(1023, 900, -1):
+    for cand in range(899, 780, -1):        # (relayd's test takes 1023..901)
         try:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", cand))

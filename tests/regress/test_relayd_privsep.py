@@ -16,6 +16,7 @@ Clients are threads with raw sockets; nothing here asserts on timing.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import re
 import signal
@@ -337,6 +338,83 @@ def test_sighup_storm_under_load_loses_nothing(relayd, backend):
     assert done[0] > 50
     assert "lost child" not in d.output()
     wait_procs(d, 2)                       # the last file says prefork 2
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = b"hello " + self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_sighup_storm_http_keepalive(relayd):
+    """The same with an HTTP relay and keep-alive clients: a response of
+    an old generation says `Connection: close`, nothing is cut."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    rport = free_port()
+
+    def conf(extra: str) -> str:
+        return (f'{extra}http protocol "web" {{\n\tpass\n}}\n'
+                f'relay "www" {{\n\tlisten on 127.0.0.1 port {rport}\n\tprotocol "web"\n'
+                f"\tforward to 127.0.0.1 port {srv.server_address[1]}\n}}\n")
+    confs = [conf("prefork 2\n"), conf("prefork 3\n")]
+    d = relayd(confs[0])
+    stop = threading.Event()
+    lock = threading.Lock()
+    done, failures = [0], []
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", rport), timeout=10) as s:
+                    f = s.makefile("rb")
+                    for _ in range(3):
+                        n += 1
+                        s.sendall(b"GET /%d/%d HTTP/1.1\r\nHost: x\r\n\r\n" % (i, n))
+                        status = f.readline()
+                        headers = {}
+                        while (line := f.readline()) not in (b"\r\n", b""):
+                            k, _, v = line.decode().partition(":")
+                            headers[k.strip().lower()] = v.strip()
+                        body = f.read(int(headers.get("content-length", 0)))
+                        with lock:
+                            if not status.startswith(b"HTTP/1.1 200") or \
+                                    body != b"hello /%d/%d" % (i, n):
+                                failures.append((status, body))
+                                break
+                            done[0] += 1
+                        if headers.get("connection", "").lower() == "close":
+                            break
+            except OSError as e:
+                with lock:
+                    failures.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(10):
+            d.path.write_text(confs[(i + 1) % 2])
+            d.signal(signal.SIGHUP)
+            reloaded(d, i + 1, 60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        srv.shutdown()
+    assert not failures, failures[:5]
+    assert done[0] > 50
+    assert "lost child" not in d.output()
 
 
 def test_long_transfer_survives_reload(relayd, backend):

@@ -9,6 +9,7 @@ RELAYD_SSL_DIR (a test extension replacing /etc/ssl) points at.  One relayd
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -23,7 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import REPO, free_port, run_cmd
+from tests.regress.test_httpd_tls import make_webpki
 
+DAY = datetime.timedelta(days=1)
 pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 
 
@@ -135,6 +138,29 @@ tcp protocol "mitm" {{
     tls {{ ca cert "local-ca.pem"
           ca key "local-ca.key" password "secret" }}
 }}
+tcp protocol "mozp" {{
+    tls keypair "moz"
+}}
+relay "moz" {{
+    listen on 127.0.0.1 port {p[moz]} tls
+    protocol "mozp"
+    forward to 127.0.0.1 port {plain}
+}}
+tcp protocol "cca" {{
+    tls client ca "client-ca.pem"
+}}
+relay "cca" {{
+    listen on 127.0.0.1 port {p[cca]} tls
+    protocol "cca"
+    forward to 127.0.0.1 port {plain}
+}}
+table <tlsck> {{ 127.0.0.1 }}
+table <httpsck> {{ 127.0.0.1 }}
+relay "chk" {{
+    listen on 127.0.0.1 port {p[chk]}
+    forward with tls to <tlsck> port {tlsb} check tls
+    forward with tls to <httpsck> port {tlsb} check https "/" code 200
+}}
 relay "term" {{
     listen on 127.0.0.1 port {p[term]} tls
     protocol "web"
@@ -175,9 +201,17 @@ def site(tmp_path_factory):
     write_pair(d, "a.test", ca.issue_cert("a.test"))
     write_pair(d, "b.test", ca.issue_cert("b.test"))
     ports = {k: free_port() for k in ("term", "dflt", "fwdgood", "fwdbad", "fwdnoca",
-                                      "inspect")}
+                                      "inspect", "moz", "cca", "chk")}
     write_pair(d, f"127.0.0.1:{ports['dflt']}", ca.issue_cert("127.0.0.1"))
     write_pair(d, "127.0.0.1", ca.issue_cert("127.0.0.1", "inspect.test"))
+    cca = trustme.CA()
+    cca.cert_pem.write_to_path(str(d / "client-ca.pem"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    good_client = cca.issue_cert("client.test")
+    expired_client = cca.issue_cert("old.test", not_before=now - 10 * DAY,
+                                    not_after=now - DAY)
+    make_webpki(d)          # moz.crt/moz.key as sslyze's path validation wants them
+    (d / "moz.key").rename(d / "private" / "moz.key")
     # The TLS backend: its own CA (backend-ca.pem), subject and SANs to copy.
     bca = trustme.CA()
     bca.cert_pem.write_to_path(str(d / "backend-ca.pem"))
@@ -213,7 +247,7 @@ def site(tmp_path_factory):
         wait_for(lambda: "startup" in output() or proc.poll() is not None, 20, "startup")
         assert proc.poll() is None, output()
         ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
-        yield dict(dir=d, ports=ports, ca=ca, ctx=ctx, proc=proc, output=output, bleaf=bleaf,
+        yield dict(good_client=good_client, expired_client=expired_client, dir=d, ports=ports, ca=ca, ctx=ctx, proc=proc, output=output, bleaf=bleaf,
                    lca=lca, env=env)
     finally:
         if proc.poll() is None:
@@ -245,6 +279,7 @@ def test_sni_picks_keypair(site):
     c = peer_cert(p, noverify(), sni="unknown.test")
     assert c.extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["a.test"]
+    assert "unknown server name unknown.test" in site["output"]()
 
 
 def test_default_keypair_named_after_listen_address(site):
@@ -343,16 +378,50 @@ def test_interception_forges_backend_certificate(site):
             assert t.getpeercert(True) == c.public_bytes(serialization.Encoding.DER)
 
 
+def test_client_ca_good_and_expired_client_certificates(site):
+    port = site["ports"]["cca"]
+    ctx = noverify()
+    site["good_client"].configure_cert(ctx)
+    out, _ = get(port, ctx)
+    assert out.endswith(b"plain-backend")
+    ctx = noverify()
+    site["expired_client"].configure_cert(ctx)
+    try:
+        out, _ = get(port, ctx)
+    except (ssl.SSLError, OSError):
+        out = b""
+    assert b"plain-backend" not in out
+    wait_for(lambda: "relay cca," in site["output"]() and "tls handshake failed - "
+             in site["output"]().split("relay cca,", 1)[1], what="client cert failure line")
+    ctx = noverify()           # no certificate at all
+    try:
+        out, _ = get(port, ctx)
+    except (ssl.SSLError, OSError):
+        out = b""
+    assert b"plain-backend" not in out
+
+
+def test_check_tls_and_https_on_tls_backend(site):
+    def ups():
+        out = site["output"]()
+        return ("check tcp use tls (" in out and "tls connect ok), state unknown -> up" in out
+                and "check http code use tls (" in out and "http code ok), state unknown -> up"
+                in out)
+    wait_for(ups, 15, "tls checks up")
+    assert tcp_get(site["ports"]["chk"]).endswith(b"tls-backend")
+
+
 SSLYZE = REPO / ".venv" / "bin" / "sslyze"
 
 
 @pytest.mark.skipif(not SSLYZE.exists(), reason="sslyze not installed")
 def test_sslyze_mozilla_intermediate(site):
     import subprocess
-    r = subprocess.run([str(SSLYZE), "--mozilla_config=intermediate",
-                        f"127.0.0.1:{site['ports']['dflt']}"],
+    r = subprocess.run([str(SSLYZE), "--mozilla_config=intermediate", "--certinfo",
+                        "--certinfo_ca_file", str(site["dir"] / "mozca.pem"),
+                        f"moz.test:{site['ports']['moz']}{{127.0.0.1}}"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout[-3000:]
+    assert r.returncode == 0 and "OK - Compliant" in r.stdout, r.stdout[-3000:]
 
 
 def test_renewed_certificate_after_sighup(site):
