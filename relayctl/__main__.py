@@ -447,9 +447,12 @@ def run(parsed: Parsed, sockname: str, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # A command-line tool: die quietly on a closed pipe (| head) and ^C.
+        # Not when called in-process (tests): the caller's handlers stay.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         opts, args = getopt.getopt(argv, "js:")
     except getopt.GetoptError as e:
