@@ -8,9 +8,10 @@ with no file descriptors beyond stdin/stdout/stderr.  It is killed
 Exit status > 0 means up; 0, a signal or a program that cannot be run
 means down (`script failed`); failing to fork leaves the host unknown.
 
-run() is the part that needs privileges to change user; with privilege
-separation the parent runs it on hce's behalf (a SCRIPT round trip) and
-hce's check() gets the status back.  Until then hce calls run() itself.
+run() is the part that needs privileges to change user: under privilege
+separation the parent runs it on hce's behalf (SCRIPT_RUN / SCRIPT_RESULT,
+only paths the configuration names) and hce's check() gets the status
+back through its `runner`; in one process hce calls run() itself.
 """
 
 from __future__ import annotations

@@ -162,51 +162,40 @@ def _build_head(first: str, items, conn_tokens: set[str], framing: tuple | None,
     its name) or at the end; `connection` likewise.  `upgrade` keeps
     Connection and Upgrade as they are (WebSocket); `raw_length` keeps
     Content-Length as it came (responses to HEAD, 304)."""
-    # Kept (name, value) pairs, joined in C at the end: the loop only
-    # decides (this runs twice per exchange, for every header).
-    kv = []
-    keep = kv.append
+    lines = [first]
     drop = HOP_BY_HOP
     listed = conn_tokens - _CONN_WORDS
     if listed:
         drop = drop | listed
-    for item in items:
-        low = item[0].lower()
+    for name, value in items:
+        low = name.lower()
         if low in drop:
-            name = item[0]
             if upgrade and (low == "connection" or low == "upgrade"):
-                keep(item)
+                lines.append(f"{name}: {value}\r\n")
             elif low == "content-length":
                 if raw_length:
-                    keep(item)
+                    lines.append(f"{name}: {value}\r\n")
                 elif framing is not None and framing[0] == "length":
-                    keep((name, str(framing[1])))
+                    lines.append(f"{name}: {framing[1]}\r\n")
                     framing = None
             elif low == "transfer-encoding":
                 if framing is not None and framing[0] == "chunked":
-                    keep((name, str(framing[1])))
+                    lines.append(f"{name}: {framing[1]}\r\n")
                     framing = None
             elif low == "connection" and connection:
-                keep(_line_pair(connection))
+                lines.append(connection)
                 connection = None
             continue
-        keep(item)
+        lines.append(f"{name}: {value}\r\n")
     if framing is not None:
         if framing[0] == "length":
-            keep(("Content-Length", str(framing[1])))
+            lines.append(f"Content-Length: {framing[1]}\r\n")
         else:
-            keep(("Transfer-Encoding", str(framing[1])))
+            lines.append(f"Transfer-Encoding: {framing[1]}\r\n")
     if connection:
-        keep(_line_pair(connection))
-    if not kv:
-        return (first + "\r\n").encode("latin-1", "replace")
-    return (first + "\r\n".join(map(": ".join, kv)) + "\r\n\r\n").encode("latin-1", "replace")
-
-
-def _line_pair(line: str) -> tuple[str, str]:
-    """("Name", "value") of a "Name: value\r\n" header line."""
-    name, _, value = line[:-2].partition(": ")
-    return name, value
+        lines.append(connection)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace")
 
 
 class _Upload:
