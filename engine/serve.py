@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from engine.conn import CLOSED, SocketTransport, Transport
+from engine.conn import CLOSED, SocketTransport, Transport, close_socket
 from shared import log
 
 # accept() errors that mean "out of resources": pause and retry (trio's list).
@@ -47,6 +47,10 @@ class Listener:
         sock.setblocking(False)
         self.sock = sock
         self.tsock = trio.socket.from_stdlib_socket(sock)
+        # Accepted sockets are made from the fd (socket.accept() converts
+        # family and type to enums on every call).
+        self.kind = (int(sock.family), int(sock.type), sock.proto)
+        self.tcp = sock.family != socket.AF_UNIX
         self.ctx = ctx
         self.wrap = wrap          # e.g. TLS: turns the socket into a StreamTransport
         self.nodelay = nodelay
@@ -119,6 +123,7 @@ class Server:
     async def _accept_loop(self, lis: Listener) -> None:
         with lis.scope:
             raw = lis.sock
+            family, type_, proto = lis.kind
             while True:
                 while self.active >= self.max_clients:
                     self._slot = trio.Event()
@@ -128,7 +133,7 @@ class Server:
                 got = 0
                 while got < ACCEPT_BURST and self.active < self.max_clients:
                     try:
-                        sock, addr = raw.accept()
+                        fd, addr = raw._accept()
                     except BlockingIOError:
                         break
                     except OSError as e:
@@ -142,7 +147,7 @@ class Server:
                         got = -1
                         break
                     got += 1
-                    self._start(sock, addr, lis)
+                    self._start(socket.socket(family, type_, proto, fd), addr, lis)
                 if got > 0:
                     await trio.lowlevel.checkpoint()
                 elif got == 0:
@@ -151,7 +156,7 @@ class Server:
     def _start(self, sock: socket.socket, addr, lis: Listener) -> None:
         try:
             sock.setblocking(False)
-            if lis.nodelay and sock.family != socket.AF_UNIX:
+            if lis.nodelay and lis.tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
@@ -176,7 +181,9 @@ class Server:
         except Exception as e:   # a bug must not take the worker down
             log.warn_exc(f"connection handler failed: {e!r}")
         finally:
-            if transport is not None:
+            if type(transport) is SocketTransport:
+                transport.close()     # no await: no shielded scope needed
+            elif transport is not None:
                 with trio.CancelScope(shield=True):
                     try:
                         await transport.aclose()
@@ -184,8 +191,9 @@ class Server:
                         pass
             if sock.fileno() != -1:
                 if isinstance(sock, socket.socket):
-                    trio.lowlevel.notify_closing(sock)
-                sock.close()
+                    close_socket(sock)
+                else:
+                    sock.close()
             self.active -= 1
             self._slot.set()
 

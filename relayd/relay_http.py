@@ -137,11 +137,21 @@ def client_error(conn: ServerConn, e: HttpError) -> tuple[int, str]:
     return 400, "malformed"
 
 
-def _tokens(value: str | None) -> set[str]:
-    """Lower-case tokens of a comma-separated header value."""
+_NO_TOKENS: frozenset[str] = frozenset()
+_token_sets: dict[str, frozenset[str]] = {}
+
+
+def _tokens(value: str | None) -> frozenset[str]:
+    """Lower-case tokens of a comma-separated header value (memoised: the
+    same few Connection values come on every exchange)."""
     if not value:
-        return set()
-    return {t.strip().lower() for t in value.split(",")}
+        return _NO_TOKENS
+    toks = _token_sets.get(value)
+    if toks is None:
+        toks = frozenset(t.strip().lower() for t in value.split(","))
+        if len(_token_sets) < 256:
+            _token_sets[value] = toks
+    return toks
 
 
 def _keep_alive(version: str, conn_tokens: set[str]) -> bool:
