@@ -300,8 +300,7 @@ def test_relay_directives():
         "address", "127.0.0.2", 443, 3, True, "64:ff9b::")
     assert r.tls_client and r.disabled and r.session_timeout == 30
     assert conf.protocol_of(r).name == "t" and conf.protocol_of(r).tcp.nodelay
-    assert conf.unimplemented == ((f"{NAME}:4", "listen ... tls"),
-                                  (f"{NAME}:6", "forward with tls"))
+    assert conf.unimplemented == ()      # relayd/relay_tls.py
 
 
 def test_relay_forward_address_port_defaults_to_listen_port():
@@ -374,12 +373,12 @@ def test_protocol_tls_options():
     assert proto_with("tls no session tickets").tls.session_tickets is False
 
 
-def test_protocol_tls_unimplemented():
+def test_protocol_tls_is_implemented():
     conf = parse('http protocol p {\n tls keypair x\n tls ca cert "/c"\n'
                  ' tls ca key "/k" password "x"\n}\n' + RELAY)
-    assert conf.unimplemented == ((f"{NAME}:2", "tls keypair"),
-                                  (f"{NAME}:3", "tls interception (ca cert/ca key)"),
-                                  (f"{NAME}:4", "tls interception (ca cert/ca key)"))
+    assert conf.unimplemented == ()      # relayd/relay_tls.py
+    p = conf.protocols[0]
+    assert p.tls.keypairs == ("x",) and p.tls.ca_cert == "/c" and p.tls.ca_key == "/k"
 
 
 def test_protocol_http_options_and_return_error():
@@ -744,8 +743,7 @@ def test_manual_examples():
     assert router.forward.table.name == "gateways:65535"
     assert [h.conf.ip_ttl for h in router.forward.table.hosts] == [1, 1]
     assert sorted({f for _, f in conf.unimplemented}) == sorted({
-        "redirect route to (direct server return)", "listen ... tls", "forward with tls",
-        "forward to destination", "tls interception (ca cert/ca key)"})
+        "redirect route to (direct server return)", "forward to destination"})
     assert conf.warnings == ()
 
 
