@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("configuration OK\n")
         return 0
     if not args.d:
-        _daemonize()
+        from shared.proc import daemonize
+        daemonize()
     from httpd import parent
     return parent.run(conf, args.f, macros, args.v, debug=args.d)
 
@@ -89,22 +90,6 @@ def _child(args) -> int:
         return logger.logger_main(args.S)
     sys.stderr.write(f"httpd: unknown process {args.P}\n")
     return 1
-
-
-def _daemonize() -> None:
-    """daemon(3): detach from the terminal, like OpenBSD without -d."""
-    import os
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    fd = os.open(os.devnull, os.O_RDWR)
-    for i in (0, 1, 2):
-        os.dup2(fd, i)
-    if fd > 2:
-        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from httpd.server import SockKey, log_names, logdir_of, socket_groups
 from shared import log, proc, sd
 from shared.imsg import Imsg
 from shared.lexer import ConfigError
+from shared.sd import notify
 
 # Seconds connections get to finish on SIGTERM.
 STOP_DRAIN = 10.0
@@ -329,21 +330,6 @@ class Parent:
             self.ticket_keys = [tls.new_ticket_key(), *self.ticket_keys][:tls.TICKET_KEYS_KEPT + 1]
             await self.sup.broadcast(Imsg.TLS_TICKET_KEYS, {"keys": list(self.ticket_keys)},
                                      title="server")
-
-
-def notify(state: str) -> None:
-    """sd_notify(3) when started by systemd with Type=notify."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-    except OSError:
-        pass
 
 
 def run(conf: HttpdConfig, path: str, macros: dict[str, str], verbose: int,

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.d and not os.environ.get("NOTIFY_SOCKET"):
         # (systemd's Type=notify wants the main process: no fork there)
         path = os.path.abspath(path)   # daemon(3) changes to / before any reload
-        _daemonize()
+        from shared.proc import daemonize
+        daemonize()
     from relayd import parent
     return parent.run(conf, path, macros, args.v, debug=args.d)
 
@@ -99,21 +100,6 @@ def _child(args) -> int:
         return privsep.pfe_main(args.S)
     sys.stderr.write(f"relayd: unknown process {args.P}\n")
     return 1
-
-
-def _daemonize() -> None:
-    """daemon(3): detach from the terminal, like OpenBSD without -d."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    fd = os.open(os.devnull, os.O_RDWR)
-    for i in (0, 1, 2):
-        os.dup2(fd, i)
-    if fd > 2:
-        os.close(fd)
 
 
 if __name__ == "__main__":

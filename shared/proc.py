@@ -495,3 +495,18 @@ class Pending:
         """Wake every waiter with None (the peer went away)."""
         for slot in self._waiting.values():
             slot[0].set()
+
+
+def daemonize() -> None:
+    """daemon(3): detach from the terminal, as both daemons do without -d."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    fd = os.open(os.devnull, os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(fd, i)
+    if fd > 2:
+        os.close(fd)
