@@ -73,8 +73,10 @@ _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
 _date_sec = -1
 _date_str = ""
-# Header name -> (name, lower-case name) memo of on_header(), and its bound.
+# Header name -> (name, lower-case name) memo of on_header(), request
+# method memo of on_headers_complete(), and their bound.
 _names: dict[bytes, tuple[str, str]] = {}
+_methods: dict[bytes, str] = {}
 NAMES_MAX = 512
 
 
@@ -356,6 +358,14 @@ class ServerConn(_Conn):
     def _new_head(self) -> Request:
         return Request()
 
+    def on_message_begin(self) -> None:
+        # _Conn.on_message_begin() without the _new_head() call.
+        self.in_head = True
+        self.raw_head = 0
+        self.hcount = {}
+        self.cur = Request()
+        self._line_seen = False
+
     def on_url(self, url: bytes) -> None:
         cur = self.cur
         cur.target += url.decode("latin-1")
@@ -369,7 +379,7 @@ class ServerConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         self._url_chunk = False
-        super()._feed(data)
+        _Conn._feed(self, data)      # (no super(): called per read)
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
             # A CRLF after the URL ends the request line.
@@ -388,19 +398,26 @@ class ServerConn(_Conn):
         cur = self.cur
         p = self.parser
         self.in_head = False
-        cur.method = p.get_method().decode("ascii", "replace")
-        cur.version = p.get_http_version()
+        m = p.get_method()
+        method = _methods.get(m)
+        if method is None:
+            method = m.decode("ascii", "replace")
+            if len(_methods) < NAMES_MAX:
+                _methods[m] = method
+        cur.method = method
+        version = cur.version = p.get_http_version()
         cur.keep_alive = p.should_keep_alive()
-        if self.httpd_rules and cur.version not in ("1.1", "1.0"):
-            major, _, minor = cur.version.partition(".")
-            if major == "1":
-                cur.version = "1.1"          # 1.2 .. 1.9 downgraded
-            elif major != "0":
-                self.error = HttpError(505, "bad http version")
+        if version != "1.1" and version != "1.0":
+            if self.httpd_rules:
+                major, _, minor = version.partition(".")
+                if major == "1":
+                    cur.version = "1.1"          # 1.2 .. 1.9 downgraded
+                elif major != "0":
+                    self.error = HttpError(505, "bad http version")
+                    raise self.error
+            if cur.version not in ("1.1", "1.0"):
+                self.error = HttpError(400, "malformed")
                 raise self.error
-        if cur.version not in ("1.1", "1.0"):
-            self.error = HttpError(400, "malformed")
-            raise self.error
         hmap = cur.hmap
         hosts = self.hcount.get("host", 1 if "host" in hmap else 0)
         if hosts > 1 or (cur.version == "1.1" and hosts == 0):
@@ -433,8 +450,17 @@ class ServerConn(_Conn):
                     discarded += len(ev)
                     if discarded > discard_limit:
                         return None
-            if not await self._fill():
+            # _fill(), inline: one coroutine less per request.
+            if self.eof or self.upgraded:
                 return None
+            data = await self.t.receive()
+            if not data:
+                self.eof = True
+                self._at_eof()
+                return None
+            if self.on_data is not None:
+                self.on_data()
+            self._feed(data)
 
 
 class ClientConn(_Conn):
@@ -483,7 +509,7 @@ class ClientConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         try:
-            super()._feed(data)
+            _Conn._feed(self, data)
         except HttpError as e:
             if not self._replace:
                 raise HttpError(502, e.msg) from None

@@ -232,16 +232,16 @@ def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
         raise HttpError(status_for(e), path) from None
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            if conf.index is None:           # `directory no index`
-                raise HttpError(403, path)
-            if alias:                        # the index "file" is a directory?
-                raise HttpError(500, path)
-            if not fs.endswith("/"):
-                return Redirect(url_encode(path) + "/")
-            return InternalRedirect(path + conf.index)
-        if not stat.S_ISREG(st.st_mode):     # special files
-            raise HttpError(403, path)
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                if conf.index is None:           # `directory no index`
+                    raise HttpError(403, path)
+                if alias:                        # the index "file" is a directory?
+                    raise HttpError(500, path)
+                if not fs.endswith("/"):
+                    return Redirect(url_encode(path) + "/")
+                return InternalRedirect(path + conf.index)
+            raise HttpError(403, path)           # special files
         # Blocking again (one fcntl: no other status flag was set by open).
         fcntl.fcntl(fd, fcntl.F_SETFL, 0)
         media = media_type(gconf, conf, fs)
@@ -303,8 +303,9 @@ def _request(fd: int, size: int, mtime: int, media: str, method: str,
              path: str) -> FileResponse:
     if method not in ("GET", "HEAD"):
         raise HttpError(405, path)
+    now = int(time.time())
     hdrs = [("Content-Type", media),
-            ("Last-Modified", _http_time(min(int(time.time()), mtime)))]
+            ("Last-Modified", _http_time(mtime if mtime < now else now))]
     if extra:
         hdrs += extra
     since = headers.get("if-modified-since")

@@ -71,10 +71,15 @@ class Exchange:
                  "version", "ctx", "worker", "cid", "log_path", "close_msg",
                  "orig_query", "timer")
 
-    def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker) -> None:
+    def __init__(self, t: Transport, ctx: ListenCtx, worker: Worker,
+                 conn: ServerConn | None = None, cid: int = 0,
+                 timer: Timer | None = None) -> None:
         self.t = t
         self.ctx = ctx
         self.worker = worker
+        self.conn = conn
+        self.cid = cid
+        self.timer = timer
         self.req: Request | None = None
         self.srv: ServerConfig = ctx.servers[0]
         self.conf: ServerConfig = self.srv
@@ -91,7 +96,6 @@ class Exchange:
         self.version: str | None = None
         self.close_msg: str | None = None  # why the connection closes, for the log
         self.orig_query: str | None = None  # query as requested (path: log_path)
-        self.timer: Timer | None = None    # the connection's (serve_client)
 
     # -- macros (server_expand_http) -------------------------------------
     def macros(self) -> dict[str, str]:
@@ -152,10 +156,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
             # An inactivity timeout, as libevent's: every read restarts it.
             conn.on_data = timer.restart
             while True:
-                x = Exchange(t, ctx, worker)
-                x.cid = cid
-                x.conn = conn
-                x.timer = timer
+                x = Exchange(t, ctx, worker, conn, cid, timer)
                 timer.arm(timeout, READING)
                 try:
                     req = await conn.next_request()
@@ -358,7 +359,16 @@ async def handle_request(x: Exchange) -> bool:
             raise HttpError(413, "request body too large")
         # A rewritten path is an alias: a directory there is a 500, as in
         # server_file_access() (no redirect, no index).
-        return await dispatch(x, conf, index_dir=False, alias=rewritten)
+        if conf.fastcgi is None and conf.auth is None and \
+                (conf.block is None or conf.block.action == "pass"):
+            # dispatch()'s static file case, without its coroutine.
+            x.conf = conf
+            result = server_file.serve(conf, ctx.gconf, x.worker.prefix, x.path, x.query,
+                                       req.method, req.hmap, False, rewritten)
+            if type(result) is server_file.FileResponse:
+                return await send_file(x, result)
+            return await _file_result(x, conf, result, 0)
+        return await dispatch(x, conf, False, 0, rewritten)
     except HttpError as e:
         await abort_http(x, e.status, e.msg, extra=e.headers)
         return False
@@ -393,8 +403,16 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
             raise HttpError(500, "fastcgi not available")
         return await fcgi.serve(x, conf)
     result = server_file.serve(conf, x.ctx.gconf, x.worker.prefix, x.path, x.query,
-                               x.req.method, x.req.hmap, index_dir=index_dir,
-                               alias=alias)
+                               x.req.method, x.req.hmap, index_dir, alias)
+    if type(result) is server_file.FileResponse:
+        return await send_file(x, result)
+    return await _file_result(x, conf, result, depth)
+
+
+async def _file_result(x: Exchange, conf: ServerConfig, result, depth: int) -> bool:
+    """dispatch()'s answer to what server_file.serve() returned."""
+    if type(result) is server_file.FileResponse:
+        return await send_file(x, result)
     if isinstance(result, server_file.Redirect):
         await abort_http(x, 301, result.location)
         return False
