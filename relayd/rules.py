@@ -171,7 +171,10 @@ class Message:
 
     def joined(self, name: str) -> str | None:
         """Every live header `name` (lower-case), joined with ", "."""
-        vals = [self.headers[i][1] for i in self.index().get(name, ()) if not self.headers[i][2]]
+        found = self.index().get(name)
+        if not found:
+            return None
+        vals = [self.headers[i][1] for i in found if not self.headers[i][2]]
         return ", ".join(vals) if vals else None
 
     def add(self, name: str, value: str) -> int:
@@ -240,7 +243,7 @@ class _Test:
 
 class _Rule:
     __slots__ = ("rule", "action", "quick", "af", "src", "dst", "method", "tagged",
-                 "tests", "plan", "strip", "conds")
+                 "tests", "plan", "strip", "conds", "static", "instant")
 
     def __init__(self, rule: Rule, tests: list[_Test]) -> None:
         self.rule = rule
@@ -257,6 +260,19 @@ class _Rule:
         self.tests = sorted(tests, key=lambda t: order[t.type])
         self.plan = [(_TESTS[t.type], t) for t in self.tests]
         self.strip = rule.path_strip
+        # _instant() would change something (else evaluate() skips it)
+        self.instant = (rule.forward_to is not None or rule.no_tag or rule.tag is not None
+                        or rule.no_label or rule.label is not None)
+        # _test_rule()'s answer when it cannot depend on the message: no
+        # tests, or only header set/append of a plain name (those match
+        # always and look the header up when applied).  Shared, never changed.
+        self.static = None
+        if all(t.type == "header" and t.option in ("set", "append") and t.keyset is None
+               and (t.keyglob is None or t.keyglob.plain) for t in self.tests):
+            acts: list = [(t, ()) for t in self.tests]
+            if self.strip is not None:
+                acts.append((_STRIP, self.strip))
+            self.static = [acts]
 
 
 def _compile_rule(rule: Rule) -> list[_Rule]:
@@ -346,7 +362,7 @@ def evaluate(rules: Sequence[Rule] | dict, direction: str, msg: Message, ctx: Ct
                 continue
             if r.tagged is not None and v.tag != r.tagged:
                 continue
-        variants = _test_rule(r, msg)
+        variants = r.static if r.static is not None else _test_rule(r, msg)
         if variants is None:
             continue
         if isinstance(variants, str):          # RES_BAD / RES_INTERNAL
@@ -354,7 +370,8 @@ def evaluate(rules: Sequence[Rule] | dict, direction: str, msg: Message, ctx: Ct
             return v
         if r.action == "match":
             for acts in variants:
-                _instant(v, r.rule)
+                if r.instant:
+                    _instant(v, r.rule)
                 v.actions.extend(acts)
             continue
         acts = variants[0] if r.quick else variants[-1]
@@ -712,7 +729,11 @@ def _act_header(t: _Test, idx: list[int], msg: Message, env: Env, v: Verdict, ou
         g = t.keyglob
         if g is None or g.plain:
             # Looked up again: an earlier action may have added or removed it.
-            live = [i for i in msg.index().get(t.key_low, ()) if not headers[i][2]]
+            found = msg.index().get(t.key_low)
+            if not found:
+                msg.add(t.key or "", value)     # the common case: a new header
+                return
+            live = [i for i in found if not headers[i][2]]
         else:
             live = [i for i in idx if not headers[i][2]]
         if not live:

@@ -35,9 +35,10 @@ from tests.regress.fcgi import servers
 HERE = Path(__file__).resolve().parent / "fcgi"
 MIB = 1 << 20
 
-need_php = pytest.mark.skipif(servers.php_fpm_binary() is None, reason="php-fpm not installed")
-need_fcgiwrap = pytest.mark.skipif(servers.fcgiwrap_binary() is None,
-                                   reason="fcgiwrap not installed")
+# php-fpm and fcgiwrap are installed by .ci/install-deps (`make deps`):
+# a missing one is a failed test, never a skip.
+need_php = pytest.mark.usefixtures()
+need_fcgiwrap = pytest.mark.usefixtures()
 
 
 # -- a raw HTTP/1.x client ------------------------------------------------------------
