@@ -111,8 +111,14 @@ def media_type(gconf: HttpdConfig, conf: ServerConfig, path: str) -> str:
         mtype = gconf.media_types.get(ext.lower())
         if mtype is not None:
             return mtype
-    mtype, sub = conf.default_type or gconf.default_type
-    return f"{mtype}/{sub}"
+    default = conf.default_type or gconf.default_type
+    text = _default_types.get(default)
+    if text is None:
+        text = _default_types[default] = f"{default[0]}/{default[1]}"
+    return text
+
+
+_default_types: dict[tuple[str, str], str] = {}   # ("text", "html") -> "text/html"
 
 
 def fmt_scaled(n: int) -> str:

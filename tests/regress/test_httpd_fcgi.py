@@ -37,8 +37,11 @@ MIB = 1 << 20
 
 # php-fpm and fcgiwrap are installed by .ci/install-deps (`make deps`):
 # a missing one is a failed test, never a skip.
-need_php = pytest.mark.usefixtures()
-need_fcgiwrap = pytest.mark.usefixtures()
+def need_php(test):
+    return test
+
+
+need_fcgiwrap = need_php
 
 
 # -- a raw HTTP/1.x client ------------------------------------------------------------

@@ -144,8 +144,11 @@ def wait_check(d, host: str, new: str, result: str | None = None, old: str | Non
 def ask(port: int, data: bytes = b"hi", timeout: float = 3.0) -> bytes:
     """One relayed session: send data, read until close; b"" when refused/closed."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            return b""      # the relay closed it already (no host up)
         out = b""
         try:
             while chunk := s.recv(4096):
