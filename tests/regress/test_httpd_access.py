@@ -274,7 +274,7 @@ def test_auth_failure_logged_with_attempted_user(auth):
 def test_auth_with_curl(auth):
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl not installed")
+        pytest.fail("curl not installed")
     url = f"http://127.0.0.1:{auth.port}/private/f.txt"
     args = [curl, "-sS", "--max-time", "20", "-H", "Host: auth.test"]
     r = subprocess.run(args + ["-u", "alice:wonderland", url], capture_output=True, timeout=30)

@@ -522,7 +522,7 @@ def test_post_10mib(site, backend: str) -> None:
     port, path = {"flup": (site.flup, "/md5"), "flup-tcp": (site.flup, "/tcp/md5"),
                   "php": (site.php, "/env.php"), "fcgiwrap": (site.cgi, "/md5.cgi")}[backend]
     if backend == "php" and site.php_fpm is None or backend == "fcgiwrap" and site.fcgiwrap is None:
-        pytest.skip(f"{backend} not installed")
+        pytest.fail(f"{backend} not installed")
     r = get(port, path, method="POST", body=BIG,
             headers={"Content-Type": "application/octet-stream"})
     assert r.status == 200
@@ -538,7 +538,7 @@ def test_post_10mib(site, backend: str) -> None:
 def test_chunked_upload(site, backend: str) -> None:
     """H55: a chunked body is de-chunked into STDIN, without CONTENT_LENGTH."""
     if backend == "fcgiwrap" and site.fcgiwrap is None:
-        pytest.skip("fcgiwrap not installed")
+        pytest.fail("fcgiwrap not installed")
     pieces = [os.urandom(n) for n in (1, 100, 65536, 70000, 3, 1 << 20)]
     whole = b"".join(pieces)
     port, path = (site.flup, "/md5") if backend == "flup" else (site.cgi, "/md5.cgi")
@@ -661,7 +661,7 @@ def test_status_404(site, backend: str) -> None:
                         "php": (site.php, "/status.php", b"php not found\n"),
                         "fcgiwrap": (site.cgi, "/status.cgi", b"cgi not found\n")}[backend]
     if backend == "php" and site.php_fpm is None or backend == "fcgiwrap" and site.fcgiwrap is None:
-        pytest.skip(f"{backend} not installed")
+        pytest.fail(f"{backend} not installed")
     r = get(port, path)
     assert r.status == 404 and r.body == text
     assert r.header("Status") is None
@@ -674,7 +674,7 @@ def test_redirect_location(site, backend: str) -> None:
                          "fcgiwrap": (site.cgi, "/redirect.cgi", "http://example.com/from-cgi"),
                          }[backend]
     if backend == "php" and site.php_fpm is None or backend == "fcgiwrap" and site.fcgiwrap is None:
-        pytest.skip(f"{backend} not installed")
+        pytest.fail(f"{backend} not installed")
     r = get(port, path)
     assert r.status == 302 and r.header("Location") == where
 
@@ -687,7 +687,7 @@ def test_streamed_response(site, backend: str) -> None:
     port, path = {"flup": (site.flup, "/stream?n=4&delay=0.25"),
                   "php": (site.php, "/stream.php")}[backend]
     if backend == "php" and site.php_fpm is None:
-        pytest.skip("php-fpm not installed")
+        pytest.fail("php-fpm not installed")
     t0 = time.monotonic()
     r = get(port, path)
     done = time.monotonic()
@@ -727,7 +727,7 @@ def test_short_body_against_content_length_closes(site) -> None:
 ])
 def test_stderr_goes_to_error_log(site, backend: str, path: str, text: str) -> None:
     if backend == "php" and site.php_fpm is None or backend == "fcgiwrap" and site.fcgiwrap is None:
-        pytest.skip(f"{backend} not installed")
+        pytest.fail(f"{backend} not installed")
     port = {"flup": site.flup, "php": site.php, "fcgiwrap": site.cgi}[backend]
     r = get(port, path)
     assert r.status == 200 and r.body.startswith(b"ok")

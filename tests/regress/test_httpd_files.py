@@ -513,7 +513,7 @@ def test_httpx_client_keep_alive(files):
 def _curl(*args: str) -> subprocess.CompletedProcess:
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl not installed")
+        pytest.fail("curl not installed")
     return subprocess.run([curl, "-sS", "--max-time", "20", *args], capture_output=True,
                           timeout=30)
 

@@ -159,7 +159,7 @@ def test_privileged_port_served_by_unprivileged_workers(site_factory):
         except OSError:
             continue
     if port is None:
-        pytest.skip("no free port below 1024")
+        pytest.fail("no free port below 1024")
     site = site_factory("prefork 2\n" + SITE.format(port=port, root="/one"), setup=roots,
                         wait_ports=[port])
     site.port = port

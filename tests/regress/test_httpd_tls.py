@@ -579,7 +579,7 @@ def test_worker_memory_lacks_key_text(site):
 def test_sslyze_mozilla_intermediate(site):
     sslyze = Path(sys.executable).parent / "sslyze"
     if not sslyze.exists():
-        pytest.skip("sslyze not installed")
+        pytest.fail("sslyze not installed")
     r = subprocess.run([str(sslyze), "--mozilla_config=intermediate", "--certinfo",
                         "--certinfo_ca_file", str(site.dir / "mozca.pem"),
                         f"moz.test:{site.p['moz']}{{127.0.0.1}}"],

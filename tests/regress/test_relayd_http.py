@@ -1278,7 +1278,7 @@ def test_garbage_never_kills_worker(env):
 @pytest.fixture
 def ngx(env):
     if env.nginx is None:
-        pytest.skip("nginx not available")
+        pytest.fail("nginx not available")
     return env.port("nginx")
 
 
@@ -1303,7 +1303,7 @@ def test_nginx_404_passes(ngx):
 
 def test_nginx_chunked_both_ways(env, ngx):
     if not env.echo:
-        pytest.skip("nginx echo module not available")
+        pytest.fail("nginx echo module not available")
     with Client(ngx) as c:
         c.send(b"POST /echo/ HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n")

@@ -634,11 +634,11 @@ def test_ip_ttl_on_backend_connections(relayd, backends):
 
 def test_multi_address_listen(relayd, backends):
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        pytest.fail("no IPv6")
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
     except OSError:
-        pytest.skip("no ::1")
+        pytest.fail("no ::1")
     b = backends(echo)
     rp = free_port()
     d = relayd(f'log connection\nrelay "multi" {{\n\tlisten on lo port {rp}\n'

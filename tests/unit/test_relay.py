@@ -141,13 +141,17 @@ def test_loop_to_own_listener_is_aborted():
 
 
 def test_roundrobin_position_per_relay():
-    bs = [listener(f"127.0.0.{i}") for i in (1, 2)]
-    port = bs[0].getsockname()[1]
-    try:
-        bs[1].close()
-        bs[1] = socket.create_server(("127.0.0.2", port))
-    except OSError:
-        pytest.skip("port taken on 127.0.0.2")
+    # The same port on two addresses: retry a few fresh ports if one is taken.
+    for _ in range(20):
+        bs = [listener("127.0.0.1")]
+        port = bs[0].getsockname()[1]
+        try:
+            bs.append(socket.create_server(("127.0.0.2", port)))
+            break
+        except OSError:
+            bs[0].close()
+    else:
+        raise AssertionError("no port free on both 127.0.0.1 and 127.0.0.2")
     text = (f"table <t> {{ 127.0.0.1, 127.0.0.2 }}\n"
             f'relay "r" {{ listen on 127.0.0.1 port 1\n forward to <t> port {port} }}\n'
             f'relay "q" {{ listen on 127.0.0.1 port 2\n forward to <t> port {port} }}\n')
