@@ -32,9 +32,12 @@ ACCEPT_PAUSE = 0.1
 DRAIN_TIMEOUT = 30.0
 # Connections accepted in one go before the accept loop yields.  Draining the
 # kernel's accept queue at once matters with small backlogs (httpd's and
-# relayd's default is 10): one accept per scheduler pass, behind 50 busy
-# connections, let the queue overflow; Linux then drops the SYN/ACK and the
-# client retries after 1 s (the 1.4 s p99 of the first benchmarks).
+# relayd's `tcp backlog` default is 10): with one accept per scheduler pass,
+# behind 50 busy connections, the queue overflows, Linux drops the SYN or the
+# handshake's last ACK and the client retries after 1 s or more (the 0.5 to
+# 1.4 s p99 of the first benchmarks).  A burst of connects that arrives at
+# once (wrk opening its 50) still overflows a queue of 10: only a larger
+# backlog helps there.
 ACCEPT_BURST = 64
 
 
@@ -234,7 +237,10 @@ class Timer:
             self._wd.push(exp, self)
 
     def restart(self) -> None:
-        """Some input came: the armed phase starts its time anew."""
+        """Some input came: the armed phase starts its time anew (nothing
+        when disarmed: e.g. a request body read while the handler runs)."""
+        if self.expiry == math.inf:
+            return
         offset = self._wd.offset
         self.expiry = (perf_counter() + offset if offset is not None
                        else trio.current_time()) + self.period

@@ -155,49 +155,86 @@ class Logs:
 
 # -- privilege separation: workers send lines, the logger process writes -----
 
+# Bytes of log entries packed into one datagram at most (a datagram socket's
+# send buffer holds about 200 KiB); the logger reads up to LOG_DGRAM_MAX.
+LOG_BATCH_BYTES = 32768
+LOG_DGRAM_MAX = 1 << 18
+# Entries a server process keeps while the logger does not keep up.
+LOG_BACKLOG = 65536
+
+
 class LogSender:
     """A server process's Logs: lines go to the logger over a datagram
-    socket (one datagram per line, so lines of different workers never
-    interleave).  Same interface as Logs; files are the logger's business."""
+    socket.  Same interface as Logs; files are the logger's business.
+
+    The lines written during one pass of the scheduler go out together:
+    write() only queues, flusher() (woken by the first line of a pass, so it
+    runs once the pass is over) sends them as one datagram, a JSON list of
+    entries.  One send and one wakeup of the logger per batch instead of per
+    line: that cost about 90 µs a logged request, twice what serving a
+    small file costs.  A datagram holds whole lines only, so lines of
+    different workers never interleave."""
 
     def __init__(self, sock) -> None:
         import collections
         sock.setblocking(False)
         self.sock = sock
-        self.pending = collections.deque()
+        self.batch: list[tuple[str, str, bool, int]] = []
+        self.pending = collections.deque()     # datagrams not sent yet
         self.logdir = ""
         self._wake = None
 
     def write(self, name: str, line: str, use_syslog: bool = False,
               pri: int = syslog.LOG_INFO) -> None:
-        data = json.dumps([name, line, bool(use_syslog), pri]).encode()
-        if not self.pending:
-            try:
-                self.sock.send(data)
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                return
-        if len(self.pending) < 65536:
-            self.pending.append(data)
-        if self._wake is not None:
+        batch = self.batch
+        if len(batch) >= LOG_BACKLOG:
+            return                              # the logger is gone or stuck
+        batch.append((name, line, bool(use_syslog), pri))
+        if len(batch) == 1 and self._wake is not None:
             self._wake.set()
 
+    def _pack(self) -> None:
+        """Encode the queued entries into datagrams of LOG_BATCH_BYTES at
+        most (a longer single entry goes alone)."""
+        batch, self.batch = self.batch, []
+        start, size = 0, 0
+        for i, entry in enumerate(batch):
+            n = len(entry[0]) + len(entry[1]) + 16
+            if size and size + n > LOG_BATCH_BYTES:
+                self.pending.append(json.dumps(batch[start:i]).encode())
+                start, size = i, 0
+            size += n
+        if start < len(batch):
+            self.pending.append(json.dumps(batch[start:] if start else batch).encode())
+
+    def _send_pending(self) -> bool:
+        """Send what can go without blocking; False if the socket is full."""
+        pending = self.pending
+        while pending:
+            try:
+                self.sock.send(pending[0])
+            except BlockingIOError:
+                return False
+            except OSError:
+                pass                            # the logger is gone: dropped
+            pending.popleft()
+        return True
+
     async def flusher(self) -> None:
-        """Send what write() could not (the logger was busy)."""
+        """Send the queued lines, a batch per scheduler pass."""
         import trio
-        tsock = trio.socket.from_stdlib_socket(self.sock)
-        while True:
-            self._wake = trio.Event()
-            if not self.pending:
-                await self._wake.wait()
-            while self.pending:
-                try:
-                    await tsock.send(self.pending[0])
-                except OSError:
-                    pass
-                self.pending.popleft()
+        try:
+            while True:
+                self._wake = trio.Event()
+                if not self.batch:
+                    await self._wake.wait()
+                self._pack()
+                while not self._send_pending():
+                    await trio.lowlevel.wait_writable(self.sock)
+        finally:
+            # Cancelled when the process stops: what is left, if it fits.
+            self._pack()
+            self._send_pending()
 
     def open_all(self, names) -> None:
         pass
@@ -228,21 +265,32 @@ def logger_main(fd: int) -> int:
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     proc.drop_privileges(cfg.get("chroot"), user)
 
-    def write_line(raw: bytes) -> None:
+    def write_batch(raw: bytes) -> None:
+        # A datagram: a list of [name, line, use_syslog, pri] entries (one
+        # entry alone: the format before batching).  One write per file.
         try:
-            name, line, use_syslog, pri = json.loads(raw)
+            entries = json.loads(raw)
         except (ValueError, TypeError):
             return
-        if use_syslog:
-            syslog.syslog(syslog.LOG_DAEMON | int(pri), str(line))
+        if not isinstance(entries, list):
             return
-        fd = files.get(name)
-        if fd is None:
-            return
-        try:
-            os.write(fd, (str(line) + "\n").encode("utf-8", "surrogateescape"))
-        except OSError as e:
-            log.warn_errno(f"logger: write to {name} failed", e)
+        if entries and not isinstance(entries[0], list):
+            entries = [entries]
+        out: dict[str, list[str]] = {}
+        for entry in entries:
+            try:
+                name, line, use_syslog, pri = entry
+            except (ValueError, TypeError):
+                continue
+            if use_syslog:
+                syslog.syslog(syslog.LOG_DAEMON | int(pri), str(line))
+            elif name in files:
+                out.setdefault(name, []).append(str(line) + "\n")
+        for name, lines in out.items():
+            try:
+                os.write(files[name], "".join(lines).encode("utf-8", "surrogateescape"))
+            except OSError as e:
+                log.warn_errno(f"logger: write to {name} failed", e)
 
     async def main() -> None:
         chan = Channel(sock, allow_pickle=True, reader=setup.reader)
@@ -251,7 +299,7 @@ def logger_main(fd: int) -> int:
 
         async def lines() -> None:
             while True:
-                write_line(await tl.recv(65536))
+                write_batch(await tl.recv(LOG_DGRAM_MAX))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lines)
@@ -271,11 +319,11 @@ def logger_main(fd: int) -> int:
             with trio.move_on_after(0.5):
                 while True:
                     try:
-                        write_line(lsock.recv(65536))
+                        write_batch(lsock.recv(LOG_DGRAM_MAX))
                     except BlockingIOError:
                         await trio.sleep(0.05)
                         try:
-                            write_line(lsock.recv(65536))
+                            write_batch(lsock.recv(LOG_DGRAM_MAX))
                         except BlockingIOError:
                             break
             nursery.cancel_scope.cancel()

@@ -91,8 +91,14 @@ def status_for(exc: OSError) -> int:
     return 500
 
 
+# What url_encode() leaves alone: printable ASCII but space # % ? " & <.
+_URL_PLAIN = re.compile(r"[!$'-;=>@-~]*")
+
+
 def url_encode(s: str) -> str:
     """httpd's url_encode: %XX for space # % ? " & <, controls and bytes >= 0x7f."""
+    if _URL_PLAIN.fullmatch(s):
+        return s                 # the usual case (every logged request)
     out = []
     for c in s.encode("utf-8", "surrogateescape"):
         out.append(f"%{c:02X}" if c in _URL_UNSAFE else chr(c))

@@ -19,9 +19,9 @@ import jinja2
 import trio
 
 from engine.conn import CLOSED, Transport
-from engine.serve import Timer
 from engine.http1 import (MAX_HEAD, REASONS, HttpError, Request,
                           ServerConn, http_date)
+from engine.serve import Timer
 from httpd import auth, logger, route, server_file
 from httpd.config import HttpdConfig, ServerConfig
 from httpd.http import METHODS, SERVER_SOFTWARE
