@@ -7,33 +7,16 @@ overrides the file's, -f names the configuration file.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from httpd import parse
 from httpd.config import HTTPD_CONF
-from shared import log
+from shared import cli, log
 from shared.lexer import ConfigError, parse_cmdline_macro
 
 
-class _Args(argparse.ArgumentParser):
-    def error(self, message: str) -> None:   # OpenBSD's usage line, exit 1
-        sys.stderr.write(f"usage: httpd [-dnv] [-D macro=value] [-f file]\n")
-        sys.exit(1)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = _Args(prog="httpd", add_help=False)
-    ap.add_argument("-d", action="store_true")
-    ap.add_argument("-n", action="store_true")
-    ap.add_argument("-v", action="count", default=0)
-    ap.add_argument("-D", action="append", default=[])
-    ap.add_argument("-f", default=HTTPD_CONF)
-    # Privilege separation: a child re-executed by the parent (proc.c's -P/-I).
-    ap.add_argument("-P", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("-I", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("-S", type=int, default=-1, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = cli.parse_args("httpd", HTTPD_CONF, argv)
     if args.P:
         return _child(args)
     macros: dict[str, str] = {}
