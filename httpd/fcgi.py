@@ -15,6 +15,7 @@ import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FCGI_VERSION_1 = 1
 
@@ -47,7 +48,8 @@ MAX_CONTENT = 65535            # content_length is a 16-bit field
 MAX_PAIR_LENGTH = 0x7FFFFFFF   # 4-byte name/value lengths lose their high bit
 CGI_HEADER_MAX = 65536         # largest CGI header block we buffer
 
-_HEADER = struct.Struct("!BBHHBx")      # version, type, id, content_len, padding_len
+HEADER = struct.Struct("!BBHHBx")       # version, type, id, content_len, padding_len
+_HEADER = HEADER
 _BEGIN_BODY = struct.Struct("!HB5x")    # role, flags
 _END_BODY = struct.Struct("!IB3x")      # app_status, protocol_status
 _LEN4 = struct.Struct("!I")
@@ -62,9 +64,9 @@ class FcgiError(ValueError):
     """The application sent a malformed record or CGI header block."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One decoded record, padding removed."""
+class Record(NamedTuple):
+    """One decoded record, padding removed (a tuple: a few of them are made
+    per response, and a frozen dataclass costs several times more)."""
 
     type: int
     request_id: int
@@ -134,49 +136,54 @@ def _length(n: int) -> bytes:
     return _LEN4.pack(n | 0x80000000)
 
 
-def _encode_pair(name: bytes, value: bytes) -> bytes:
-    return b"".join((_length(len(name)), _length(len(value)), name, value))
+def pair(name: bytes, value: bytes) -> bytes:
+    """One encoded name-value pair."""
+    nlen = len(name)
+    vlen = len(value)
+    if nlen < 128 and vlen < 128:
+        return b"%c%c%s%s" % (nlen, vlen, name, value)
+    return b"".join((_length(nlen), _length(vlen), name, value))
 
 
 def encode_params(params: Iterable[tuple[str | bytes, str | bytes]],
                   request_id: int = 1) -> bytes:
     """Encode name-value pairs as PARAMS records, then the empty PARAMS record.
 
-    str names and values are encoded as latin-1.  Pairs are packed whole
-    into records of at most MAX_CONTENT bytes; only a pair that is larger
-    than one record by itself spans several records.
+    str names and values are encoded as latin-1.
     """
     pairs = []
-    total = 0
     for name, value in params:
         if type(name) is not bytes:
             name = _as_bytes(name)
         if type(value) is not bytes:
             value = _as_bytes(value)
-        nlen = len(name)
-        vlen = len(value)
-        if nlen < 128 and vlen < 128:
-            pair = b"%c%c%s%s" % (nlen, vlen, name, value)
-        else:
-            pair = _encode_pair(name, value)
-        pairs.append(pair)
-        total += len(pair)
-    if total <= MAX_CONTENT:
-        return (encode(PARAMS, b"".join(pairs), request_id) if pairs else b"") \
+        pairs.append(pair(name, value))
+    return pack_params(pairs, request_id)
+
+
+def pack_params(pairs: list[bytes], request_id: int = 1) -> bytes:
+    """Encoded pairs (see pair()) as PARAMS records, then the empty one.
+
+    Pairs are packed whole into records of at most MAX_CONTENT bytes; only
+    a pair that is larger than one record by itself spans several records.
+    """
+    data = b"".join(pairs)
+    if len(data) <= MAX_CONTENT:
+        return (encode(PARAMS, data, request_id) if data else b"") \
             + encode(PARAMS, b"", request_id)
     # The spec makes PARAMS a byte stream, so any split would be legal, but
     # some applications (flup, for one) decode each record on its own and
     # silently mis-read a pair cut in two.  Keeping pairs whole costs nothing.
     out = bytearray()
     buf = bytearray()
-    for pair in pairs:
-        if len(buf) + len(pair) > MAX_CONTENT and buf:
+    for p in pairs:
+        if len(buf) + len(p) > MAX_CONTENT and buf:
             out += encode(PARAMS, bytes(buf), request_id)
             buf.clear()
-        if len(pair) > MAX_CONTENT:
-            out += encode(PARAMS, pair, request_id)
+        if len(p) > MAX_CONTENT:
+            out += encode(PARAMS, p, request_id)
         else:
-            buf += pair
+            buf += p
     if buf:
         out += encode(PARAMS, bytes(buf), request_id)
     out += encode(PARAMS, b"", request_id)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from time import perf_counter
 
 import trio
 
 from engine.conn import CLOSED
 from engine.http1 import REASONS, HttpError, http_date
-from httpd import fcgi, route
+from engine.serve import Timer
+from httpd import fcgi, route, server_http
 from httpd.config import ServerConfig
 from httpd.http import SERVER_SOFTWARE
 from httpd.logger import vis
@@ -155,59 +155,116 @@ def tls_peer_verify(conf: ServerConfig) -> str | None:
     return ", ".join(flags)
 
 
-def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
-    """The variables OpenBSD httpd sends (features.md §1.9), in its order."""
+# Pairs that never change, encoded once.
+_GATEWAY = fcgi.pair(b"GATEWAY_INTERFACE", b"CGI/1.1")
+_SOFTWARE = fcgi.pair(b"SERVER_SOFTWARE", SERVER_SOFTWARE.encode())
+_HTTPS = fcgi.pair(b"HTTPS", b"on")
+# Pairs with short values (< 128 bytes: one length byte each), in one format.
+_ENV_HEAD = b"\x09%cPATH_INFO%s\x0b%cSCRIPT_NAME%s\x0f%cSCRIPT_FILENAME%s\x0c%cQUERY_STRING%s"
+_ENV_URI = b"\x0c%cDOCUMENT_URI%s"
+_ENV_TAIL = (b"\x0b%cREMOTE_ADDR%s\x0b%cREMOTE_PORT%s\x0e%cREQUEST_METHOD%s\x0b%cREQUEST_URI%s"
+             b"\x0b%cSERVER_ADDR%s\x0b%cSERVER_PORT%s\x0b%cSERVER_NAME%s\x0f%cSERVER_PROTOCOL%s")
+# id(conf) -> (conf, what env_pairs() needs of it, encoded where constant).
+# Configs are frozen and live as long as their generation; the entry keeps
+# its conf alive, so an id is never reused while its entry is here.
+_CONF_ENV: dict[int, tuple] = {}
+_CONF_ENV_MAX = 1024
+
+
+def _conf_env(conf: ServerConfig) -> tuple:
+    entry = _CONF_ENV.get(id(conf))
+    if entry is not None and entry[0] is conf:
+        return entry
     fc = conf.fastcgi
+    root = conf.root.rstrip("/")
+    params = []
+    for name, value in fc.params:
+        if "$" in value or "%" in value:
+            params.append((_utf8(name), value))      # macros: per request
+        else:
+            params.append((fcgi.pair(_utf8(name), _utf8(value)), None))
+    tls = [_HTTPS]
+    verify = tls_peer_verify(conf)
+    if verify is not None:
+        tls.append(fcgi.pair(b"TLS_PEER_VERIFY", verify.encode()))
+    entry = (conf, root, fcgi.pair(b"DOCUMENT_ROOT", _utf8(root_strip(root or "/", fc.strip))),
+             params, tls)
+    if len(_CONF_ENV) >= _CONF_ENV_MAX:
+        _CONF_ENV.clear()
+    _CONF_ENV[id(conf)] = entry
+    return entry
+
+
+def env_pairs(x, conf: ServerConfig) -> list[bytes]:
+    """The variables OpenBSD httpd sends (features.md §1.9), in its order,
+    each encoded as a FastCGI name-value pair."""
+    _, root, docroot, params, tls = _conf_env(conf)
+    pair = fcgi.pair
     req = x.req
     t = x.t
-    root = conf.root.rstrip("/")
     alias = x.path                        # canonical, index appended
     stripped = root_strip(alias, conf.strip)
     full = root + stripped
     # No part of the root may show up in PATH_INFO.
     scriptlen = max(path_info_len(full, _stat_ok(x.worker)), len(root))
-    script = full[:scriptlen]
     script_name = alias[:scriptlen + (len(alias) - len(stripped)) - len(root)]
-    env: list[tuple[bytes, bytes]] = [
-        (b"PATH_INFO", _utf8(full[scriptlen:])),
-        (b"SCRIPT_NAME", _utf8(script_name)),
-        (b"SCRIPT_FILENAME", _utf8(root_strip(script, fc.strip))),
-        (b"QUERY_STRING", _raw(x.query or "")),
-        (b"DOCUMENT_ROOT", _utf8(root_strip(root or "/", fc.strip))),
-        (b"DOCUMENT_URI", _utf8(alias)),
-        (b"GATEWAY_INTERFACE", b"CGI/1.1"),
-    ]
+    enc = "utf-8"
+    esc = "surrogateescape"
+    pi = full[scriptlen:].encode(enc, esc)
+    sn = script_name.encode(enc, esc)
+    sf = root_strip(full[:scriptlen], conf.fastcgi.strip).encode(enc, esc)
+    qs = _raw(x.query) if x.query else b""
+    du = alias.encode(enc, esc)
+    if len(pi) < 128 and len(sn) < 128 and len(sf) < 128 and len(du) < 128 and len(qs) < 128:
+        # All one-byte lengths (the common case): one format, not 5 pairs.
+        env = [_ENV_HEAD % (len(pi), pi, len(sn), sn, len(sf), sf, len(qs), qs),
+               docroot, _ENV_URI % (len(du), du), _GATEWAY]
+    else:
+        env = [pair(b"PATH_INFO", pi), pair(b"SCRIPT_NAME", sn), pair(b"SCRIPT_FILENAME", sf),
+               pair(b"QUERY_STRING", qs), docroot, pair(b"DOCUMENT_URI", du), _GATEWAY]
     if conf.auth is not None:
-        env.append((b"REMOTE_USER", _utf8(x.user or "")))
+        env.append(pair(b"REMOTE_USER", _utf8(x.user or "")))
+    names = _ENV_NAMES
     for low, value in req.hmap.items():
-        name = _ENV_NAMES.get(low)
+        name = names.get(low)
         if name is None:
             name = env_name(low)
-        env.append((name, value.encode("latin-1")))
+        env.append(pair(name, value.encode("latin-1")))
     if x.ctx.tls:
-        env.append((b"HTTPS", b"on"))
-        verify = tls_peer_verify(conf)
-        if verify is not None:
-            env.append((b"TLS_PEER_VERIFY", verify.encode()))
-    for name, value in fc.params:
-        if "$" in value or "%" in value:
-            try:
-                value = x.expand(value)     # the macros of `block return`
-            except route.RouteError:        # unknown macro or capture: as written
-                pass
-        env.append((_utf8(name), _utf8(value)))
-    env += [
-        (b"REMOTE_ADDR", t.peer[0].encode()),
-        (b"REMOTE_PORT", str(t.peer[1]).encode()),
-        (b"REQUEST_METHOD", req.method.encode("latin-1")),
-        (b"REQUEST_URI", _raw(_request_uri(x))),
-        (b"SERVER_ADDR", t.local[0].encode()),
-        (b"SERVER_PORT", str(t.local[1]).encode()),
-        (b"SERVER_NAME", _utf8(x.srv.name)),
-        (b"SERVER_PROTOCOL", x.version.encode("latin-1")),
-        (b"SERVER_SOFTWARE", SERVER_SOFTWARE.encode()),
-    ]
+        env += tls
+    for name, value in params:
+        if value is None:
+            env.append(name)                # encoded whole
+            continue
+        try:
+            value = x.expand(value)         # the macros of `block return`
+        except route.RouteError:            # unknown macro or capture: as written
+            pass
+        env.append(pair(name, _utf8(value)))
+    peer = t.peer
+    local = t.local
+    ra = peer[0].encode()
+    rp = b"%d" % peer[1]
+    rm = req.method.encode("latin-1")
+    ru = _raw(_request_uri(x))
+    sa = local[0].encode()
+    sp = b"%d" % local[1]
+    sn = x.srv.name.encode(enc, esc)
+    pr = x.version.encode("latin-1")
+    if len(ru) < 128 and len(sn) < 128 and len(rm) < 128:
+        env.append(_ENV_TAIL % (len(ra), ra, len(rp), rp, len(rm), rm, len(ru), ru,
+                                len(sa), sa, len(sp), sp, len(sn), sn, len(pr), pr))
+    else:
+        env += (pair(b"REMOTE_ADDR", ra), pair(b"REMOTE_PORT", rp), pair(b"REQUEST_METHOD", rm),
+                pair(b"REQUEST_URI", ru), pair(b"SERVER_ADDR", sa), pair(b"SERVER_PORT", sp),
+                pair(b"SERVER_NAME", sn), pair(b"SERVER_PROTOCOL", pr))
+    env.append(_SOFTWARE)
     return env
+
+
+def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
+    """env_pairs() decoded: the environment as (name, value) pairs."""
+    return fcgi.decode_params(b"".join(env_pairs(x, conf)))
 
 
 # -- the backend connection ---------------------------------------------------
@@ -262,14 +319,28 @@ async def connect(conf: ServerConfig, worker) -> socket.socket:
     return sock
 
 
+# The phase of the connection's Timer (engine.serve) while we wait.
+FCGI = "fastcgi"
+_BEGIN = fcgi.begin_request()
+_STDIN_END = fcgi.stdin(b"")
+# The END_REQUEST record header of request 1 as php-fpm, flup and fcgiwrap
+# send it (8 content bytes, no padding): a read that ends with it and
+# holds only STDOUT records before is a whole response (see _Job._whole).
+_END_HEAD = fcgi.encode(fcgi.END_REQUEST, bytes(8))[:8]
+_RECORD = fcgi.HEADER
+
+
 class _Job:
     """One FastCGI request: the backend socket and the response state.
 
-    One cancel scope covers the whole exchange; its deadline moves on with
-    every step forward in either direction, so `connection timeout` is the
-    longest time both sides may stay silent.  When it fires, `phase` (what
-    the main task waits for) and `waiting_client` (the STDIN pump waits for
-    the client's body) tell whose silence it was.
+    An engine.serve.Timer, restarted by every step forward in either
+    direction, cancels the exchange once `connection timeout` has passed
+    without one: the connection's own Timer and scope for a request without
+    a body, a scope and Timer of the job's for one with a body (two tasks).
+    A deadline on a scope would cost more than the rest of a small
+    request's bookkeeping.  When it fires, `phase` (what the main task
+    waits for) and `waiting_client` (the STDIN pump waits for the client's
+    body) tell whose silence it was.
     """
 
     def __init__(self, x, conf: ServerConfig, server_http) -> None:
@@ -277,14 +348,13 @@ class _Job:
         self.conf = conf
         self.http = server_http
         self.timeout = conf.connection.timeout
-        self.scope: trio.CancelScope | None = None
-        self.clock_offset = 0.0            # trio time - perf_counter()
-        self.bump_at = 0.0                 # perf_counter() to move the deadline at
+        self.timer: Timer | None = None
+        self._progress = None              # the timer's restart(), from run()
         self.sock: socket.socket | None = None    # non-blocking, driven by hand
         self.phase = "connect"             # "connect" | "backend" | "client"
         self.waiting_client = False        # the STDIN pump waits for the client
         self.head: fcgi.CgiHead | None = None
-        self.hparser = fcgi.CgiHeaderParser()
+        self.hparser: fcgi.CgiHeaderParser | None = None
         self.head_queued = False           # head built (in self.out)
         self.head_sent = False             # head written to the client
         self.chunked = False
@@ -312,17 +382,6 @@ class _Job:
                 self.x.worker.logs.write(lc.error, vis(line.rstrip()), lc.syslog)
 
     # -- deadline ------------------------------------------------------------------
-    def _progress(self) -> None:
-        # Called after every step, so kept cheap: moving the deadline costs
-        # a heap push, so it moves only once a tenth of the timeout has
-        # passed (the deadline may thus come up to 10 % early), and the
-        # clock is read without trio's call layers (trio's clock is
-        # perf_counter plus a fixed offset).
-        now = perf_counter()
-        if now >= self.bump_at:
-            self.scope.deadline = now + self.clock_offset + self.timeout
-            self.bump_at = now + self.timeout * 0.1
-
     def _expired(self) -> Exception:
         if self.waiting_client or self.phase == "client":
             return _ClientGone("client timeout")
@@ -374,26 +433,50 @@ class _Job:
     # -- the request -------------------------------------------------------------
     async def run(self) -> None:
         """The whole exchange; raises BackendError, FcgiError, _ClientGone, HttpError."""
-        start = trio.current_time()
-        pc = perf_counter()
-        self.clock_offset = start - pc
-        self.bump_at = pc + self.timeout * 0.1
-        self.scope = trio.CancelScope(deadline=start + self.timeout)
-        with self.scope:
-            await self._exchange()
+        x = self.x
+        timer = x.timer
+        if timer is not None and not x.req.has_body:
+            # No body: no second task, so the connection's own Timer and
+            # cancel scope do (entering a scope and arming a Timer of our
+            # own cost a fifth of a small request's CPU).  When it fires,
+            # the cancellation is ours to turn into the error; the
+            # connection's scope stays cancelled, and the error page goes
+            # out if it needs no wait (the connection closes after it).
+            self._progress = timer.restart
+            timer.arm(self.timeout, FCGI)
+            try:
+                await self._exchange()
+            except trio.Cancelled:
+                if timer.fired is not FCGI:
+                    raise
+                timer.fired = None
+                raise self._expired() from None
+            finally:
+                timer.disarm()
+            return
+        with trio.CancelScope() as scope:
+            self.timer = timer = Timer(scope)
+            self._progress = timer.restart
+            timer.arm(self.timeout)
+            try:
+                await self._exchange()
+            finally:
+                timer.close()
         if self.failure is not None:
             raise self.failure
-        if self.scope.cancelled_caught:
+        if scope.cancelled_caught:
             raise self._expired()
 
     async def _exchange(self) -> None:
         x = self.x
         self.sock = await connect(self.conf, x.worker)
         self.phase = "backend"
-        request = fcgi.begin_request() + fcgi.encode_params(cgi_env(x, self.conf))
+        request = _BEGIN + fcgi.pack_params(env_pairs(x, self.conf))
         if not x.req.has_body:
-            await self._send_backend(request + fcgi.stdin(b""))
-            await self._relay()
+            await self._send_backend(request + _STDIN_END)
+            data = await self._recv_backend(first=True)
+            if not await self._whole(data):
+                await self._relay(data)
             return
         await self._send_backend(request)
         async with trio.open_nursery() as nursery:
@@ -445,14 +528,46 @@ class _Job:
             if not chunk:
                 return
 
-    async def _relay(self) -> None:
-        """STDOUT records → the client, each read passed on as it arrives."""
+    async def _whole(self, data: bytes) -> bool:
+        """Answer from one read that holds the whole response: STDOUT
+        records, then END_REQUEST; False (nothing done) for anything else,
+        which _relay() then takes record by record.  The common case of a
+        small page, without a RecordReader and a Record per record."""
+        end = len(data) - 16
+        if end < 0 or data[end:end + 8] != _END_HEAD:
+            return False
+        unpack = _RECORD.unpack_from
+        stdout = []
+        pos = 0
+        while pos < end:
+            if pos + 8 > end:
+                return False
+            version, rtype, rid, clen, plen = unpack(data, pos)
+            if version != fcgi.FCGI_VERSION_1 or rtype != fcgi.STDOUT or rid != 1:
+                return False
+            start = pos + 8
+            pos = start + clen + plen
+            if clen:
+                stdout.append(data[start:start + clen])
+        if pos != end:
+            return False
+        if stdout:
+            self._stdout(stdout[0] if len(stdout) == 1 else b"".join(stdout))
+        self._end_request(data[end + 8:])
+        # As in _relay: php-fpm takes its next request after our close.
+        _close(self.sock)
+        self.sock = None
+        await self._flush(final=True)
+        return True
+
+    async def _relay(self, data: bytes | None = None) -> None:
+        """STDOUT records → the client, each read passed on as it arrives;
+        `data`: what was read already."""
         reader = fcgi.RecordReader()
         ended = False
-        first = True
         while not ended:
-            data = await self._recv_backend(first)
-            first = False
+            if data is None:
+                data = await self._recv_backend()
             if not data:
                 reader.eof()
                 raise BackendError(502, "connection closed before the end of the request")
@@ -474,10 +589,13 @@ class _Job:
                 # next request: let it go before talking to the client.
                 _close(self.sock)
                 self.sock = None
+            data = None
             await self._flush(final=ended)
 
     def _stdout(self, content: bytes) -> None:
         if self.head is None:
+            if self.hparser is None:
+                self.hparser = fcgi.CgiHeaderParser()
             self.head, content = self.hparser.feed(content)
             if self.head is None:
                 return
@@ -578,8 +696,10 @@ class _Job:
                 x.keep = False      # the close ends the body
         hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
         hdrs += app
-        hdrs += self.http._hsts(x, conf)
-        hdrs = self.http._custom_headers(conf, hdrs, error=status >= 400)
+        if conf.hsts is not None:
+            hdrs += self.http._hsts(x, conf)
+        if conf.headers:
+            hdrs = self.http._custom_headers(conf, hdrs, error=status >= 400)
         if not have_date:
             hdrs.append(("Date", http_date()))
         self.out += self.http.build_head(status, x.version, hdrs)
@@ -600,7 +720,6 @@ async def serve(x, conf: ServerConfig) -> bool:
     Raises HttpError for a failure before the response head went out (the
     caller sends the error page); afterwards failures close the connection.
     """
-    from httpd import server_http   # the caller's module: head building, logs
     job = _Job(x, conf, server_http)
     status = 0
     try:
