@@ -321,6 +321,21 @@ class CgiHeaderParser:
         return head, bytes(self._buf[m.end():])
 
 
+def split_head(data: bytes) -> tuple[CgiHead, bytes] | None:
+    """CgiHeaderParser's answer for STDOUT content given whole: (CgiHead,
+    body) when it holds the blank line, else None (nothing consumed)."""
+    if data[:1] == b"\n":                          # no headers at all
+        return _parse_head(b""), data[1:]
+    if data[:2] == b"\r\n":
+        return _parse_head(b""), data[2:]
+    m = _BLANK.search(data)
+    if m is None:
+        return None
+    if m.end() > CGI_HEADER_MAX:
+        raise FcgiError("CGI header block too large")
+    return _parse_head(data[:m.start()]), data[m.end():]
+
+
 def _parse_head(block: bytes) -> CgiHead:
     status: int | None = None
     reason: str | None = None

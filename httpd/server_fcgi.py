@@ -162,8 +162,10 @@ _HTTPS = fcgi.pair(b"HTTPS", b"on")
 # Pairs with short values (< 128 bytes: one length byte each), in one format.
 _ENV_HEAD = b"\x09%cPATH_INFO%s\x0b%cSCRIPT_NAME%s\x0f%cSCRIPT_FILENAME%s\x0c%cQUERY_STRING%s"
 _ENV_URI = b"\x0c%cDOCUMENT_URI%s"
-_ENV_TAIL = (b"\x0b%cREMOTE_ADDR%s\x0b%cREMOTE_PORT%s\x0e%cREQUEST_METHOD%s\x0b%cREQUEST_URI%s"
-             b"\x0b%cSERVER_ADDR%s\x0b%cSERVER_PORT%s\x0b%cSERVER_NAME%s\x0f%cSERVER_PROTOCOL%s")
+# (peer, method) and (local, server name, protocol) -> their encoded pairs.
+_REMOTE: dict[tuple, bytes] = {}
+_LOCAL: dict[tuple, bytes] = {}
+_PAIRS_MAX = 4096
 # id(conf) -> (conf, what env_pairs() needs of it, encoded where constant).
 # Configs are frozen and live as long as their generation; the entry keeps
 # its conf alive, so an id is never reused while its entry is here.
@@ -241,25 +243,37 @@ def env_pairs(x, conf: ServerConfig) -> list[bytes]:
         except route.RouteError:            # unknown macro or capture: as written
             pass
         env.append(pair(name, _utf8(value)))
-    peer = t.peer
-    local = t.local
-    ra = peer[0].encode()
-    rp = b"%d" % peer[1]
-    rm = req.method.encode("latin-1")
-    ru = _raw(_request_uri(x))
-    sa = local[0].encode()
-    sp = b"%d" % local[1]
-    sn = x.srv.name.encode(enc, esc)
-    pr = x.version.encode("latin-1")
-    if len(ru) < 128 and len(sn) < 128 and len(rm) < 128:
-        env.append(_ENV_TAIL % (len(ra), ra, len(rp), rp, len(rm), rm, len(ru), ru,
-                                len(sa), sa, len(sp), sp, len(sn), sn, len(pr), pr))
-    else:
-        env += (pair(b"REMOTE_ADDR", ra), pair(b"REMOTE_PORT", rp), pair(b"REQUEST_METHOD", rm),
-                pair(b"REQUEST_URI", ru), pair(b"SERVER_ADDR", sa), pair(b"SERVER_PORT", sp),
-                pair(b"SERVER_NAME", sn), pair(b"SERVER_PROTOCOL", pr))
-    env.append(_SOFTWARE)
+    # The pairs of the connection's addresses, the server and protocol
+    # change rarely (not at all on a keep-alive connection): encoded once.
+    key = (t.peer, req.method)
+    remote = _REMOTE.get(key)
+    if remote is None:
+        remote = _remote_pairs(*key)
+    key = (t.local, x.srv.name, x.version)
+    local = _LOCAL.get(key)
+    if local is None:
+        local = _local_pairs(*key)
+    env += (remote, pair(b"REQUEST_URI", _raw(_request_uri(x))), local)
     return env
+
+
+def _remote_pairs(peer: tuple, method: str) -> bytes:
+    if len(_REMOTE) >= _PAIRS_MAX:
+        _REMOTE.clear()
+    pairs = _REMOTE[peer, method] = (
+        fcgi.pair(b"REMOTE_ADDR", peer[0].encode()) + fcgi.pair(b"REMOTE_PORT", b"%d" % peer[1])
+        + fcgi.pair(b"REQUEST_METHOD", method.encode("latin-1")))
+    return pairs
+
+
+def _local_pairs(local: tuple, name: str, version: str) -> bytes:
+    if len(_LOCAL) >= _PAIRS_MAX:
+        _LOCAL.clear()
+    pairs = _LOCAL[local, name, version] = (
+        fcgi.pair(b"SERVER_ADDR", local[0].encode()) + fcgi.pair(b"SERVER_PORT", b"%d" % local[1])
+        + fcgi.pair(b"SERVER_NAME", _utf8(name))
+        + fcgi.pair(b"SERVER_PROTOCOL", version.encode("latin-1")) + _SOFTWARE)
+    return pairs
 
 
 def cgi_env(x, conf: ServerConfig) -> list[tuple[bytes, bytes]]:
@@ -552,10 +566,17 @@ class _Job:
         if pos != end:
             return False
         if stdout:
-            self._stdout(stdout[0] if len(stdout) == 1 else b"".join(stdout))
+            content = stdout[0] if len(stdout) == 1 else b"".join(stdout)
+            whole = fcgi.split_head(content)
+            if whole is not None:
+                self.head, content = whole
+            self._stdout(content)
         self._end_request(data[end + 8:])
         # As in _relay: php-fpm takes its next request after our close.
-        _close(self.sock)
+        # No task waits on the socket now (no body, no pump) and trio keeps
+        # no state of a finished wait, so there is nothing to notify; the
+        # kernel drops the fd from the epoll set with the close.
+        self.sock.close()
         self.sock = None
         await self._flush(final=True)
         return True

@@ -618,3 +618,25 @@ def test_flup_interop(flup_socket: str) -> None:
     env = json.loads(first)["environ"]
     for name, value in params:
         assert env[name] == value
+
+
+@pytest.mark.parametrize("content", [
+    b"Content-Type: text/plain\r\n\r\nbody", b"\r\nbody", b"\nbody", b"X: 1\nY: 2\n\nbb",
+    b"X: 1\r\n\nb", b"Status: 404 Nope\r\nX: y\r\n\r\n", b"\r\n", b"\n", b"X: 1",
+    b"no colon\r\n\r\n", b"X: a\x01b\r\n\r\n", b"X: " + b"y" * 70000 + b"\r\n\r\n",
+])
+def test_split_head_answers_as_the_parser(content: bytes) -> None:
+    """split_head() (whole STDOUT at once) agrees with CgiHeaderParser.feed."""
+    def parser():
+        try:
+            return CgiHeaderParser().feed(content)
+        except FcgiError as e:
+            return str(e)
+
+    def whole():
+        try:
+            return fcgi.split_head(content) or (None, b"")
+        except FcgiError as e:
+            return str(e)
+
+    assert whole() == parser()
