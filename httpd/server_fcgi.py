@@ -404,7 +404,17 @@ class _Job:
     # -- I/O ---------------------------------------------------------------------------
     async def _send_backend(self, data: bytes) -> None:
         sock = self.sock
-        view = memoryview(data)
+        try:
+            # A small request fits the socket buffer: one send, no view.
+            n = sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            raise BackendError(502, f"write failed: {_why(e)}") from None
+        if n == len(data):
+            self._progress()
+            return
+        view = memoryview(data)[n:]
         try:
             while view:
                 try:

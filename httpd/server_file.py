@@ -5,8 +5,9 @@ the response: a file (200, 206 with byte ranges, 304), a directory redirect
 (301), an index file (handed back to the caller for re-routing) or a
 generated auto index page.  Sans-I/O towards the client: this module opens,
 stats and reads files but never touches a socket; server_http sends what
-serve() returns.  Errors are raised as HttpError(status).  Never parses HTTP,
-never talks FastCGI.
+serve() returns.  Small files stay in memory between requests, checked by
+a stat() on each (see "small-file cache").  Errors are raised as
+HttpError(status).  Never parses HTTP, never talks FastCGI.
 """
 
 from __future__ import annotations
@@ -238,8 +239,24 @@ def _root_strip(path: str, n: int) -> str:
 def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
             path: str, method: str, headers: dict[str, str], alias: bool
             ) -> FileResponse | Redirect | InternalRedirect:
+    full = prefix + fs
+    cached = _files.get(full)
+    if cached is not None and not conf.gzip_static and \
+            (method != "GET" or "range" not in headers):
+        # A small file read before: one stat() instead of open, fstat,
+        # fcntl, read and close, if it is still the same file unchanged.
+        try:
+            st = os.stat(full)
+            key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            key = None
+        if key == cached[0]:
+            return _request(-1, st.st_size, st.st_mtime_ns // 10**9,
+                            media_type(gconf, conf, fs), method, headers, None,
+                            path, cached[1])
+        _uncache(full)
     try:
-        fd = os.open(prefix + fs, _OPEN_FLAGS)
+        fd = os.open(full, _OPEN_FLAGS)
     except OSError as e:
         raise HttpError(status_for(e), path) from None
     try:
@@ -271,10 +288,50 @@ def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
                 extra.append(("Content-Encoding", "gzip"))
         resp = _request(fd, size, mtime_ns // 10**9, media, method, headers,
                         extra, path)
+        if size <= SMALL_FILE and method == "GET" and resp.status == 200 and \
+                not conf.gzip_static and resp.length == size and \
+                st.st_ctime_ns < time.time_ns() - RACY_NS:
+            # (the whole file was read: segments are [bytes], or [] if empty)
+            _cache(full, st, resp.segments[0] if resp.segments else b"")
         return _finish(resp, fd)
     except BaseException:
         os.close(fd)
         raise
+
+
+# -- small-file cache --------------------------------------------------------
+#
+# Full path -> (stat key, bytes) of small files served before, as nginx's
+# open_file_cache but checked by a stat() on every request (OpenBSD re-opens
+# each time; a changed file must be served fresh).  The key holds inode,
+# device, size, mtime and ctime: every write, chmod, rename or replacement
+# changes ctime or the inode.  A file is cached only once its ctime is
+# RACY_NS old (git's "racily clean" rule): file times come from a coarse
+# clock, and a change within the same tick as the read could otherwise keep
+# the old key.  Bounded by FILE_CACHE_BYTES (paths come from clients).
+FILE_CACHE_BYTES = 8 << 20
+RACY_NS = 2 * 10**9
+_files: dict[str, tuple[tuple, bytes]] = {}
+_files_bytes = 0
+_ENTRY_COST = 256          # about what an entry costs beyond its bytes
+
+
+def _cache(full: str, st: os.stat_result, data: bytes) -> None:
+    global _files_bytes
+    cost = len(data) + len(full) + _ENTRY_COST
+    if _files_bytes + cost > FILE_CACHE_BYTES:
+        _files.clear()
+        _files_bytes = 0
+    _uncache(full)
+    _files[full] = ((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns), data)
+    _files_bytes += cost
+
+
+def _uncache(full: str) -> None:
+    global _files_bytes
+    old = _files.pop(full, None)
+    if old is not None:
+        _files_bytes -= len(old[1]) + len(full) + _ENTRY_COST
 
 
 def _finish(resp: FileResponse, fd: int) -> FileResponse:
@@ -311,8 +368,9 @@ def _gzip_static(fs: str, mtime_ns: int, path: str) -> tuple[int, int] | None:
 # -- server_file_request / server_partial_file_request ---------------------
 
 def _request(fd: int, size: int, mtime: int, media: str, method: str,
-             headers: dict[str, str], extra: list[tuple[str, str]],
-             path: str) -> FileResponse:
+             headers: dict[str, str], extra: list[tuple[str, str]] | None,
+             path: str, data: bytes | None = None) -> FileResponse:
+    # data: the file's bytes when the caller has them (the small-file cache).
     if method not in ("GET", "HEAD"):
         raise HttpError(405, path)
     now = int(time.time())
@@ -328,7 +386,8 @@ def _request(fd: int, size: int, mtime: int, media: str, method: str,
     if method == "HEAD":
         return FileResponse(200, hdrs, size)
     if size <= SMALL_FILE:
-        data = _read(fd, size, path)
+        if data is None:
+            data = _read(fd, size, path)
         return FileResponse(200, hdrs, len(data), [data] if data else [])
     return FileResponse(200, hdrs, size, [(0, size)])
 

@@ -672,3 +672,61 @@ def test_gzip_only_file_is_not_found(root):
     put(root / "only.js.gz", b"gz")
     c = conf(root, gzip_static=True)
     assert status(c, "/only.js", headers={"accept-encoding": "gzip"}) == 404
+
+
+# -- small-file cache ----------------------------------------------------------
+
+@pytest.fixture
+def cache_now(monkeypatch):
+    """Cache files at once (no 2 s "racily clean" wait), from an empty cache."""
+    monkeypatch.setattr(sf, "RACY_NS", -10**12)
+    monkeypatch.setattr(sf, "_files", {})
+    monkeypatch.setattr(sf, "_files_bytes", 0)
+
+
+def test_cache_serves_a_changed_file_fresh(root, cache_now):
+    f = put(root / "a.txt", b"one")
+    assert serve(conf(root), "/a.txt").body == b"one"
+    assert str(f) in sf._files                     # cached by the first GET
+    assert serve(conf(root), "/a.txt").body == b"one"
+    with open(f, "r+b") as fh:                      # same size, same mtime, in place
+        fh.write(b"two")
+    os.utime(f, (MTIME, MTIME))
+    assert serve(conf(root), "/a.txt").body == b"two"
+    (root / "new").write_bytes(b"three")            # renamed over it
+    os.rename(root / "new", f)
+    assert serve(conf(root), "/a.txt").body == b"three"
+    f.unlink()
+    assert status(conf(root), "/a.txt") == 404
+    f.mkdir()
+    assert isinstance(serve(conf(root), "/a.txt"), Redirect)
+
+
+def test_cache_keeps_ranges_conditionals_and_methods(root, cache_now):
+    put(root / "a.txt", b"0123456789")
+    serve(conf(root), "/a.txt")
+    assert sf._files
+    r = serve(conf(root), "/a.txt", headers={"range": "bytes=2-4"})
+    assert (r.status, r.body) == (206, b"234")
+    r = serve(conf(root), "/a.txt", headers={"if-modified-since": formatdate(MTIME, usegmt=True)})
+    assert r.status == 304
+    r = serve(conf(root), "/a.txt", method="HEAD")
+    assert (r.status, r.body, r.length) == (200, b"", 10)
+    assert status(conf(root), "/a.txt", method="POST") == 405
+
+
+def test_cache_waits_for_racily_clean_files(root, monkeypatch):
+    monkeypatch.setattr(sf, "_files", {})
+    monkeypatch.setattr(sf, "_files_bytes", 0)
+    put(root / "a.txt", b"new")                     # ctime is now: not cached yet
+    assert serve(conf(root), "/a.txt").body == b"new"
+    assert not sf._files
+
+
+def test_cache_is_bounded(root, cache_now, monkeypatch):
+    monkeypatch.setattr(sf, "FILE_CACHE_BYTES", 3000)
+    for i in range(10):
+        put(root / f"{i}.txt", b"x" * 1000)
+        assert serve(conf(root), f"/{i}.txt").body == b"x" * 1000
+        assert sf._files_bytes <= 3000
+    assert 1 <= len(sf._files) <= 2
