@@ -126,10 +126,33 @@ def find_server(servers: list[ServerConfig], host: str | None,
     return None
 
 
+# (id(srv), path) -> (srv, answer) of find_location for servers whose
+# locations do not test the file system (`found`): the answer then depends
+# on the path alone.  Paths come from clients: bounded.
+_LOCATIONS: dict[tuple[int, str], tuple] = {}
+_LOCATIONS_MAX = 4096
+
+
 def find_location(srv: ServerConfig, path: str,
                   exists: Callable[[ServerConfig, str], bool]
                   ) -> tuple[ServerConfig, Location | None, list[str] | None]:
     """First matching location: (effective config, location, captures)."""
+    key = (id(srv), path)
+    hit = _LOCATIONS.get(key)
+    if hit is not None and hit[0] is srv:
+        return hit[1]
+    answer = _find_location(srv, path, exists)
+    if not any(loc.found is not None for loc in srv.locations):
+        if len(_LOCATIONS) >= _LOCATIONS_MAX:
+            _LOCATIONS.clear()
+        # The entry keeps srv alive, so its id is not reused meanwhile.
+        _LOCATIONS[key] = (srv, answer)
+    return answer
+
+
+def _find_location(srv: ServerConfig, path: str,
+                   exists: Callable[[ServerConfig, str], bool]
+                   ) -> tuple[ServerConfig, Location | None, list[str] | None]:
     for loc in srv.locations:
         caps = None
         if loc.lua:
