@@ -11,8 +11,15 @@ Data path.  OpenSSL reads and writes the connection's socket itself: the
 ssl module's C object (`SSLContext._wrap_socket`) is driven non-blocking
 on the accepted fd, and a task waits for readiness with
 trio.lowlevel.wait_readable/wait_writable only when OpenSSL asks.  One C call
-per receive and per send, no memory-BIO copies, no Python pump.  Measured
-on this (busy, shared) machine, server CPU per request, wrk -c50, 1 KiB:
+per receive and per send, no memory-BIO copies, no Python pump.  Contexts
+turn on OpenSSL's read-ahead: one read() per request instead of a record
+header and then its body (a connection with one request: 4-5 reads
+instead of 10-11).  As SocketTransport, a receive right after a send
+yields to the other tasks and then reads, waiting for the socket only if
+OpenSSL found nothing: under load the next request is there by then, so
+a keep-alive request costs a read(), a write() and no epoll_ctl().
+Measured on this (busy, shared) machine, server CPU per request, wrk
+-c50, 1 KiB:
 - bare servers, keep-alive: trio.SSLStream 39-41 µs, stdlib SSLObject +
   MemoryBIO pump 26-30, pyOpenSSL on the fd 24-30, this path 22-27; full
   ECDSA P-256 handshakes: SSLStream 650-750 µs, this path 485-525,
@@ -20,6 +27,10 @@ on this (busy, shared) machine, server CPU per request, wrk -c50, 1 KiB:
 - httpd itself, 3 interleaved rounds: keep-alive plain 61-67 µs, this
   path 73-88, SSLStream 90-130; handshakes: this path 620-894 µs,
   SSLStream 784-1019.
+- later, bench.py tls-ec-ka (httpd with its small-file cache, nginx at
+  16 µs): waiting for the socket after each response and reading
+  without read-ahead 46-54 µs per request, as now 34-35; tls-ec-close:
+  491 µs per handshake (nginx 338).
 pyOpenSSL is not used although its handshakes are a little cheaper: its
 bindings cannot set a groups list (its OpenSSL then offers X448 and P-521,
 which Mozilla's intermediate profile rejects), the TLS 1.3 ticket count or
@@ -50,7 +61,7 @@ from typing import Callable
 
 import trio
 
-from engine.conn import RECV_SIZE, Transport, _sockname
+from engine.conn import RECV_SIZE, Transport, _sockname, close_socket
 
 # libtls protocol names, oldest first.
 PROTOCOLS = ("tlsv1.0", "tlsv1.1", "tlsv1.2", "tlsv1.3")
@@ -129,6 +140,7 @@ class TlsOptions:
 # -- the libssl shim ----------------------------------------------------------
 
 # ssl.h / tls1.h / core.h values (the same in OpenSSL 1.1.1 and 3.x).
+SSL_CTRL_SET_READ_AHEAD = 41
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
 SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB_ARG = 64
@@ -530,6 +542,15 @@ def _verify_clients(ctx: ssl.SSLContext, opts: TlsOptions) -> None:
     ctx.verify_mode = ssl.CERT_OPTIONAL if opts.client_optional else ssl.CERT_REQUIRED
 
 
+def _read_ahead(ctx: ssl.SSLContext) -> None:
+    # OpenSSL then reads all the socket holds in one read(), not a record
+    # header and then its body: half the reads per request, a third of
+    # them per handshake.  TlsTransport never asks pending() (which does
+    # not count read-ahead bytes) whether to wait for the socket.
+    if _lib is not None:
+        _lib.SSL_CTX_ctrl(_ctx_ptr(ctx), SSL_CTRL_SET_READ_AHEAD, 1, None)
+
+
 def server_context(opts: TlsOptions, keypair: Keypair) -> ssl.SSLContext:
     """A server context for one keypair; raises TlsError.
 
@@ -543,6 +564,7 @@ def server_context(opts: TlsOptions, keypair: Keypair) -> ssl.SSLContext:
     _apply(ctx, opts, server=True)
     if keypair.ocsp:
         _set_staple(ctx, keypair.ocsp)
+    _read_ahead(ctx)
     return ctx
 
 
@@ -575,6 +597,7 @@ def client_context(opts: TlsOptions | None = None, ca: bytes | None = None,
         _apply(ctx, opts, server=False)
     if keypair is not None:
         _use_keypair(ctx, keypair)
+    _read_ahead(ctx)
     return ctx
 
 
@@ -651,10 +674,10 @@ class TlsTransport(Transport):
     """A TLS connection on a socket (engine.conn's Transport API).
 
     OpenSSL does the socket I/O itself; see the module docstring.  Like
-    SocketTransport: a receive is a scheduling point, a send that completes
-    at once is not; right after a send, a receive waits for the socket
-    first (the peer cannot have answered yet).  `sock` is a stdlib socket;
-    a trio socket is taken over (detached)."""
+    SocketTransport: a receive is a scheduling point (one only), a send
+    that completes at once is not; right after a send, a receive lets the
+    other tasks run before it reads.  `sock` is a stdlib socket; a trio
+    socket is taken over (detached)."""
 
     __slots__ = ("sock", "_o", "peer", "local", "bytes_in", "bytes_out",
                  "servername", "closed", "timed_out", "_sent", "_more")
@@ -667,9 +690,11 @@ class TlsTransport(Transport):
             # A trio socket: drive the stdlib socket inside it (closing
             # either closes both; no new socket object per connection).
             inner = getattr(sock, "_sock", None)
-            sock = inner if isinstance(inner, socket.socket) else \
-                socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-            sock.setblocking(False)
+            if isinstance(inner, socket.socket):
+                sock = inner         # trio made it non-blocking already
+            else:
+                sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+                sock.setblocking(False)
         self.sock = sock
         self.peer = _sockname(peer if peer is not None else sock.getpeername())
         self.local = _sockname(local if local is not None else sock.getsockname())
@@ -697,37 +722,43 @@ class TlsTransport(Transport):
                 await trio.lowlevel.wait_writable(sock)
 
     async def receive(self, n: int = RECV_SIZE) -> bytes:
+        # As SocketTransport: right after a send, let the other tasks run
+        # first (the peer needs that time to answer), then read; wait for
+        # the socket only when OpenSSL finds nothing.  Under load the
+        # answer is there by then, which saves an epoll registration and a
+        # task switch per request.
         o = self._o
         if self._sent:
             self._sent = False
-            if not o.pending():
-                await trio.lowlevel.wait_readable(self.sock)
-            waited = True
+            await trio.lowlevel.checkpoint()
+            yielded = True
         else:
-            waited = False
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
         try:
             data = o.read(n)
-        except ssl.SSLWantReadError:
-            data = await self._receive_wait(n)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
+            data = await self._receive_wait(n, e)
+            yielded = True
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             data = b""
-        else:
-            if not waited:
-                await trio.lowlevel.checkpoint()
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         self.bytes_in += len(data)
         return data
 
-    async def _receive_wait(self, n: int) -> bytes:
+    async def _receive_wait(self, n: int, e: Exception) -> bytes:
         o = self._o
         sock = self.sock
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            if isinstance(e, ssl.SSLWantWriteError):   # a key update to answer
+                await trio.lowlevel.wait_writable(sock)
+            else:
+                await trio.lowlevel.wait_readable(sock)
             try:
                 return o.read(n)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(sock)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as again:
+                e = again
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
@@ -794,15 +825,13 @@ class TlsTransport(Transport):
         self.closed = True
         self._close_notify()
         if self.sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
+            close_socket(self.sock)      # no epoll_ctl unless a task waits on it
 
     def abort(self) -> None:
         """Close at once, without close_notify (a failed handshake)."""
         self.closed = True
         if self.sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
+            close_socket(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
