@@ -12,6 +12,7 @@ Does not parse configs or bind sockets (that is the parent's job).
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -214,5 +215,9 @@ def child_main(fd: int) -> int:
             await sp.server.wait_stopped()
             nursery.cancel_scope.cancel()
 
+    # Everything loaded so far (modules, configuration) lives as long as
+    # the process: out of the collector's sight, a full collection no
+    # longer walks it (it cost ~3 % of the CPU of short connections).
+    gc.freeze()
     trio.run(main)
     return 0

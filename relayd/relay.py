@@ -34,6 +34,7 @@ does not speak HTTP (relay_http does).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import resource
 import socket
@@ -719,5 +720,9 @@ def child_main(fd: int) -> int:
                     pass
             nursery.cancel_scope.cancel()
 
+    # Everything loaded so far (modules, configuration) lives as long as
+    # the process: out of the collector's sight, a full collection no
+    # longer walks it (it cost ~3 % of the CPU of short connections).
+    gc.freeze()
     trio.run(main)
     return status[0]
