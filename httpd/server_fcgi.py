@@ -32,7 +32,7 @@ import socket
 
 import trio
 
-from engine.conn import CLOSED
+from engine.conn import CLOSED, close_socket
 from engine.http1 import REASONS, HttpError, http_date
 from engine.serve import Timer
 from httpd import fcgi, route, server_http
@@ -292,12 +292,6 @@ def backend_name(conf: ServerConfig) -> str:
     return fc.socket or ""
 
 
-def _close(sock: socket.socket) -> None:
-    # trio may have the fd registered with epoll: tell it before the fd goes.
-    trio.lowlevel.notify_closing(sock)
-    sock.close()
-
-
 async def connect(conf: ServerConfig, worker) -> socket.socket:
     """Open the backend connection (a non-blocking socket); raises BackendError."""
     fc = conf.fastcgi
@@ -324,11 +318,11 @@ async def connect(conf: ServerConfig, worker) -> socket.socket:
         if fam != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as e:
-        _close(sock)
+        close_socket(sock)
         raise BackendError(_CONNECT_STATUS.get(e.errno, 502),
                            f"connect failed: {_why(e)}") from None
     except BaseException:
-        _close(sock)
+        close_socket(sock)
         raise
     return sock
 
@@ -583,10 +577,7 @@ class _Job:
             self._stdout(content)
         self._end_request(data[end + 8:])
         # As in _relay: php-fpm takes its next request after our close.
-        # No task waits on the socket now (no body, no pump) and trio keeps
-        # no state of a finished wait, so there is nothing to notify; the
-        # kernel drops the fd from the epoll set with the close.
-        self.sock.close()
+        close_socket(self.sock)
         self.sock = None
         await self._flush(final=True)
         return True
@@ -618,7 +609,7 @@ class _Job:
             if ended and self.x.req.has_body is False:
                 # php-fpm's worker waits for our close before it takes the
                 # next request: let it go before talking to the client.
-                _close(self.sock)
+                close_socket(self.sock)
                 self.sock = None
             data = None
             await self._flush(final=ended)
@@ -759,7 +750,7 @@ async def serve(x, conf: ServerConfig) -> bool:
         finally:
             if job.sock is not None:
                 # Closing the connection is how the app learns of an abort.
-                _close(job.sock)
+                close_socket(job.sock)
     except BackendError as e:
         job.log_error(e.msg)
         status = e.status
