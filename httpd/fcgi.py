@@ -317,26 +317,38 @@ class CgiHeaderParser:
             return None, b""
         if m.end() - 1 > CGI_HEADER_MAX:
             raise FcgiError("CGI header block too large")
-        head = _parse_head(bytes(self._buf[1:m.start()]))
+        head = parse_head(bytes(self._buf[1:m.start()]))
         return head, bytes(self._buf[m.end():])
 
 
-def split_head(data: bytes) -> tuple[CgiHead, bytes] | None:
-    """CgiHeaderParser's answer for STDOUT content given whole: (CgiHead,
-    body) when it holds the blank line, else None (nothing consumed)."""
+def head_block(data: bytes) -> tuple[bytes, bytes] | None:
+    """STDOUT content given whole, cut at the blank line: (the header
+    block, the body), or None when it holds no blank line.  The block is
+    what parse_head() takes; raises FcgiError when it is too large."""
     if data[:1] == b"\n":                          # no headers at all
-        return _parse_head(b""), data[1:]
+        return b"", data[1:]
     if data[:2] == b"\r\n":
-        return _parse_head(b""), data[2:]
+        return b"", data[2:]
     m = _BLANK.search(data)
     if m is None:
         return None
     if m.end() > CGI_HEADER_MAX:
         raise FcgiError("CGI header block too large")
-    return _parse_head(data[:m.start()]), data[m.end():]
+    return data[:m.start()], data[m.end():]
 
 
-def _parse_head(block: bytes) -> CgiHead:
+def split_head(data: bytes) -> tuple[CgiHead, bytes] | None:
+    """CgiHeaderParser's answer for STDOUT content given whole: (CgiHead,
+    body) when it holds the blank line, else None (nothing consumed)."""
+    cut = head_block(data)
+    if cut is None:
+        return None
+    return parse_head(cut[0]), cut[1]
+
+
+def parse_head(block: bytes) -> CgiHead:
+    """The header block (lines ending in LF or CRLF, no blank line) as a
+    CgiHead; raises FcgiError for a line without ':', a bad name or value."""
     status: int | None = None
     reason: str | None = None
     location = False

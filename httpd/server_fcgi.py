@@ -26,13 +26,14 @@ side, and never parses a request (server_http does).
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
 
 import trio
 
-from engine.conn import CLOSED, close_socket
+from engine.conn import CLOSED, close_socket, wait_readable_new
 from engine.http1 import REASONS, HttpError, http_date
 from engine.serve import Timer
 from httpd import fcgi, route, server_http
@@ -165,6 +166,9 @@ _ENV_URI = b"\x0c%cDOCUMENT_URI%s"
 # (peer, method) and (local, server name, protocol) -> their encoded pairs.
 _REMOTE: dict[tuple, bytes] = {}
 _LOCAL: dict[tuple, bytes] = {}
+# (path, query, target, id(conf)) -> (_conf_env entry, the script on the
+# file system, its pairs as in env_pairs(), REQUEST_URI's pair).
+_PATHS: dict[tuple, tuple] = {}
 _PAIRS_MAX = 4096
 # id(conf) -> (conf, what env_pairs() needs of it, encoded where constant).
 # Configs are frozen and live as long as their generation; the entry keeps
@@ -200,30 +204,25 @@ def _conf_env(conf: ServerConfig) -> tuple:
 def env_pairs(x, conf: ServerConfig) -> list[bytes]:
     """The variables OpenBSD httpd sends (features.md §1.9), in its order,
     each encoded as a FastCGI name-value pair."""
-    _, root, docroot, params, tls = _conf_env(conf)
+    entry = _conf_env(conf)
+    params, tls = entry[3], entry[4]
     pair = fcgi.pair
     req = x.req
     t = x.t
-    alias = x.path                        # canonical, index appended
-    stripped = root_strip(alias, conf.strip)
-    full = root + stripped
-    # No part of the root may show up in PATH_INFO.
-    scriptlen = max(path_info_len(full, _stat_ok(x.worker)), len(root))
-    script_name = alias[:scriptlen + (len(alias) - len(stripped)) - len(root)]
-    enc = "utf-8"
-    esc = "surrogateescape"
-    pi = full[scriptlen:].encode(enc, esc)
-    sn = script_name.encode(enc, esc)
-    sf = root_strip(full[:scriptlen], conf.fastcgi.strip).encode(enc, esc)
-    qs = _raw(x.query) if x.query else b""
-    du = alias.encode(enc, esc)
-    if len(pi) < 128 and len(sn) < 128 and len(sf) < 128 and len(du) < 128 and len(qs) < 128:
-        # All one-byte lengths (the common case): one format, not 5 pairs.
-        env = [_ENV_HEAD % (len(pi), pi, len(sn), sn, len(sf), sf, len(qs), qs),
-               docroot, _ENV_URI % (len(du), du), _GATEWAY]
-    else:
-        env = [pair(b"PATH_INFO", pi), pair(b"SCRIPT_NAME", sn), pair(b"SCRIPT_FILENAME", sf),
-               pair(b"QUERY_STRING", qs), docroot, pair(b"DOCUMENT_URI", du), _GATEWAY]
+    # The pairs made of the path, query and target: remembered for a
+    # script that exists as named (no PATH_INFO), which one stat() of it
+    # confirms, as path_info() would start with.
+    key = (x.path, x.query, req.target, id(conf))
+    known = _PATHS.get(key)
+    if known is not None and known[0] is entry:
+        try:
+            os.stat(known[1])
+            env = [known[2]]
+            uri = known[3]
+        except (OSError, ValueError):
+            known = None
+    if known is None:
+        env, uri = _path_pairs(x, conf, entry, key)
     if conf.auth is not None:
         env.append(pair(b"REMOTE_USER", _utf8(x.user or "")))
     names = _ENV_NAMES
@@ -253,8 +252,42 @@ def env_pairs(x, conf: ServerConfig) -> list[bytes]:
     local = _LOCAL.get(key)
     if local is None:
         local = _local_pairs(*key)
-    env += (remote, pair(b"REQUEST_URI", _raw(_request_uri(x))), local)
+    env += (remote, uri, local)
     return env
+
+
+def _path_pairs(x, conf: ServerConfig, entry: tuple, key: tuple) -> tuple[list[bytes], bytes]:
+    """env_pairs()'s pairs of the path: PATH_INFO to GATEWAY_INTERFACE as
+    a list, and REQUEST_URI.  Remembered in _PATHS when the script exists
+    as named."""
+    _, root, docroot, _, _ = entry
+    pair = fcgi.pair
+    alias = x.path                        # canonical, index appended
+    stripped = root_strip(alias, conf.strip)
+    full = root + stripped
+    # No part of the root may show up in PATH_INFO.
+    scriptlen = max(path_info_len(full, _stat_ok(x.worker)), len(root))
+    script_name = alias[:scriptlen + (len(alias) - len(stripped)) - len(root)]
+    enc = "utf-8"
+    esc = "surrogateescape"
+    pi = full[scriptlen:].encode(enc, esc)
+    sn = script_name.encode(enc, esc)
+    sf = root_strip(full[:scriptlen], conf.fastcgi.strip).encode(enc, esc)
+    qs = _raw(x.query) if x.query else b""
+    du = alias.encode(enc, esc)
+    if len(pi) < 128 and len(sn) < 128 and len(sf) < 128 and len(du) < 128 and len(qs) < 128:
+        # All one-byte lengths (the common case): one format, not 5 pairs.
+        env = [_ENV_HEAD % (len(pi), pi, len(sn), sn, len(sf), sf, len(qs), qs),
+               docroot, _ENV_URI % (len(du), du), _GATEWAY]
+    else:
+        env = [pair(b"PATH_INFO", pi), pair(b"SCRIPT_NAME", sn), pair(b"SCRIPT_FILENAME", sf),
+               pair(b"QUERY_STRING", qs), docroot, pair(b"DOCUMENT_URI", du), _GATEWAY]
+    uri = pair(b"REQUEST_URI", _raw(_request_uri(x)))
+    if not pi:
+        if len(_PATHS) >= _PAIRS_MAX:
+            _PATHS.clear()
+        _PATHS[key] = (entry, x.worker.fs(full), b"".join(env), uri)
+    return env, uri
 
 
 def _remote_pairs(peer: tuple, method: str) -> bytes:
@@ -302,7 +335,9 @@ async def connect(conf: ServerConfig, worker) -> socket.socket:
         fam = socket.AF_UNIX
         addr = worker.fs(fc.socket)
     try:
-        sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        # The C type: socket.socket's Python __init__ and close() would add
+        # about a microsecond to every request, for nothing used here.
+        sock = _socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as e:
         raise BackendError(502, f"socket: {_why(e)}") from None
     try:
@@ -428,7 +463,7 @@ class _Job:
             if first:
                 # The app cannot have answered yet: wait before reading
                 # rather than fail a read with EAGAIN first.
-                await trio.lowlevel.wait_readable(sock)
+                await wait_readable_new(sock)
             while True:
                 try:
                     data = sock.recv(RECV_SIZE)
@@ -571,10 +606,14 @@ class _Job:
             return False
         if stdout:
             content = stdout[0] if len(stdout) == 1 else b"".join(stdout)
-            whole = fcgi.split_head(content)
-            if whole is not None:
-                self.head, content = whole
-            self._stdout(content)
+            cut = fcgi.head_block(content)
+            if cut is None:
+                self._stdout(content)     # no blank line: fails in _end_request
+            else:
+                block, content = cut
+                self._start(bool(content), block)
+                if content and not self.no_body:
+                    self.body.append(content)
         self._end_request(data[end + 8:])
         # As in _relay: php-fpm takes its next request after our close.
         close_socket(self.sock)
@@ -629,7 +668,7 @@ class _Job:
 
     def _end_request(self, content: bytes) -> None:
         _, protocol_status = fcgi.decode_end_request(content)
-        if self.head is None:
+        if self.head is None and not self.head_queued:
             if protocol_status in (fcgi.OVERLOADED, fcgi.CANT_MPX_CONN):
                 raise BackendError(503, "application overloaded")
             if protocol_status != fcgi.REQUEST_COMPLETE:
@@ -669,15 +708,48 @@ class _Job:
             self.head_sent = self.head_queued
             await self._send_client(data)
 
-    def _start(self, body: bool) -> None:
-        """Queue the response head; `body`: some body bytes are at hand."""
+    def _start(self, body: bool, block: bytes | None = None) -> None:
+        """Queue the response head; `body`: some body bytes are at hand.
+
+        `block`: the CGI header block as received, when the response came
+        whole (self.head is not parsed yet).  The head made of it is
+        remembered: an application sends the same block to most requests
+        (php-fpm: X-Powered-By and Content-type), and parsing, checking and
+        building it again cost a tenth of a small request's CPU."""
+        x = self.x
+        conf = self.conf
+        if block is None:
+            made = self._make_head(body)
+        else:
+            key = (block, id(conf), x.version, x.keep, x.ctx.tls, self.no_body, body,
+                   x.worker.server_name)
+            made = _HEADS.get(key)
+            if made is None or made[0] is not conf:
+                self.head = fcgi.parse_head(block)
+                made = self._make_head(body)
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[key] = made
+        _, x.status, head, self.length, self.chunked, self.no_body, x.keep, dated = made
+        self.out += head
+        self.out += b"\r\n" if dated else _date_line()
+        self.head_queued = True
+
+    def _make_head(self, body: bool) -> tuple:
+        """What _start() queues for self.head, Date and the blank line left
+        out: (conf, status, head bytes, length, chunked, no_body, keep, the
+        app sent a Date).  Depends on the head, the conf, and x's version,
+        keep, TLS and method (the key of _HEADS), nothing else."""
         x = self.x
         conf = self.conf
         head = self.head
         status = head.status if head.status in REASONS else 200
-        x.status = status
+        keep = x.keep
         if x.version != "HTTP/1.1":
-            x.keep = False          # HTTP/1.0: no chunking, so no persistence
+            keep = False            # HTTP/1.0: no chunking, so no persistence
+        length: int | None = None
+        chunked = False
+        no_body = self.no_body
         app: list[tuple[str, str]] = []
         have_date = have_server = False
         for k, v in head.headers:
@@ -686,11 +758,11 @@ class _Job:
                 continue
             if low == "content-length":
                 n = v.strip()
-                if not n.isdigit() or (self.length is not None and int(n) != self.length):
+                if not n.isdigit() or (length is not None and int(n) != length):
                     raise BackendError(502, "malformed Content-Length header")
-                if self.length is not None:
+                if length is not None:
                     continue
-                self.length = int(n)
+                length = int(n)
             elif low == "date":
                 have_date = True
             elif low == "server":
@@ -699,33 +771,45 @@ class _Job:
         hdrs: list[tuple[str, str]] = []
         if conf.banner and not have_server:
             hdrs.append(("Server", x.worker.server_name))
-        bodiless = status in (204, 304)
-        if bodiless:
+        if status in (204, 304):
             # RFC 7230 3.3: no body and no framing headers for these.
-            self.no_body = True
-            if self.length is not None:
+            no_body = True
+            if length is not None:
                 app = [kv for kv in app if kv[0].lower() != "content-length"]
-                self.length = None
-        elif self.length is None:
+                length = None
+        elif length is None:
             if not body:
                 if x.req.method != "HEAD":
                     app.append(("Content-Length", "0"))
-                    self.length = 0
+                    length = 0
             elif x.version == "HTTP/1.1":
-                self.chunked = True
+                chunked = True
                 app.append(("Transfer-Encoding", "chunked"))
             else:
-                x.keep = False      # the close ends the body
-        hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
+                keep = False        # the close ends the body
+        hdrs.append(("Connection", "keep-alive" if keep else "close"))
         hdrs += app
         if conf.hsts is not None:
             hdrs += self.http._hsts(x, conf)
         if conf.headers:
             hdrs = self.http._custom_headers(conf, hdrs, error=status >= 400)
-        if not have_date:
-            hdrs.append(("Date", http_date()))
-        self.out += self.http.build_head(status, x.version, hdrs)
-        self.head_queued = True
+        # build_head() without its blank line: Date or "\r\n" follow.
+        head_bytes = self.http.build_head(status, x.version, hdrs)[:-2]
+        return conf, status, head_bytes, length, chunked, no_body, keep, have_date
+
+
+# (CGI header block, conf, ...) -> what _Job._make_head() made of it.
+_HEADS: dict[tuple, tuple] = {}
+_HEADS_MAX = 256
+_DATE = ["", b""]            # http_date() and its header line with the blank line
+
+
+def _date_line() -> bytes:
+    date = http_date()
+    if date is not _DATE[0]:
+        _DATE[0] = date
+        _DATE[1] = b"Date: %s\r\n\r\n" % date.encode("latin-1")
+    return _DATE[1]
 
 
 def _why(e: BaseException) -> str:

@@ -359,15 +359,17 @@ async def handle_request(x: Exchange) -> bool:
             raise HttpError(413, "request body too large")
         # A rewritten path is an alias: a directory there is a 500, as in
         # server_file_access() (no redirect, no index).
-        if conf.fastcgi is None and conf.auth is None and \
-                (conf.block is None or conf.block.action == "pass"):
-            # dispatch()'s static file case, without its coroutine.
+        if conf.auth is None and (conf.block is None or conf.block.action == "pass"):
+            # dispatch()'s file and FastCGI cases, without its coroutine.
             x.conf = conf
-            result = server_file.serve(conf, ctx.gconf, x.worker.prefix, x.path, x.query,
-                                       req.method, req.hmap, False, rewritten)
-            if type(result) is server_file.FileResponse:
-                return await send_file(x, result)
-            return await _file_result(x, conf, result, 0)
+            if conf.fastcgi is not None and x.worker.fcgi is not None:
+                return await x.worker.fcgi.serve(x, conf)
+            if conf.fastcgi is None:
+                result = server_file.serve(conf, ctx.gconf, x.worker.prefix, x.path, x.query,
+                                           req.method, req.hmap, False, rewritten)
+                if type(result) is server_file.FileResponse:
+                    return await send_file(x, result)
+                return await _file_result(x, conf, result, 0)
         return await dispatch(x, conf, False, 0, rewritten)
     except HttpError as e:
         await abort_http(x, e.status, e.msg, extra=e.headers)
