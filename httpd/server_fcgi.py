@@ -386,26 +386,27 @@ class _Job:
     body) tell whose silence it was.
     """
 
-    def __init__(self, x, conf: ServerConfig, server_http) -> None:
+    # Defaults for the state a request may never change: a class attribute
+    # is read until the first store, and __init__ runs on every request.
+    timer: Timer | None = None             # the job's own (a request with a body)
+    _progress = None                       # the timer's restart(), from run()
+    sock: socket.socket | None = None      # non-blocking, driven by hand
+    phase = "connect"                      # "connect" | "backend" | "client"
+    waiting_client = False                 # the STDIN pump waits for the client
+    head: fcgi.CgiHead | None = None
+    hparser: fcgi.CgiHeaderParser | None = None
+    head_queued = False                    # head built (in self.out)
+    head_sent = False                      # head written to the client
+    chunked = False
+    length: int | None = None              # the app's Content-Length, if any
+    failure: BaseException | None = None
+
+    def __init__(self, x, conf: ServerConfig) -> None:
         self.x = x
         self.conf = conf
-        self.http = server_http
-        self.timeout = conf.connection.timeout
-        self.timer: Timer | None = None
-        self._progress = None              # the timer's restart(), from run()
-        self.sock: socket.socket | None = None    # non-blocking, driven by hand
-        self.phase = "connect"             # "connect" | "backend" | "client"
-        self.waiting_client = False        # the STDIN pump waits for the client
-        self.head: fcgi.CgiHead | None = None
-        self.hparser: fcgi.CgiHeaderParser | None = None
-        self.head_queued = False           # head built (in self.out)
-        self.head_sent = False             # head written to the client
-        self.chunked = False
-        self.length: int | None = None     # the app's Content-Length, if any
         self.no_body = x.req.method == "HEAD"
         self.out = bytearray()             # bytes for the client, this round
         self.body: list[bytes] = []        # body bytes for the client, this round
-        self.failure: BaseException | None = None
 
     # -- logging ---------------------------------------------------------------
     def log_error(self, msg: str) -> None:
@@ -496,7 +497,7 @@ class _Job:
             # connection's scope stays cancelled, and the error page goes
             # out if it needs no wait (the connection closes after it).
             self._progress = timer.restart
-            timer.arm(self.timeout, FCGI)
+            timer.arm(self.conf.connection.timeout, FCGI)
             try:
                 await self._exchange()
             except trio.Cancelled:
@@ -510,7 +511,7 @@ class _Job:
         with trio.CancelScope() as scope:
             self.timer = timer = Timer(scope)
             self._progress = timer.restart
-            timer.arm(self.timeout)
+            timer.arm(self.conf.connection.timeout)
             try:
                 await self._exchange()
             finally:
@@ -790,11 +791,11 @@ class _Job:
         hdrs.append(("Connection", "keep-alive" if keep else "close"))
         hdrs += app
         if conf.hsts is not None:
-            hdrs += self.http._hsts(x, conf)
+            hdrs += server_http._hsts(x, conf)
         if conf.headers:
-            hdrs = self.http._custom_headers(conf, hdrs, error=status >= 400)
+            hdrs = server_http._custom_headers(conf, hdrs, error=status >= 400)
         # build_head() without its blank line: Date or "\r\n" follow.
-        head_bytes = self.http.build_head(status, x.version, hdrs)[:-2]
+        head_bytes = server_http.build_head(status, x.version, hdrs)[:-2]
         return conf, status, head_bytes, length, chunked, no_body, keep, have_date
 
 
@@ -826,7 +827,7 @@ async def serve(x, conf: ServerConfig) -> bool:
     Raises HttpError for a failure before the response head went out (the
     caller sends the error page); afterwards failures close the connection.
     """
-    job = _Job(x, conf, server_http)
+    job = _Job(x, conf)
     status = 0
     try:
         try:
