@@ -655,6 +655,50 @@ def test_head_has_no_body(site) -> None:
         assert r.body == b"exactly this\n"
 
 
+def test_same_app_head_under_every_request_shape(site) -> None:
+    """php-fpm sends the same CGI header block every time, whole in one
+    read: httpd remembers the head it made of it (server_fcgi._HEADS).
+    Each shape of request must still get its own framing and Connection."""
+    with Client(site.php) as c:
+        for _ in range(2):
+            r = c.request("GET", "/hello.php")
+            assert r.status == 200 and r.framing == "chunked" and r.body == b"Hello from PHP\n"
+            assert r.header("Connection") == "keep-alive" and r.header("Date")
+            r = c.request("HEAD", "/hello.php")
+            assert r.status == 200 and r.header("Transfer-Encoding") is None
+            assert r.header("Content-Type") and r.header("Connection") == "keep-alive"
+            r = c.request("GET", "/status.php")
+            assert r.status == 404 and r.body == b"php not found\n"
+            assert r.header("Content-Type").startswith("text/plain")
+        r = c.request("GET", "/hello.php", headers={"Connection": "close"})
+        assert r.framing == "chunked" and r.header("Connection") == "close"
+        assert r.body == b"Hello from PHP\n"
+    for _ in range(2):
+        r = get(site.php, "/hello.php", version="1.0")
+        assert r.version == "HTTP/1.0" and r.framing == "close"
+        assert r.header("Connection") == "close" and r.body == b"Hello from PHP\n"
+    r = get(site.php, "/hello.php")
+    assert r.framing == "chunked" and r.header("Connection") == "keep-alive"
+
+
+def test_script_split_follows_the_file_system(site) -> None:
+    """The pairs of a script that exists as named are remembered, but each
+    request stats it again: once it is gone, the split walks back, and a
+    file that appears is found."""
+    script = site.T / "htdocs" / "dir" / "come-and-go"
+    split = lambda: (lambda e: (e["SCRIPT_NAME"], e["PATH_INFO"], e["SCRIPT_FILENAME"]))(
+        get(site.flup, "/dir/come-and-go").json()["env"])
+    assert split() == ("/dir", "/come-and-go", f"{site.T}/htdocs/dir")
+    script.write_text("")
+    try:
+        for _ in range(2):
+            assert split() == ("/dir/come-and-go", "", f"{site.T}/htdocs/dir/come-and-go")
+    finally:
+        script.unlink()
+    for _ in range(2):
+        assert split() == ("/dir", "/come-and-go", f"{site.T}/htdocs/dir")
+
+
 @pytest.mark.parametrize("backend", ["flup", "php", "fcgiwrap"])
 def test_status_404(site, backend: str) -> None:
     port, path, text = {"flup": (site.flup, "/notfound", b"no such thing\n"),
