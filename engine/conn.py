@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 
 import trio
+
+from engine.trio_private import watched
 
 # Exceptions meaning "the peer is gone" for any transport.
 CLOSED = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -42,37 +43,9 @@ def close_socket(sock: socket.socket) -> None:
     object, about 3 µs a connection.  The kernel drops a closed fd from the
     epoll set by itself.  The manager's table is trio's private state: when
     it cannot be read, notify_closing() is always called."""
-    try:
-        waited = sock.fileno() in trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager._registered
-    except (AttributeError, TypeError):
-        waited = True
-    if waited:
+    if watched(sock.fileno()):
         trio.lowlevel.notify_closing(sock)
     sock.close()
-
-
-async def wait_readable_new(sock) -> None:
-    """trio.lowlevel.wait_readable() for a socket just opened, which trio's
-    epoll manager has never watched.
-
-    trio registers an fd with EPOLL_CTL_MOD first and falls back to ADD
-    when that fails, which it always does for a new fd: a syscall and an
-    OSError, about 2 µs (a FastCGI request opens a socket every time).  So
-    the fd is ADDed here, and trio's table says so.  Anything unexpected in
-    trio's private state leaves it to trio: a registration trio does not
-    know of is one its MOD then finds.  Close the socket with close_socket()."""
-    try:
-        io = trio._core._run.GLOBAL_RUN_CONTEXT.runner.io_manager
-        fd = sock.fileno()
-        if fd not in io._registered:
-            io._epoll.register(fd, _EPOLLIN_ONESHOT)
-            io._registered[fd].current_flags = select.EPOLLIN
-    except (AttributeError, TypeError, OSError):
-        pass
-    await trio.lowlevel.wait_readable(sock)
-
-
-_EPOLLIN_ONESHOT = select.EPOLLIN | select.EPOLLONESHOT
 
 
 def _sockname(addr) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from engine.conn import CLOSED, SocketTransport, Transport, close_socket
+from engine.trio_private import fast_instruments
 from shared import log
 
 # accept() errors that mean "out of resources": pause and retry (trio's list).
@@ -85,6 +86,7 @@ class Server:
     async def run(self, listeners: list[Listener],
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); returns once the last connection is gone."""
+        fast_instruments()
         async with trio.open_nursery() as conns:
             self._conn_nursery = conns
             async with trio.open_nursery() as lst:

@@ -33,9 +33,10 @@ import socket
 
 import trio
 
-from engine.conn import CLOSED, close_socket, wait_readable_new
+from engine.conn import CLOSED, close_socket
 from engine.http1 import REASONS, HttpError, http_date
 from engine.serve import Timer
+from engine.trio_private import wait_readable_new
 from httpd import fcgi, route, server_http
 from httpd.config import ServerConfig
 from httpd.http import SERVER_SOFTWARE
