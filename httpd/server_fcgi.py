@@ -170,6 +170,7 @@ _LOCAL: dict[tuple, bytes] = {}
 # (path, query, target, id(conf)) -> (_conf_env entry, the script on the
 # file system, its pairs as in env_pairs(), REQUEST_URI's pair).
 _PATHS: dict[tuple, tuple] = {}
+_PATH_KEY_MAX = 512          # longer keys (say, long queries) are not kept
 _PAIRS_MAX = 4096
 # id(conf) -> (conf, what env_pairs() needs of it, encoded where constant).
 # Configs are frozen and live as long as their generation; the entry keeps
@@ -284,7 +285,7 @@ def _path_pairs(x, conf: ServerConfig, entry: tuple, key: tuple) -> tuple[list[b
         env = [pair(b"PATH_INFO", pi), pair(b"SCRIPT_NAME", sn), pair(b"SCRIPT_FILENAME", sf),
                pair(b"QUERY_STRING", qs), docroot, pair(b"DOCUMENT_URI", du), _GATEWAY]
     uri = pair(b"REQUEST_URI", _raw(_request_uri(x)))
-    if not pi:
+    if not pi and len(key[0]) + len(key[1] or "") + len(key[2]) <= _PATH_KEY_MAX:
         if len(_PATHS) >= _PAIRS_MAX:
             _PATHS.clear()
         _PATHS[key] = (entry, x.worker.fs(full), b"".join(env), uri)
@@ -720,7 +721,9 @@ class _Job:
         building it again cost a tenth of a small request's CPU."""
         x = self.x
         conf = self.conf
-        if block is None:
+        if block is None or len(block) > _HEAD_KEY_MAX:
+            if block is not None:
+                self.head = fcgi.parse_head(block)
             made = self._make_head(body)
         else:
             key = (block, id(conf), x.version, x.keep, x.ctx.tls, self.no_body, body,
@@ -803,6 +806,7 @@ class _Job:
 # (CGI header block, conf, ...) -> what _Job._make_head() made of it.
 _HEADS: dict[tuple, tuple] = {}
 _HEADS_MAX = 256
+_HEAD_KEY_MAX = 1024         # larger header blocks are parsed every time
 _DATE = ["", b""]            # http_date() and its header line with the blank line
 
 
