@@ -17,8 +17,13 @@ DEFAULT_BACKLOG = 512
 def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
              reuseport: bool = False, sndbuf: int | None = None,
              rcvbuf: int | None = None, ttl: int | None = None,
-             minttl: int | None = None, freebind: bool = False) -> socket.socket:
-    """A listening TCP socket on addr:port (raises OSError)."""
+             minttl: int | None = None, freebind: bool = False,
+             transparent: bool = False) -> socket.socket:
+    """A listening TCP socket on addr:port (raises OSError).
+
+    `transparent`: IP_TRANSPARENT, so that connections a TPROXY rule sends
+    here to other addresses are accepted (getsockname() then gives the
+    address the client asked for); needs CAP_NET_ADMIN."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -29,6 +34,8 @@ def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if freebind:
             sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15), 1)
+        if transparent:
+            set_transparent(sock)
         set_options(sock, sndbuf=sndbuf, rcvbuf=rcvbuf, ttl=ttl, minttl=minttl)
         sock.bind((addr, port))
         sock.listen(backlog)
@@ -37,6 +44,19 @@ def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
         sock.close()
         raise
     return sock
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT (IPV6_TRANSPARENT): bind or accept addresses that are
+    not local (TPROXY, `transparent` relays); raises OSError."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
 
 
 def set_options(sock: socket.socket, sndbuf: int | None = None,

@@ -47,7 +47,7 @@ import sys
 
 import trio
 
-from engine.listen import bind_tcp, set_options
+from engine.listen import bind_tcp, set_options, set_transparent
 from relayd import carp, check_script, control, hce, metrics, parse, privsep
 from relayd import relay_tls   # tls hook
 from relayd import relay_udp   # dns hook
@@ -89,19 +89,24 @@ def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
     try:
         for key, ctx in listen_sockets(conf).items():
             tcp = ctx.proto.tcp
+            # `forward to destination`: a TPROXY rule hands this socket
+            # connections to other addresses (OpenBSD: divert-to).
+            tproxy = any(f.kind == "destination" for f in ctx.relay.forwards)
             sock = old.get(key) or sd.take(key[0], key[1])
             if sock is not None:
                 out[key] = sock
                 try:
                     set_options(sock, sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
+                    if tproxy:
+                        set_transparent(sock)
                     sock.listen(tcp.backlog)
                 except OSError:
                     pass
                 continue
             out[key] = bind_tcp(key[0], key[1], backlog=tcp.backlog,
                                 sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
-                                ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
+                                ttl=tcp.ip_ttl, minttl=tcp.ip_minttl, transparent=tproxy)
         for key, (_, _, proto) in relay_udp.udp_listens(conf).items():   # dns hook
             out[key] = old.get(key) or relay_udp.bind_udp(key[1], key[2], proto)
     except OSError as e:

@@ -90,8 +90,6 @@ HOST_NAME_MAX = 255
 UNIMPL_ROUTE_TO = "redirect route to (direct server return)"
 UNIMPL_AGENTX = "agentx"
 UNIMPL_TRANSPARENT = "transparent forward"
-UNIMPL_DESTINATION = "forward to destination"
-UNIMPL_NATLOOK = "forward to nat lookup"
 UNIMPL_TLS_LISTEN = "listen ... tls"
 UNIMPL_TLS_FORWARD = "forward with tls"
 UNIMPL_TLS_KEYPAIR = "tls keypair"
@@ -915,11 +913,7 @@ class RelaydParser(Parser):
         if transparent:
             rl.transparent = True
             self._unimpl(t, UNIMPL_TRANSPARENT)
-        if fwd.kind == "destination":
-            self._unimpl(t, UNIMPL_DESTINATION)
-        elif fwd.kind == "natlook":
-            self._unimpl(t, UNIMPL_NATLOOK)
-        elif fwd.kind == "table":
+        if fwd.kind == "table":
             fwd.backup = any(f.kind == "table" for f in rl.forwards)
             self._instantiate(fwd)
         rl.forwards.append(fwd)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import os
 import resource
 import socket
@@ -217,13 +218,19 @@ class Session:
                       and f.table.table == forward_to]
             if chosen:
                 return chosen[:1]
-        return ([f for f in fwds if f.kind == "table"]
+        # The client's own destination first; an address or table forward
+        # next to it is the fallback when the lookup finds none.
+        return ([f for f in fwds if f.kind in ("natlook", "destination")]
+                + [f for f in fwds if f.kind == "table"]
                 + [f for f in fwds if f.kind == "address"])
 
     def _pick(self, fwd: ForwardConfig, hash_input: bytes) -> tuple[str, int, int] | None:
         """(addr, port, retry) for one forward; None when no host is up."""
         if fwd.kind == "address":
             return fwd.addr or "", fwd.port or 0, fwd.retry
+        if fwd.kind in ("natlook", "destination"):
+            dst = self._destination(fwd)
+            return None if dst is None else (dst[0], dst[1], fwd.retry)
         inst = fwd.table
         if inst is None or not inst.hosts:
             return None
@@ -239,6 +246,32 @@ class Session:
             log.debug(f"relay_from_table: session {self.id}: no active hosts")
             return None
         return host.addr, inst.port, host.retry
+
+    def _destination(self, fwd: ForwardConfig) -> tuple[str, int] | None:
+        """Where the client meant to go: `destination`, the local address
+        of a connection a TPROXY rule diverted here (OpenBSD: divert-to);
+        `nat lookup`, the original destination of one a REDIRECT or DNAT
+        rule rewrote (SO_ORIGINAL_DST; OpenBSD: DIOCNATLOOK).  None when
+        the connection came straight to the relay."""
+        sock = getattr(self.client, "sock", None)
+        try:
+            # The transport's `local` is the listener's: ask the socket.
+            local = sock.getsockname()[:2] if sock is not None else None
+        except OSError:
+            local = None
+        if fwd.kind == "destination":
+            dst = local
+            if dst == (self.listen.addr, self.listen.port):
+                dst = None          # not diverted: it came to the relay's own address
+        else:
+            dst = original_dst(sock) if sock is not None else None
+            if dst is not None and dst == local:
+                dst = None          # conntrack knows it, but nothing rewrote it
+        if dst is None:
+            log.debug(f"relay_{'natlook' if fwd.kind == 'natlook' else 'connect'}: "
+                      f"session {self.id}: no original destination")
+            return None
+        return map_family(dst[0], fwd), dst[1]
 
     async def connect(self, forward_to: str | None = None,
                       hash_input: bytes = b"") -> Transport:
@@ -357,6 +390,38 @@ class RelayCtx:
     listen: Listen
     proto: ProtocolConfig
     tls: object = None    # tls hook: a relay_tls.ListenTls in relay processes
+
+
+# getsockopt() name of the pre-NAT destination, for IPv4 (linux/netfilter_ipv4.h)
+# and IPv6 (IP6T_SO_ORIGINAL_DST): both 80.
+SO_ORIGINAL_DST = 80
+
+
+def original_dst(sock) -> tuple[str, int] | None:
+    """The destination of an accepted connection before a REDIRECT or DNAT
+    rule rewrote it (what conntrack remembers); None if it has none."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)   # sockaddr_in6
+            addr = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:
+            raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)     # sockaddr_in
+            addr = socket.inet_ntop(socket.AF_INET, raw[4:8])
+    except (OSError, ValueError):
+        return None
+    return addr, int.from_bytes(raw[2:4], "big")
+
+
+def map_family(addr: str, fwd: ForwardConfig) -> str:
+    """relayd.conf(5)'s `inet` (an IPv6 destination becomes the IPv4
+    address of its last 4 octets) and `inet6 PREFIX` (an IPv4 destination
+    becomes PREFIX with its last 4 octets set to it)."""
+    ip = ipaddress.ip_address(addr)
+    if fwd.inet and ip.version == 6:
+        return str(ipaddress.IPv4Address(ip.packed[-4:]))
+    if fwd.inet6 and ip.version == 4:
+        return str(ipaddress.IPv6Address(ipaddress.IPv6Address(fwd.inet6).packed[:12] + ip.packed))
+    return addr
 
 
 def listen_sockets(conf: RelaydConfig) -> dict[SockKey, RelayCtx]:

@@ -50,6 +50,23 @@ ROUTE = "10.231.200.0/24"
 STALE = "10.231.201.0/24"
 RTABLE = 42
 INTERVAL = 1          # relayd `interval`: state flips within ~2 s
+NATLOOK_PORT, TPROXY_PORT = 9101, 9102
+# What a firewall in front of a transparent relayd does, in relayd's namespace
+# (a table of the test's own): the client's connections to b1:8080 are
+# REDIRECTed to relay "natlook", those to b2:8080 go to relay "tproxy" by
+# TPROXY, with the policy route that delivers them locally.
+INTERCEPT = f"""
+table ip tdmtest {{
+    chain nat {{
+        type nat hook prerouting priority -100;
+        iifname "r0" ip daddr {B1} tcp dport 8080 counter redirect to :{NATLOOK_PORT}
+    }}
+    chain divert {{
+        type filter hook prerouting priority -150;
+        iifname "r0" ip daddr {B2} tcp dport 8080 counter tproxy to 10.231.1.1:{TPROXY_PORT} meta mark set 1 accept
+    }}
+}}
+"""
 
 SERVER = r'''
 import socket, sys, threading
@@ -100,6 +117,7 @@ for line in sys.stdin:
             if req.get("keep"):
                 keep[req["keep"]] = (s, f)
             else:
+                f.close()       # the file holds the socket open too
                 s.close()
             out = {"name": name}
         elif op == "echo":
@@ -108,6 +126,7 @@ for line in sys.stdin:
             out = {"data": f.readline().decode().strip()}
         elif op == "close":
             s, f = keep.pop(req["id"])
+            f.close()
             s.close()
             out = {}
         elif op == "udp":
@@ -287,6 +306,7 @@ CONF = f"""
 interval {INTERVAL}
 timeout 300
 log state changes
+log connection
 socket "{{sock}}"
 table <web> {{ {B1}, {B2} }}
 table <gw> {{ {B1}, {B2} }}
@@ -317,6 +337,15 @@ redirect "bak" {{
 \tforward to <web1> port 8080 check tcp
 \tforward to <web2> port 8080 check tcp
 }}
+relay "natlook" {{
+\tlisten on 10.231.1.1 port {NATLOOK_PORT}
+\tforward to nat lookup
+\tforward to {B2} port 8080
+}}
+relay "tproxy" {{
+\tlisten on 10.231.1.1 port {TPROXY_PORT}
+\tforward to destination
+}}
 router "uplink" {{
 \troute {ROUTE}
 \tforward to <gw> port 7000 check tcp
@@ -345,6 +374,10 @@ def net(tmp_path_factory):
         n.ns(n.r, "nft", "add table inet relayd; add chain inet relayd stale")
         n.ns(n.r, "ip", "route", "add", STALE, "via", B1, "table", str(RTABLE),
              "proto", "245")
+        (n.tmp / "intercept.nft").write_text(INTERCEPT)
+        n.ns(n.r, "nft", "-f", str(n.tmp / "intercept.nft"))
+        n.ns(n.r, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+        n.ns(n.r, "ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
         n.start_relayd(CONF.replace("{sock}", n.sock))
         wait_for(lambda: both_up(n), "both backends and gateways up", n, 20)
         yield n
@@ -407,6 +440,40 @@ def test_sticky_address(net):
         assert {net.conn(82, src=src) for _ in range(5)} == {first}
     elems = net.set_elems("rdr_3_sticky_1") + net.set_elems("rdr_3_sticky_2")
     assert sorted(elems) == [CLIENT1, CLIENT2], elems
+
+
+def _session_line(net: Net, relay: str, backend: str) -> str:
+    return wait_for(lambda: next((line for line in net.output().splitlines()
+                                  if line.startswith(f"relay {relay}, session ")
+                                  and f" -> {backend}:8080, " in line), None),
+                    f"relay {relay}'s session line", net)
+
+
+def test_nat_lookup_connects_to_the_original_destination(net):
+    """R46: a REDIRECTed connection to b1:8080 reaches b1 through relay
+    "natlook", which found b1 with SO_ORIGINAL_DST (its fallback is b2)."""
+    out = net.call(op="conn", addr=B1, port=8080, src=CLIENT1)
+    assert out.get("name") == "b1", out
+    line = _session_line(net, "natlook", B1)
+    assert f", {CLIENT1} -> {B1}:8080, " in line, line
+
+
+def test_nat_lookup_falls_back_without_nat(net):
+    """A connection straight to the relay has no original destination: the
+    relay's other forward (b2) takes it."""
+    out = net.call(op="conn", addr="10.231.1.1", port=NATLOOK_PORT, src=CLIENT2)
+    assert out.get("name") == "b2", out
+    line = _session_line(net, "natlook", B2)
+    assert f", {CLIENT2} -> {B2}:8080, " in line, line
+
+
+def test_forward_to_destination_with_tproxy(net):
+    """R45: a connection to b2:8080 diverted by TPROXY is accepted by relay
+    "tproxy" (IP_TRANSPARENT listener) and forwarded to where it was going."""
+    out = net.call(op="conn", addr=B2, port=8080, src=CLIENT1)
+    assert out.get("name") == "b2", (out, net.output()[-3000:])
+    line = _session_line(net, "tproxy", B2)
+    assert f", {CLIENT1} -> {B2}:8080, " in line, line
 
 
 def test_udp_redirect(net):

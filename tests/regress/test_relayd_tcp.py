@@ -741,9 +741,9 @@ def test_configtest_errors_with_file_and_line(tmp_path):
 
 
 def test_configtest_unimplemented_feature(tmp_path):
-    conf = tmp_path / "dest.conf"     # (TLS, the former example, is implemented now)
+    conf = tmp_path / "dest.conf"     # (TLS and `destination`, former examples, work now)
     conf.write_text('relay "x" {\n\tlisten on 127.0.0.1 port 443\n'
-                    '\tforward to destination\n}\n')
+                    '\ttransparent forward to 127.0.0.1 port 80\n}\n')
     r = run_cmd("relayd", "-n", "-f", str(conf))
     assert r.returncode == 1
     assert re.search(rf"^{re.escape(str(conf))}:3: .* is not implemented yet$", r.stderr,

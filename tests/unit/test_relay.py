@@ -250,3 +250,37 @@ def test_session_ids_and_active_count():
     assert [s.id for s in ss] == [1, 2, 3]
     st.active["web"] = 2
     assert ss[0].active == 2
+
+
+# -- `forward to destination` / `nat lookup` helpers ---------------------------------------
+
+def test_map_family_inet_and_inet6_prefix():
+    from types import SimpleNamespace
+    from relayd.relay import map_family
+    plain = SimpleNamespace(inet=False, inet6=None)
+    assert map_family("10.1.2.3", plain) == "10.1.2.3"
+    assert map_family("2001:db8::1", plain) == "2001:db8::1"
+    # inet: an IPv6 destination becomes the IPv4 address of its last 4 octets
+    assert map_family("64:ff9b::a01:203", SimpleNamespace(inet=True, inet6=None)) == "10.1.2.3"
+    assert map_family("10.1.2.3", SimpleNamespace(inet=True, inet6=None)) == "10.1.2.3"
+    # inet6 PREFIX: an IPv4 destination goes into the prefix's last 4 octets
+    six = SimpleNamespace(inet=False, inet6="64:ff9b::")
+    assert map_family("10.1.2.3", six) == "64:ff9b::a01:203"
+    assert map_family("2001:db8::1", six) == "2001:db8::1"
+
+
+def test_original_dst_of_a_connection_nothing_rewrote():
+    import socket
+    from relayd.relay import original_dst
+    lis = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(lis.getsockname())
+    s, _ = lis.accept()
+    try:
+        # No NAT: conntrack (if loaded) gives the real local address, else nothing.
+        assert original_dst(s) in (None, s.getsockname())
+        u = socket.socket(socket.AF_UNIX)
+        assert original_dst(u) is None
+        u.close()
+    finally:
+        for x in (s, c, lis):
+            x.close()
