@@ -89,7 +89,6 @@ HOST_NAME_MAX = 255
 # redirect's `route to` (direct server return) is not: nftables has no route-to.
 UNIMPL_ROUTE_TO = "redirect route to (direct server return)"
 UNIMPL_AGENTX = "agentx"
-UNIMPL_TRANSPARENT = "transparent forward"
 UNIMPL_TLS_LISTEN = "listen ... tls"
 UNIMPL_TLS_FORWARD = "forward with tls"
 UNIMPL_TLS_KEYPAIR = "tls keypair"
@@ -912,7 +911,6 @@ class RelaydParser(Parser):
         fwd.with_tls = with_tls     # tls hook: implemented (relay_tls)
         if transparent:
             rl.transparent = True
-            self._unimpl(t, UNIMPL_TRANSPARENT)
         if fwd.kind == "table":
             fwd.backup = any(f.kind == "table" for f in rl.forwards)
             self._instantiate(fwd)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import trio
 
 from engine.conn import CLOSED, SocketTransport, Transport
-from engine.listen import set_options
+from engine.listen import set_options, set_transparent
 from engine.serve import Listener, Server
 from engine.splice import relay as splice_relay
 from relayd import balance
@@ -317,6 +317,8 @@ class Session:
             try:
                 set_options(sock, sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,
                             ttl=tcp.ip_ttl, minttl=tcp.ip_minttl, nodelay=tcp.nodelay)
+                if self.relay.transparent:
+                    await self._bind_client_addr(sock)
                 with trio.fail_after(timeout):
                     await sock.connect((addr, port))
             except trio.TooSlowError:
@@ -346,6 +348,18 @@ class Session:
                     raise BackendError(502, "TLS handshake error") from None
             return SocketTransport(sock, peer=(addr, port))
         raise BackendError(502, "session failed")   # not reached
+
+    async def _bind_client_addr(self, sock) -> None:
+        """`transparent forward`: connect from the client's address, so the
+        backend sees it (IP_TRANSPARENT; the backend's answers must be
+        routed back to this host, see the README)."""
+        try:
+            set_transparent(sock)
+            await sock.bind((self.client.peer[0], 0))
+        except OSError as e:
+            log.warn(f"relay_connect: session {self.id}: transparent bind to "
+                     f"{self.client.peer[0]}: {os.strerror(e.errno) if e.errno else e}")
+            raise BackendError(502, "session failed") from None
 
     def _default_backend(self) -> tuple[str, int]:
         for f in self.relay.forwards:
@@ -722,7 +736,12 @@ def child_main(fd: int) -> int:
     preload()
     socket_rlimit()
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
-    proc.drop_privileges(cfg.get("chroot"), user)
+    # `transparent forward` binds the client's address (IP_TRANSPARENT):
+    # CAP_NET_RAW is the one capability that takes (OpenBSD: SO_BINDANY
+    # sockets made by the parent).
+    transparent = any(rl.transparent for rl in conf.relays)
+    proc.drop_privileges(cfg.get("chroot"), user,
+                         keep_caps=(proc.CAP_NET_RAW,) if transparent else ())
     status = [0]
 
     async def main() -> None:

@@ -50,11 +50,13 @@ ROUTE = "10.231.200.0/24"
 STALE = "10.231.201.0/24"
 RTABLE = 42
 INTERVAL = 1          # relayd `interval`: state flips within ~2 s
-NATLOOK_PORT, TPROXY_PORT = 9101, 9102
+NATLOOK_PORT, TPROXY_PORT, TRANSP_PORT, PLAIN_PORT = 9101, 9102, 9103, 9104
 # What a firewall in front of a transparent relayd does, in relayd's namespace
 # (a table of the test's own): the client's connections to b1:8080 are
 # REDIRECTed to relay "natlook", those to b2:8080 go to relay "tproxy" by
-# TPROXY, with the policy route that delivers them locally.
+# TPROXY, and what belongs to a transparent socket (relay "transp"'s
+# connections from the client's address) is marked; mark 1 has a policy
+# route that delivers it locally.
 INTERCEPT = f"""
 table ip tdmtest {{
     chain nat {{
@@ -63,6 +65,7 @@ table ip tdmtest {{
     }}
     chain divert {{
         type filter hook prerouting priority -150;
+        meta l4proto tcp socket transparent 1 meta mark set 1 accept
         iifname "r0" ip daddr {B2} tcp dport 8080 counter tproxy to 10.231.1.1:{TPROXY_PORT} meta mark set 1 accept
     }}
 }}
@@ -71,15 +74,15 @@ table ip tdmtest {{
 SERVER = r'''
 import socket, sys, threading
 name = sys.argv[1]
-def tcp(port):
+def tcp(port, peer=False):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(64)
     while True:
-        c, _ = s.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-def serve(c):
+        c, a = s.accept()
+        threading.Thread(target=serve, args=(c, a[0] if peer else name), daemon=True).start()
+def serve(c, hello):
     try:
-        c.sendall(name.encode() + b"\n")
+        c.sendall(hello.encode() + b"\n")
         while True:
             d = c.recv(4096)
             if not d:
@@ -95,8 +98,9 @@ def udp(port):
         d, a = s.recvfrom(4096)
         s.sendto(name.encode() + b" " + d, a)
 for spec in sys.argv[2:]:
-    kind, port = spec.split(":")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(port),),
+    kind, port = spec.split(":")       # tcp, udp, or peer: tcp that says who called
+    threading.Thread(target=udp if kind == "udp" else tcp,
+                     args=(int(port),) + ((True,) if kind == "peer" else ()),
                      daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
@@ -202,7 +206,8 @@ class Net:
         """web1/web2: tcp 8080 + tcp/udp 5353 named b1/b2; gw1/gw2: tcp 7000."""
         ns = self.b1 if name.endswith("1") else self.b2
         label = "b1" if name.endswith("1") else "b2"
-        specs = ["tcp:8080", "tcp:5353", "udp:5353"] if name.startswith("web") else ["tcp:7000"]
+        specs = (["tcp:8080", "tcp:5353", "udp:5353", "peer:8081"] if name.startswith("web")
+                 else ["tcp:7000"])
         p = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-u", str(self.tmp / "server.py"),
                               label, *specs], stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "ready"
@@ -342,6 +347,14 @@ relay "natlook" {{
 \tforward to nat lookup
 \tforward to {B2} port 8080
 }}
+relay "transp" {{
+\tlisten on 10.231.1.1 port {TRANSP_PORT}
+\ttransparent forward to {B1} port 8081
+}}
+relay "plain" {{
+\tlisten on 10.231.1.1 port {PLAIN_PORT}
+\tforward to {B1} port 8081
+}}
 relay "tproxy" {{
 \tlisten on 10.231.1.1 port {TPROXY_PORT}
 \tforward to destination
@@ -474,6 +487,18 @@ def test_forward_to_destination_with_tproxy(net):
     assert out.get("name") == "b2", (out, net.output()[-3000:])
     line = _session_line(net, "tproxy", B2)
     assert f", {CLIENT1} -> {B2}:8080, " in line, line
+
+
+def test_transparent_forward_connects_from_the_client_address(net):
+    """R44: the backend sees the client's address, not the relay's."""
+    assert net.call(op="conn", addr="10.231.1.1", port=PLAIN_PORT, src=CLIENT1) == \
+        {"name": "10.231.2.1"}                       # a plain relay: its own address
+    out = net.call(op="conn", addr="10.231.1.1", port=TRANSP_PORT, src=CLIENT2)
+    assert out == {"name": CLIENT2}, (out, net.output()[-3000:])
+    line = wait_for(lambda: next((ln for ln in net.output().splitlines()
+                                  if ln.startswith("relay transp, session ")), None),
+                    "relay transp's session line", net)
+    assert f", {CLIENT2} -> {B1}:8081, done" in line, line
 
 
 def test_udp_redirect(net):
