@@ -743,7 +743,7 @@ def test_configtest_errors_with_file_and_line(tmp_path):
 def test_configtest_unimplemented_feature(tmp_path):
     conf = tmp_path / "dsr.conf"     # (TLS, `destination`, `transparent`: they work now)
     conf.write_text('table <t> { 127.0.0.1 }\nredirect "x" {\n\tlisten on 127.0.0.1 port 80\n'
-                    '\troute to <t> port 8080 check tcp\n}\n')
+                    '\troute to <t> port 8080 check tcp interface lo\n}\n')
     r = run_cmd("relayd", "-n", "-f", str(conf))
     assert r.returncode == 1
     assert re.search(rf"^{re.escape(str(conf))}:4: .* is not implemented yet$", r.stderr,
