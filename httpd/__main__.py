@@ -61,18 +61,9 @@ def _child(args) -> int:
     from shared import proc
     # A terminal's Ctrl-C reaches the whole process group: the parent
     # decides how its children stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    log.init(debug=args.d, verbose=args.v, ident="httpd")
-    log.procinit(args.P)
-    proc.set_title(f"httpd: {args.P}")
-    if args.P == "server":
-        from httpd import server
-        return server.child_main(args.S)
-    if args.P == "logger":
-        from httpd import logger
-        return logger.logger_main(args.S)
-    sys.stderr.write(f"httpd: unknown process {args.P}\n")
-    return 1
+    return proc.child_entry("httpd", args, {"server": "httpd.server:child_main",
+                                            "logger": "httpd.logger:logger_main"},
+                            ignore=(signal.SIGINT,))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Does not parse configs or bind sockets (that is the parent's job).
 from __future__ import annotations
 
 import gc
-import os
 import socket
 
 import trio

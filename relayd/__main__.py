@@ -67,22 +67,10 @@ def _child(args) -> int:
     from shared import proc
     # A terminal's Ctrl-C or hangup reaches the whole process group: the
     # parent decides how its children stop and reload.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    log.init(debug=args.d, verbose=args.v, ident="relayd")
-    log.procinit(args.P)
-    proc.set_title(f"relayd: {args.P}")
-    if args.P == "relay":
-        from relayd import relay
-        return relay.child_main(args.S)
-    if args.P == "hce":
-        from relayd import hce
-        return hce.child_main(args.S)
-    if args.P == "pfe":
-        from relayd import privsep
-        return privsep.pfe_main(args.S)
-    sys.stderr.write(f"relayd: unknown process {args.P}\n")
-    return 1
+    return proc.child_entry("relayd", args, {"relay": "relayd.relay:child_main",
+                                             "hce": "relayd.hce:child_main",
+                                             "pfe": "relayd.privsep:pfe_main"},
+                            ignore=(signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
 
 
 if __name__ == "__main__":

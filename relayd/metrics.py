@@ -27,6 +27,8 @@ have exited counted), so they never go backwards across a reload.
 
 from __future__ import annotations
 
+import socket
+
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client import generate_latest
@@ -224,7 +226,7 @@ async def handle(t: Transport, metrics: Metrics) -> None:
             return
 
 
-def bind(mconf, old: dict | None = None) -> dict[tuple[str, int], "socket.socket"]:
+def bind(mconf, old: dict | None = None) -> dict[tuple[str, int], socket.socket]:
     """A listening socket per address of MetricsConfig `mconf` (None: no
     exporter), reusing `old` ones and sockets systemd passed; binding
     errors are logged and leave that address out."""

@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 
 import trio
 
@@ -665,10 +664,4 @@ class Parent:
 
 def run(conf: RelaydConfig, path: str, macros: dict[str, str], verbose: int,
         debug: bool = True) -> int:
-    parent = Parent(conf, path, macros, verbose, debug)
-    try:
-        return trio.run(parent.run)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        sys.stderr.flush()
+    return proc.run_parent(Parent(conf, path, macros, verbose, debug))

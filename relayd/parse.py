@@ -999,7 +999,6 @@ class RelaydParser(Parser):
             raise self.syntax_error("tcp option")
 
     def _tls_opt(self, p: _Protocol) -> None:
-        t = self.tok
         if self.accept("no"):
             if self.accept("session"):
                 self.expect("tickets")

@@ -14,6 +14,7 @@ import os
 import sys
 import syslog
 import traceback
+from typing import NoReturn
 
 _debug = True          # -d: stderr
 _verbose = 0
@@ -92,7 +93,7 @@ def debug(msg: str) -> None:
         _emit(syslog.LOG_DEBUG, msg)
 
 
-def fatalx(msg: str, code: int = 1) -> "NoReturn":  # noqa: F821
+def fatalx(msg: str, code: int = 1) -> NoReturn:
     """Broken invariant: log and exit the process."""
     _emit(syslog.LOG_CRIT, f"fatal in {_procname}: {msg}" if _procname else msg)
     os._exit(code)

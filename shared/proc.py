@@ -510,3 +510,35 @@ def daemonize() -> None:
         os.dup2(fd, i)
     if fd > 2:
         os.close(fd)
+
+
+# -- the two ends of a daemon's command line -----------------------------------------
+
+def child_entry(daemon: str, args, mains: dict[str, str], ignore: tuple[int, ...]) -> int:
+    """`DAEMON -P NAME -S fd`: a child process.  `mains` maps NAME to
+    "module:function" (imported only in that child); `ignore`: signals a
+    terminal sends the whole process group, which the parent passes on
+    its own way."""
+    import importlib
+    import signal
+    for sig in ignore:
+        signal.signal(sig, signal.SIG_IGN)
+    log.init(debug=args.d, verbose=args.v, ident=daemon)
+    log.procinit(args.P)
+    set_title(f"{daemon}: {args.P}")
+    target = mains.get(args.P)
+    if target is None:
+        sys.stderr.write(f"{daemon}: unknown process {args.P}\n")
+        return 1
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)(args.S)
+
+
+def run_parent(parent) -> int:
+    """trio.run() the parent's run(); Ctrl-C in the foreground is a stop."""
+    try:
+        return trio.run(parent.run)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sys.stderr.flush()
