@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import trio
 
 from engine.conn import CLOSED, SocketTransport, StreamTransport, Transport
+from shared import glob
 
 # Raw host states, OpenBSD's values (enum host_status).
 HOST_DOWN = -1
@@ -182,53 +183,9 @@ async def exchange(t: Transport, send: bytes | None, validate: Validator,
 def glob_regex(pattern: str) -> re.Pattern:
     """fnmatch(3) with flags 0 as a compiled regex over latin-1 text.
 
-    `*` and `?` match any character, `/` and a leading `.` included;
-    `[...]` with `!` or `^` negation and ranges; a backslash quotes the next
-    character.  Python's fnmatch differs (no backslash quoting)."""
+    See shared.glob.translate()."""
     pat = pattern.encode("utf-8", "surrogateescape").decode("latin-1")
-    out = []
-    i, n = 0, len(pat)
-    while i < n:
-        c = pat[i]
-        i += 1
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "\\" and i < n:
-            out.append(re.escape(pat[i]))
-            i += 1
-        elif c == "[":
-            j = i
-            neg = j < n and pat[j] in "!^"
-            if neg:
-                j += 1
-            items = []
-            first = True
-            while j < n and (pat[j] != "]" or first):
-                first = False
-                ch = pat[j]
-                if ch == "\\" and j + 1 < n:
-                    j += 1
-                    ch = pat[j]
-                if j + 2 < n and pat[j + 1] == "-" and pat[j + 2] != "]":
-                    hi = pat[j + 2]
-                    if hi == "\\" and j + 3 < n:
-                        hi = pat[j + 3]
-                        j += 1
-                    items.append(re.escape(ch) + "-" + re.escape(hi))
-                    j += 3
-                else:
-                    items.append(re.escape(ch))
-                    j += 1
-            if j >= n:            # no closing bracket: a literal "["
-                out.append(re.escape("["))
-                continue
-            i = j + 1
-            out.append("[" + ("^" if neg else "") + "".join(items) + "]")
-        else:
-            out.append(re.escape(c))
-    return re.compile("".join(out) + r"\Z", re.S)
+    return re.compile(glob.translate(pat) + r"\Z", re.S)
 
 
 def fnmatch(pattern: str, data: bytes) -> bool:

@@ -38,6 +38,7 @@ import re
 from typing import Sequence
 
 from relayd.config import RELAYD_SERVERNAME, Entity, Rule
+from shared import glob
 
 REQUEST = "request"
 RESPONSE = "response"
@@ -57,39 +58,6 @@ _GLOB_CHARS = frozenset("*?[\\")
 
 
 # -- glob matching (fnmatch(3) without flags, or with FNM_CASEFOLD) -------------
-def _translate(pat: str) -> str:
-    out: list[str] = []
-    i, n = 0, len(pat)
-    while i < n:
-        c = pat[i]
-        i += 1
-        if c == "*":
-            if not out or out[-1] != ".*":
-                out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "\\" and i < n:
-            out.append(re.escape(pat[i]))
-            i += 1
-        elif c == "[":
-            j = i
-            neg = j < n and pat[j] in "!^"
-            if neg:
-                j += 1
-            k = j + 1 if j < n and pat[j] == "]" else j
-            while k < n and pat[k] != "]":
-                k += 1
-            if k >= n:
-                out.append(re.escape(c))      # no closing bracket: literal
-                continue
-            body = "".join(ch if ch == "-" else re.escape(ch) for ch in pat[j:k])
-            out.append("[" + ("^" if neg else "") + body + "]")
-            i = k + 1
-        else:
-            out.append(re.escape(c))
-    return "".join(out)
-
-
 class Glob:
     """A compiled fnmatch pattern; `casefold` is FNM_CASEFOLD."""
 
@@ -101,7 +69,7 @@ class Glob:
         self.plain = not (_GLOB_CHARS & set(pattern))
         self._low = pattern.lower()
         self._re = None if self.plain else re.compile(
-            _translate(pattern), re.DOTALL | (re.IGNORECASE if casefold else 0))
+            glob.translate(pattern), re.DOTALL | (re.IGNORECASE if casefold else 0))
 
     def __call__(self, s: str) -> bool:
         if self.plain:
