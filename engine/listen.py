@@ -23,7 +23,7 @@ def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
 
     `transparent`: IP_TRANSPARENT, so that connections a TPROXY rule sends
     here to other addresses are accepted (getsockname() then gives the
-    address the client asked for); needs CAP_NET_ADMIN."""
+    address the client asked for); needs CAP_NET_RAW or CAP_NET_ADMIN."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

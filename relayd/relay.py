@@ -261,7 +261,8 @@ class Session:
             local = None
         if fwd.kind == "destination":
             dst = local
-            if dst == (self.listen.addr, self.listen.port):
+            if dst is not None and dst[1] == self.listen.port and \
+                    self.listen.addr in (dst[0], "0.0.0.0", "::", ""):
                 dst = None          # not diverted: it came to the relay's own address
         else:
             dst = original_dst(sock) if sock is not None else None

@@ -284,3 +284,29 @@ def test_original_dst_of_a_connection_nothing_rewrote():
     finally:
         for x in (s, c, lis):
             x.close()
+
+
+def test_destination_of_a_connection_that_was_not_diverted():
+    """`forward to destination` reads the accepted socket's own address; a
+    connection made to the relay itself (wildcard listener included) has
+    no other destination, so another forward takes it (no loop)."""
+    import socket
+    from types import SimpleNamespace
+    from relayd.relay import Session
+    lis = socket.create_server(("127.0.0.1", 0))
+    port = lis.getsockname()[1]
+    c = socket.create_connection(("127.0.0.1", port))
+    s, _ = lis.accept()
+    fwd = SimpleNamespace(kind="destination", inet=False, inet6=None)
+    try:
+        for listen_addr in ("127.0.0.1", "0.0.0.0"):
+            me = SimpleNamespace(client=SimpleNamespace(sock=s), id=1,
+                                 listen=SimpleNamespace(addr=listen_addr, port=port))
+            assert Session._destination(me, fwd) is None
+        # diverted (as TPROXY hands it over): the socket's address is elsewhere
+        me = SimpleNamespace(client=SimpleNamespace(sock=s), id=1,
+                             listen=SimpleNamespace(addr="127.0.0.1", port=port + 1))
+        assert Session._destination(me, fwd) == ("127.0.0.1", port)
+    finally:
+        for x in (s, c, lis):
+            x.close()
