@@ -277,7 +277,10 @@ class _Conn:
         """Receive and feed once; False at end of input."""
         if self.eof or self.upgraded:
             return False
-        data = await self.t.receive()
+        return self._take(await self.t.receive())
+
+    def _take(self, data: bytes) -> bool:
+        """Feed what one receive returned; False at end of input."""
         if not data:
             self.eof = True
             self._at_eof()
@@ -357,14 +360,6 @@ class ServerConn(_Conn):
 
     def _new_head(self) -> Request:
         return Request()
-
-    def on_message_begin(self) -> None:
-        # _Conn.on_message_begin() without the _new_head() call.
-        self.in_head = True
-        self.raw_head = 0
-        self.hcount = {}
-        self.cur = Request()
-        self._line_seen = False
 
     def on_url(self, url: bytes) -> None:
         cur = self.cur
@@ -451,16 +446,8 @@ class ServerConn(_Conn):
                     if discarded > discard_limit:
                         return None
             # _fill(), inline: one coroutine less per request.
-            if self.eof or self.upgraded:
+            if self.eof or self.upgraded or not self._take(await self.t.receive()):
                 return None
-            data = await self.t.receive()
-            if not data:
-                self.eof = True
-                self._at_eof()
-                return None
-            if self.on_data is not None:
-                self.on_data()
-            self._feed(data)
 
 
 class ClientConn(_Conn):

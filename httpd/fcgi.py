@@ -49,7 +49,6 @@ MAX_PAIR_LENGTH = 0x7FFFFFFF   # 4-byte name/value lengths lose their high bit
 CGI_HEADER_MAX = 65536         # largest CGI header block we buffer
 
 HEADER = struct.Struct("!BBHHBx")       # version, type, id, content_len, padding_len
-_HEADER = HEADER
 _BEGIN_BODY = struct.Struct("!HB5x")    # role, flags
 _END_BODY = struct.Struct("!IB3x")      # app_status, protocol_status
 _LEN4 = struct.Struct("!I")
@@ -76,7 +75,7 @@ class Record(NamedTuple):
 def _header(rtype: int, request_id: int, clen: int, plen: int) -> bytes:
     if not 0 <= request_id <= 0xFFFF:
         raise ValueError(f"request id out of range: {request_id}")
-    return _HEADER.pack(FCGI_VERSION_1, rtype, request_id, clen, plen)
+    return HEADER.pack(FCGI_VERSION_1, rtype, request_id, clen, plen)
 
 
 def encode(rtype: int | Record, content: bytes = b"", request_id: int = 1) -> bytes:
@@ -254,9 +253,9 @@ class RecordReader:
 
     def _take_record(self, pos: int) -> tuple[Record, int] | None:
         buf = self._buf
-        if len(buf) - pos < _HEADER.size:
+        if len(buf) - pos < HEADER.size:
             return None
-        version, rtype, request_id, clen, plen = _HEADER.unpack_from(buf, pos)
+        version, rtype, request_id, clen, plen = HEADER.unpack_from(buf, pos)
         # Anything but version 1 means we are not reading FastCGI (or lost
         # framing); resyncing is impossible, so fail the whole stream.
         if version != FCGI_VERSION_1:
@@ -264,7 +263,7 @@ class RecordReader:
         want = _FIXED_CONTENT.get(rtype)
         if want is not None and clen != want:
             raise FcgiError(f"record type {rtype} with {clen} content bytes")
-        start = pos + _HEADER.size
+        start = pos + HEADER.size
         end = start + clen + plen
         if len(buf) < end:
             return None

@@ -266,16 +266,14 @@ def logger_main(fd: int) -> int:
     proc.drop_privileges(cfg.get("chroot"), user)
 
     def write_batch(raw: bytes) -> None:
-        # A datagram: a list of [name, line, use_syslog, pri] entries (one
-        # entry alone: the format before batching).  One write per file.
+        # A datagram: a list of [name, line, use_syslog, pri] entries.  One
+        # write per file.
         try:
             entries = json.loads(raw)
         except (ValueError, TypeError):
             return
         if not isinstance(entries, list):
             return
-        if entries and not isinstance(entries[0], list):
-            entries = [entries]
         out: dict[str, list[str]] = {}
         for entry in entries:
             try:

@@ -131,6 +131,9 @@ def find_server(servers: list[ServerConfig], host: str | None,
 # on the path alone.  Paths come from clients: bounded.
 _LOCATIONS: dict[tuple[int, str], tuple] = {}
 _LOCATIONS_MAX = 4096
+# Longest client-given key (path, Host, ...) any per-request memo of httpd
+# keeps: entries x keys stay a few MiB at most, whatever clients send.
+MEMO_KEY_MAX = 512
 
 
 def find_location(srv: ServerConfig, path: str,
@@ -142,7 +145,7 @@ def find_location(srv: ServerConfig, path: str,
     if hit is not None and hit[0] is srv:
         return hit[1]
     answer = _find_location(srv, path, exists)
-    if not any(loc.found is not None for loc in srv.locations):
+    if len(path) <= MEMO_KEY_MAX and not any(loc.found is not None for loc in srv.locations):
         if len(_LOCATIONS) >= _LOCATIONS_MAX:
             _LOCATIONS.clear()
         # The entry keeps srv alive, so its id is not reused meanwhile.

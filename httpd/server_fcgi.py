@@ -177,7 +177,6 @@ _LOCAL: dict[tuple, bytes] = {}
 # (path, query, target, id(conf)) -> (_conf_env entry, the script on the
 # file system, its pairs as in env_pairs(), REQUEST_URI's pair).
 _PATHS: dict[tuple, tuple] = {}
-_PATH_KEY_MAX = 512          # longer keys (say, long queries) are not kept
 _PAIRS_MAX = 4096
 # id(conf) -> (conf, what env_pairs() needs of it, encoded where constant).
 # Configs are frozen and live as long as their generation; the entry keeps
@@ -291,7 +290,7 @@ def _path_pairs(x, conf: ServerConfig, entry: tuple, key: tuple) -> tuple[list[b
         env = [pair(b"PATH_INFO", pi), pair(b"SCRIPT_NAME", sn), pair(b"SCRIPT_FILENAME", sf),
                pair(b"QUERY_STRING", qs), docroot, pair(b"DOCUMENT_URI", du), _GATEWAY]
     uri = pair(b"REQUEST_URI", _raw(_request_uri(x)))
-    if not pi and len(key[0]) + len(key[1] or "") + len(key[2]) <= _PATH_KEY_MAX:
+    if not pi and len(key[0]) + len(key[1] or "") + len(key[2]) <= route.MEMO_KEY_MAX:
         if len(_PATHS) >= _PAIRS_MAX:
             _PATHS.clear()
         _PATHS[key] = (entry, x.worker.fs(full), b"".join(env), uri)

@@ -247,7 +247,7 @@ def _access(gconf: HttpdConfig, conf: ServerConfig, prefix: str, fs: str,
         # fcntl, read and close, if it is still the same file unchanged.
         try:
             st = os.stat(full)
-            key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            key = _stat_key(st)
         except OSError:
             key = None
         if key == cached[0]:
@@ -323,8 +323,12 @@ def _cache(full: str, st: os.stat_result, data: bytes) -> None:
         _files.clear()
         _files_bytes = 0
     _uncache(full)
-    _files[full] = ((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns), data)
+    _files[full] = (_stat_key(st), data)
     _files_bytes += cost
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _uncache(full: str) -> None:

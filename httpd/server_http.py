@@ -245,9 +245,10 @@ def _canonical(raw_path: str) -> str:
     path = _paths.get(raw_path)
     if path is None:
         path = route.canonicalize_path(route.url_decode(raw_path))
-        if len(_paths) >= CACHE_MAX:
-            _paths.clear()
-        _paths[raw_path] = path
+        if len(raw_path) <= route.MEMO_KEY_MAX:
+            if len(_paths) >= CACHE_MAX:
+                _paths.clear()
+            _paths[raw_path] = path
     return path
 
 
@@ -261,9 +262,10 @@ def _find_server(ctx: ListenCtx, host: str | None) -> ServerConfig | None:
     srv = hosts.get(host)
     if srv is None:
         srv = route.find_server(ctx.servers, host, ctx.port)
-        if len(hosts) >= CACHE_MAX:
-            hosts.clear()
-        hosts[host] = srv if srv is not None else _NO_SERVER
+        if host is None or len(host) <= route.MEMO_KEY_MAX:
+            if len(hosts) >= CACHE_MAX:
+                hosts.clear()
+            hosts[host] = srv if srv is not None else _NO_SERVER
         return srv
     return srv if srv is not _NO_SERVER else None
 
@@ -412,9 +414,8 @@ async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int 
 
 
 async def _file_result(x: Exchange, conf: ServerConfig, result, depth: int) -> bool:
-    """dispatch()'s answer to what server_file.serve() returned."""
-    if type(result) is server_file.FileResponse:
-        return await send_file(x, result)
+    """dispatch()'s answer to what server_file.serve() returned, other
+    than a FileResponse (the callers send those without this coroutine)."""
     if isinstance(result, server_file.Redirect):
         await abort_http(x, 301, result.location)
         return False
