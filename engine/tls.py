@@ -115,8 +115,9 @@ class TlsError(Exception):
 @dataclass(frozen=True)
 class Keypair:
     """A certificate chain (PEM, leaf first), its private key (PEM) and an
-    optional DER OCSP response to staple.  Pass the key as a bytearray to
-    have it wiped once loaded."""
+    optional DER OCSP response to staple.  Contexts never wipe the key:
+    one key may serve several sockets' contexts, so whoever holds it
+    wipes it (wipe()) once every context that needs it is built."""
     cert: bytes
     key: bytes | bytearray
     ocsp: bytes | None = None
@@ -322,8 +323,6 @@ def _use_keypair(ctx: ssl.SSLContext, kp: Keypair) -> None:
     with _Bio(kp.key) as bio:
         # An empty passphrase: an encrypted key fails instead of prompting.
         pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, b"")
-    if isinstance(kp.key, bytearray):
-        kp.key[:] = bytes(len(kp.key))
     if not pkey:
         lib.ERR_clear_error()
         raise TlsError("failed to load private key")
@@ -554,13 +553,10 @@ def _read_ahead(ctx: ssl.SSLContext) -> None:
 def server_context(opts: TlsOptions, keypair: Keypair) -> ssl.SSLContext:
     """A server context for one keypair; raises TlsError.
 
-    A bytearray key is wiped as soon as OpenSSL has parsed it."""
+    The key is left as it is (see Keypair): a server with several TLS
+    sockets builds a context per socket from the same bytes."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        _use_keypair(ctx, keypair)
-    finally:
-        if isinstance(keypair.key, bytearray):
-            keypair.key[:] = bytes(len(keypair.key))
+    _use_keypair(ctx, keypair)
     _apply(ctx, opts, server=True)
     if keypair.ocsp:
         _set_staple(ctx, keypair.ocsp)
@@ -641,6 +637,13 @@ def select_by_names(pairs: list[tuple[list[str], ssl.SSLContext]]
 
 
 # -- keys through file descriptors (parent -> chrooted worker) ---------------
+
+def wipe(keys) -> None:
+    """Overwrite each bytearray of `keys` with zeros (bytes cannot be)."""
+    for k in keys:
+        if isinstance(k, bytearray):
+            k[:] = bytes(len(k))
+
 
 def key_to_fd(key: bytes) -> int:
     """A sealed memfd holding `key`, to pass to a worker (SCM_RIGHTS)."""

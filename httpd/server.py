@@ -108,8 +108,9 @@ class ServerProc:
         return out
 
     def _wipe_keys(self) -> None:
-        for key in self.tls_files[1].values():
-            key[:] = bytes(len(key))
+        # Only now: every TLS socket (`*` is two, each `listen on` line
+        # one) has built its contexts from these bytes.
+        tls.wipe(self.tls_files[1].values())
 
     async def _handle(self, transport, lis: Listener) -> None:
         await server_http.serve_client(transport, lis.ctx, self.worker)

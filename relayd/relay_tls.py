@@ -312,8 +312,7 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
             select = _logged_select(name, tls.select_by_names(pairs)) if len(pairs) > 1 else None
             server = tls.TlsServer(pairs[0][1], select, timeout)
             out.setdefault(key, ListenTls(name, timeout, server, client, inspect))
-    for k in keys.values():
-        k[:] = bytes(len(k))
+    tls.wipe(keys.values())
     return out
 
 
