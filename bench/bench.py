@@ -649,6 +649,10 @@ def define_cases() -> list[Case]:
         # relayd vs haproxy: proxy on core 0; backend nginx and wrk on core 1
         Case("http-1k", "relayd", "/1k.bin", KIB, [haproxy("http"), relayd("http"), ref_httpproxy()],
              topo="proxy", backend=nginx_backend, requires=[ng], target=0.45),
+        Case("http-1k-close", "relayd", "/1k.bin", KIB,
+             [haproxy("http"), relayd("http"), ref_httpproxy()], headers=CLOSE, topo="proxy",
+             backend=nginx_backend, requires=[ng],
+             note="a new client connection per request (listen backlog under a burst)"),
         Case("http-1k-rules", "relayd", "/1k.bin", KIB, [haproxy("rules"), relayd("rules")],
              topo="proxy", backend=nginx_backend, requires=[ng],
              note="3 request header rules (relayd match ... set / haproxy http-request set-header)"),

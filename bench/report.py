@@ -195,8 +195,8 @@ def render(recs) -> str:
     # ---- details
     w("#### Details (median [min–max] of rounds)\n")
     w("| case | peer | req/s | MiB/s | p99 ms | server CPU % (usr/sys) | µs CPU/req | wrk CPU % | "
-      "peak RSS MiB (procs) | foreign % max | flags |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|")
+      "peak RSS MiB (procs) | foreign % max | socket errors / non-2xx | flags |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in order:
         for p in peers(c):
             s = S.get((c, p["label"]))
@@ -209,10 +209,13 @@ def render(recs) -> str:
             nproc = max(r.get("sut_nproc", 0) for r in s.runs)
             us = s.xs("us_per_req")
             fl = "; ".join(s.flags(anchor=p["kind"] == "anchor")).replace("|", "\\|")
+            # Every round's sum, said even when 0 (wrk prints no line then).
+            errs = sum(sum(r["errors"].values()) for r in s.runs)
+            bad = sum(r["non2xx"] for r in s.runs)
             w(f"| {c} | {p['label']} ({p['kind']}) | {rng(s.xs('rps'), n0)} | {n1(s.m('mibps'))} | "
               f"{n2(s.m('p99_ms')) if s.m('p99_ms') is not None else '—'} | {cpu} | {rng(us, n1)} | "
               f"{s.m('wrk_cpu_pct'):.0f} | {rss:.1f} ({nproc}) | "
-              f"{max(s.xs('foreign_max_pct')):.0f} | {fl} |")
+              f"{max(s.xs('foreign_max_pct')):.0f} | {errs} / {bad} | {fl} |")
     if na:
         w("\n#### Not run (n/a)\n")
         for (c, p), why in na.items():

@@ -10,16 +10,42 @@ from __future__ import annotations
 
 import socket
 
-# Most pending connections we ask the kernel for when the config sets none.
-DEFAULT_BACKLOG = 512
+# Pending connections we ask the kernel for when the config sets no
+# `backlog`: nginx's default (NGX_LISTEN_BACKLOG), HAProxy's is of the same
+# order.  OpenBSD's 10 (SERVER_BACKLOG, RELAY_BACKLOG) overflows on Linux
+# under a burst of connects: SYNs are dropped and retried a second later.
+DEFAULT_BACKLOG = 511
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
 
-def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
+def default_backlog() -> int:
+    """DEFAULT_BACKLOG capped by net.core.somaxconn, as the kernel caps it
+    (so that what ss(8) shows is what we asked for)."""
+    try:
+        with open(SOMAXCONN) as f:
+            return min(DEFAULT_BACKLOG, int(f.read()))
+    except (OSError, ValueError):
+        return DEFAULT_BACKLOG
+
+
+def listen(sock: socket.socket, backlog: int | None, inherited: bool = False) -> None:
+    """listen(2) with the configured backlog, else the default.  A socket
+    systemd passed (`inherited`) keeps the backlog systemd gave it unless
+    the config names one; raises OSError."""
+    if backlog is None:
+        if inherited:
+            return
+        backlog = default_backlog()
+    sock.listen(backlog)
+
+
+def bind_tcp(addr: str, port: int, backlog: int | None = None,
              reuseport: bool = False, sndbuf: int | None = None,
              rcvbuf: int | None = None, ttl: int | None = None,
              minttl: int | None = None, freebind: bool = False,
              transparent: bool = False) -> socket.socket:
-    """A listening TCP socket on addr:port (raises OSError).
+    """A listening TCP socket on addr:port (raises OSError); `backlog`
+    None is default_backlog().
 
     `transparent`: IP_TRANSPARENT, so that connections a TPROXY rule sends
     here to other addresses are accepted (getsockname() then gives the
@@ -38,7 +64,7 @@ def bind_tcp(addr: str, port: int, backlog: int = DEFAULT_BACKLOG,
             set_transparent(sock)
         set_options(sock, sndbuf=sndbuf, rcvbuf=rcvbuf, ttl=ttl, minttl=minttl)
         sock.bind((addr, port))
-        sock.listen(backlog)
+        listen(sock, backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()

@@ -32,13 +32,13 @@ ACCEPT_PAUSE = 0.1
 # Default time connections get to finish on stop or reload.
 DRAIN_TIMEOUT = 30.0
 # Connections accepted in one go before the accept loop yields.  Draining the
-# kernel's accept queue at once matters with small backlogs (httpd's and
-# relayd's `tcp backlog` default is 10): with one accept per scheduler pass,
+# kernel's accept queue at once matters with small backlogs (an explicit
+# `tcp backlog 10`, OpenBSD's default): with one accept per scheduler pass,
 # behind 50 busy connections, the queue overflows, Linux drops the SYN or the
 # handshake's last ACK and the client retries after 1 s or more (the 0.5 to
 # 1.4 s p99 of the first benchmarks).  A burst of connects that arrives at
 # once (wrk opening its 50) still overflows a queue of 10: only a larger
-# backlog helps there.
+# backlog helps there (engine.listen's default is 511).
 ACCEPT_BURST = 64
 
 

@@ -37,7 +37,8 @@ SERVER_MAXREQUESTS = 100                 # requests per persistent connection
 SERVER_MAXREQUESTBODY = 1048576          # request body limit -> 413
 SERVER_TIMEOUT = 600                     # connection timeout (s)
 SERVER_REQUESTTIMEOUT = 60               # request timeout (s)
-SERVER_BACKLOG = 10                      # listen backlog
+# `tcp backlog` unset is None: engine.listen's default (511), not OpenBSD's
+# SERVER_BACKLOG 10, which drops connections under a burst on Linux.
 SERVER_MAX_CLIENTS = 1024                # clients per worker before accept pauses
 SERVER_MAXRANGES = 4                     # byte ranges per request before 416
 HEADER_NAME_MAX = 127                    # header set/add name length
@@ -121,7 +122,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TcpConfig:
-    backlog: int = SERVER_BACKLOG
+    backlog: int | None = None      # None: engine.listen.default_backlog()
     nodelay: bool | None = None
     sack: bool | None = None
     socket_buffer: int | None = None

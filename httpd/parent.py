@@ -31,7 +31,7 @@ import socket
 import trio
 
 from engine import tls
-from engine.listen import bind_tcp
+from engine.listen import bind_tcp, listen
 from httpd import parse, server_tls
 from httpd.config import HttpdConfig
 from httpd.server import SockKey, log_names, logdir_of, socket_groups
@@ -63,13 +63,16 @@ def bind_all(conf: HttpdConfig, old: dict[SockKey, socket.socket] | None = None
     out: dict[SockKey, socket.socket] = {}
     try:
         for key, servers in socket_groups(conf).items():
+            tcp = servers[0].tcp
             if key in old:
                 out[key] = old[key]
+                # A reload applies a changed `tcp backlog` (listen(2) again).
+                listen(old[key], tcp.backlog, inherited=sd.was_inherited(old[key]))
                 continue
-            tcp = servers[0].tcp
             inherited = sd.take(key[0], key[1])
             if inherited is not None:
                 out[key] = inherited
+                listen(inherited, tcp.backlog, inherited=True)
                 continue
             out[key] = bind_tcp(key[0], key[1], backlog=tcp.backlog,
                                 sndbuf=tcp.socket_buffer, rcvbuf=tcp.socket_buffer,

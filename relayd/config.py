@@ -35,7 +35,8 @@ CHECK_TIMEOUT = 200                      # ms per check (`timeout`); must be < i
 RELAY_TIMEOUT = 600                      # session timeout (s) of relays and redirects
 RELAY_NUMPROC = 3                        # OpenBSD's default relay process count
 PREFORK_MAX = 32                         # `prefork` upper bound (PROC_MAX_INSTANCES)
-RELAY_BACKLOG = 10                       # `tcp backlog` default
+# `tcp backlog` unset is None: engine.listen's default (511), not OpenBSD's
+# RELAY_BACKLOG 10, which drops connections under a burst on Linux.
 RELAY_MAX_BACKLOG = 512                  # `tcp backlog` upper bound
 RELAY_DEFHEADERLENGTH = 8192             # `http headerlen` default (bytes)
 RELAY_MAXHEADERLENGTH = 131072           # `http headerlen` upper bound
@@ -239,7 +240,7 @@ class TcpOptions:
     nodelay: bool | None = None   # None: leave the socket default (= no nodelay)
     sack: bool | None = None      # None: leave the socket default
     socket_buffer: int | None = None  # SO_SNDBUF/SO_RCVBUF bytes
-    backlog: int = RELAY_BACKLOG
+    backlog: int | None = None    # None: engine.listen.default_backlog()
     ip_ttl: int | None = None
     ip_minttl: int | None = None
     splice: bool = True           # False with `no splice` (performance switch only)

@@ -46,7 +46,7 @@ import socket
 
 import trio
 
-from engine.listen import bind_tcp, set_options, set_transparent
+from engine.listen import bind_tcp, listen, set_options, set_transparent
 from relayd import carp, check_script, control, hce, metrics, parse, privsep
 from relayd import relay_tls   # tls hook
 from relayd import relay_udp   # dns hook
@@ -99,7 +99,7 @@ def bind_all(conf: RelaydConfig, old: dict[SockKey, socket.socket] | None = None
                                 ttl=tcp.ip_ttl, minttl=tcp.ip_minttl)
                     if tproxy:
                         set_transparent(sock)
-                    sock.listen(tcp.backlog)
+                    listen(sock, tcp.backlog, inherited=sd.was_inherited(sock))
                 except OSError:
                     pass
                 continue

@@ -18,10 +18,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import weakref
 
 SD_LISTEN_FDS_START = 3
 
 _inherited: list[socket.socket] | None = None
+# Sockets take() handed out: they keep systemd's listen backlog.
+_taken: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
 
 def notify(state: str) -> bool:
@@ -65,6 +68,11 @@ def listen_fds() -> list[socket.socket]:
     return _inherited
 
 
+def was_inherited(sock: socket.socket) -> bool:
+    """Whether take() returned `sock` (systemd made it, with its backlog)."""
+    return sock in _taken
+
+
 def _same_addr(a: str, b: str) -> bool:
     try:
         return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
@@ -86,6 +94,7 @@ def take(addr: str, port: int) -> socket.socket | None:
             continue
         if name[1] == port and _same_addr(name[0], addr):
             _inherited.remove(s)
+            _taken.add(s)
             s.setblocking(False)
             return s
     return None

@@ -29,6 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listen_backlog(port: int, host: str = "127.0.0.1") -> int:
+    """The listen queue length of the socket listening on host:port, as
+    ss(8) shows it (Send-Q of a LISTEN socket)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        local = f[3].rsplit(":", 1)[0].strip("[]")
+        if f[0] == "LISTEN" and local == host:
+            return int(f[2])
+    raise AssertionError(f"nothing listens on {host}:{port}: {out!r}")
+
+
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0,
               proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout

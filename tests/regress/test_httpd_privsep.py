@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.conftest import PYTHON, REPO
+from tests.conftest import PYTHON, REPO, listen_backlog
 from tests.regress.httpd_helpers import (Conn, request, site_factory,  # noqa: F401
                                          wait_for)
 
@@ -355,6 +355,7 @@ def test_socket_activation(tmp_path):
                  "activated httpd")
         assert proc.poll() is None, errpath.read_text()
         assert request(port, "/").body == b"activated\n"
+        assert listen_backlog(port) == 64        # systemd's backlog, not ours
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, errpath.read_text()

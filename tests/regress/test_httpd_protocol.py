@@ -16,7 +16,6 @@ server "proto" {
     listen on 127.0.0.1 port {port}
     root "/htdocs"
     connection { max requests 3, max request body 100 }
-    tcp backlog 128        # the default 10 makes bursts of connects wait for SYN retries
 }
 """
 BODY = b"hello, world\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, Daemon, free_port
+from tests.conftest import PYTHON, REPO, Daemon, free_port, listen_backlog
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")]
@@ -639,6 +639,7 @@ def test_socket_activation(tmp_path, backend):
                  or proc.poll() is not None, 30, "startup")
         assert proc.poll() is None, (tmp_path / "relayd.stderr").read_text()
         assert echo_once(rport) == b"ping"
+        assert listen_backlog(rport) == 64       # systemd's backlog, not ours
         for c in children(proc.pid):
             assert "LISTEN_FDS" not in open(f"/proc/{c}/environ", "rb").read().decode(
                 errors="replace")
