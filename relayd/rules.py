@@ -96,10 +96,13 @@ class Message:
 
     `headers` keeps the arrival order as [name, value, removed] lists;
     removed headers stay (a later `log` shows them as removed) but are not
-    written.  Requests have `method`, `path` and `query` (None: no `?`)."""
+    written.  Lines `header append` adds go to the end of `headers` (the
+    positions actions hold stay valid) and are written after the last line
+    of their name.  Requests have `method`, `path` and `query` (None: no
+    `?`)."""
 
     __slots__ = ("direction", "method", "path", "query", "status", "headers",
-                 "_index", "_lookups")
+                 "_index", "_lookups", "_appended")
 
     def __init__(self, direction: str, headers: Sequence[tuple[str, str]],
                  method: str | None = None, path: str | None = None,
@@ -112,6 +115,7 @@ class Message:
         self.headers: list[list] = [[k, v, False] for k, v in headers]
         self._index: dict[str, list[int]] | None = None
         self._lookups: dict[str, set[str]] | None = None
+        self._appended: list[int] | None = None
 
     @classmethod
     def request(cls, method: str, target: str, headers: Sequence[tuple[str, str]]) -> "Message":
@@ -160,9 +164,34 @@ class Message:
             self._index.setdefault(name.lower(), []).append(pos)
         return pos
 
+    def append(self, name: str, value: str) -> None:
+        """A line of its own, written with the other lines of `name`
+        (OpenBSD's kv_add() makes it a child of the name's first line)."""
+        if self._appended is None:
+            self._appended = []
+        self._appended.append(self.add(name, value))
+
     def items(self) -> list[tuple[str, str]]:
         """The headers to write, in order."""
-        return [(h[0], h[1]) for h in self.headers if not h[2]]
+        if self._appended is None:
+            return [(h[0], h[1]) for h in self.headers if not h[2]]
+        extra: dict[str, list[list]] = {}
+        for i in self._appended:
+            extra.setdefault(self.headers[i][0].lower(), []).append(self.headers[i])
+        appended = set(self._appended)
+        last = {h[0].lower(): i for i, h in enumerate(self.headers) if i not in appended}
+        out = []
+        for i, h in enumerate(self.headers):
+            if i in appended:
+                continue
+            if not h[2]:
+                out.append((h[0], h[1]))
+            low = h[0].lower()
+            if last[low] == i:
+                out += [(x[0], x[1]) for x in extra.pop(low, ()) if not x[2]]
+        for rest in extra.values():
+            out += [(x[0], x[1]) for x in rest if not x[2]]
+        return out
 
 
 class Ctx:
@@ -705,7 +734,7 @@ def _act_header(t: _Test, idx: list[int], msg: Message, env: Env, v: Verdict, ou
         if opt == "append":
             # relay_apply_actions() kv_add()s a line of its own, named as
             # the rule's key (a later test or log does not see it).
-            msg.add(t.key or "", value)
+            msg.append(t.key or "", value)
             return
         g = t.keyglob
         if g is None or g.plain:
@@ -829,7 +858,7 @@ def _cookie_set(t: _Test, msg: Message, env: Env, name: str, opt: str) -> None:
             for i in idx:
                 if _cookie_name(msg.headers[i][1].split(";", 1)[0]) == low:
                     msg.headers[i][2] = True
-        msg.add(name, pair + ";")
+        msg.append(name, pair + ";")
         return
     if not idx:
         msg.add(name, pair + ";")

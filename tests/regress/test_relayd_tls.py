@@ -3,7 +3,8 @@
 renewed certificates, bad input on a TLS port, sslyze's Mozilla check.
 
 Certificates come from trustme and are written to a temp dir that
-RELAYD_SSL_DIR (a test extension replacing /etc/ssl) points at.  One relayd
+RELAYD_SSL_DIR (a test extension replacing /etc/ssl) points at; relayd runs
+in that dir, where its relative `tls ca ...` file names are opened.  One relayd
 (prefork 1, -vv) runs every relay; backends are threads on loopback.
 """
 
@@ -231,13 +232,14 @@ def site(tmp_path_factory):
     tlsb = Backend(b"tls-backend", bctx)
     conf = d / "relayd.conf"
     conf.write_text(CONF.format(d=d, p=ports, plain=plain.port, tlsb=tlsb.port))
-    env = {**os.environ, "RELAYD_SSL_DIR": str(d)}
+    # Relative TLS file names are opened from relayd's working directory.
+    env = {**os.environ, "RELAYD_SSL_DIR": str(d), "PYTHONPATH": str(REPO)}
     import subprocess
     import sys
     errpath = d / "relayd.stderr"
     errf = open(errpath, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "relayd", "-d", "-vv", "-f", str(conf)],
-                            cwd=REPO, stdout=errf, stderr=subprocess.STDOUT, env=env,
+                            cwd=d, stdout=errf, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
     def output() -> str:
