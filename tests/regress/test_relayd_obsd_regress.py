@@ -27,11 +27,10 @@ import time
 import pytest
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import REPO, Daemon, free_port, wait_port
 from tests.regress.test_relayd_http import Client, Recorder
-from tests.regress.test_relayd_tls import Backend, get, noverify, wait_for, write_pair
+from tests.regress.test_relayd_tls import Backend, cert_and_reply, get, noverify, write_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
 
@@ -94,11 +93,10 @@ def http(tmp_path_factory):
         rec.close()
 
 
-def _exchange(port: int, head: str) -> tuple[bytes, object]:
+def _exchange(port: int, head: str):
     with Client(port) as c:
         c.send(head.encode())
-        r = c.response()
-    return r
+        return c.response()
 
 
 # -- 5. rules ---------------------------------------------------------------------------
@@ -164,31 +162,16 @@ def test_vv_dump_of_http_relays(http):
 TLS_CONF = """
 prefork 1
 log connection
-tcp protocol "inspect" {{
+tcp protocol "inspect" {
 	tls ca cert ca.crt
 	tls ca key ca.key password ''
-}}
-tcp protocol "fwd" {{
+}
+tcp protocol "fwd" {
 	tls ca file "certs/backend-ca.pem"
-}}
-tcp protocol "cca" {{
+}
+tcp protocol "cca" {
 	tls client ca "client-ca.pem"
-}}
-relay "inspect" {{
-	listen on 127.0.0.1 port {p[inspect]} tls
-	protocol "inspect"
-	forward with tls to 127.0.0.1 port {tlsb}
-}}
-relay "fwd" {{
-	listen on 127.0.0.1 port {p[fwd]}
-	protocol "fwd"
-	forward with tls to 127.0.0.1 port {tlsb}
-}}
-relay "cca" {{
-	listen on 127.0.0.1 port {p[cca]} tls
-	protocol "cca"
-	forward to 127.0.0.1 port {plain}
-}}
+}
 """
 
 
@@ -212,7 +195,12 @@ def tls_site(tmp_path_factory):
     plain, tlsb = Backend(b"plain-backend"), Backend(b"tls-backend", bctx)
     ports = {k: free_port() for k in ("inspect", "fwd", "cca")}
     conf = run / "relayd.conf"
-    conf.write_text(TLS_CONF.format(p=ports, tlsb=tlsb.port, plain=plain.port))
+    relays = [("inspect", " tls", f"with tls to 127.0.0.1 port {tlsb.port}"),
+              ("fwd", "", f"with tls to 127.0.0.1 port {tlsb.port}"),
+              ("cca", " tls", f"to 127.0.0.1 port {plain.port}")]
+    conf.write_text(TLS_CONF + "".join(
+        f'relay "{n}" {{\n\tlisten on 127.0.0.1 port {ports[n]}{tls}\n\tprotocol "{n}"\n'
+        f'\tforward {fwd}\n}}\n' for n, tls, fwd in relays))
     d = Daemon("relayd", conf, ["-vv"], env={**os.environ, "RELAYD_SSL_DIR": str(ssl_dir)},
                cwd=run)
     try:
@@ -228,13 +216,7 @@ def tls_site(tmp_path_factory):
 
 def test_relative_ca_cert_and_key_inspect(tls_site):
     ctx = ssl.create_default_context(cafile=str(tls_site["run"] / "ca.crt"))
-    with socket.create_connection(("127.0.0.1", tls_site["ports"]["inspect"]), timeout=5) as s:
-        with ctx.wrap_socket(s, server_hostname="backend.test") as t:
-            c = x509.load_der_x509_certificate(t.getpeercert(True))
-            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            out = b""
-            while chunk := t.recv(4096):
-                out += chunk
+    c, out = cert_and_reply(tls_site["ports"]["inspect"], ctx, "backend.test")
     assert out.endswith(b"tls-backend")
     lca = x509.load_pem_x509_certificate(tls_site["lca"].cert_pem.bytes())
     assert c.issuer == lca.subject            # Issuer .../OU=ca/ in the suite
@@ -299,7 +281,6 @@ def test_vv_dump_relay_flags_tls(tls_site):
     assert fwd.startswith("protocol 2: name fwd\n\tflags: used, relay flags: tls client\n")
     cca = out.split("relay_privinit: adding relay cca\n", 1)[1]
     assert cca.startswith("protocol 3: name cca\n\tflags: used, relay flags: tls\n")
-    wait_for(lambda: "relay_privinit" in tls_site["d"].output(), what="dump")
 
 
 def test_vv_dump_only_at_vv(tmp_path):

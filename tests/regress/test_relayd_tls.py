@@ -115,6 +115,18 @@ def peer_cert(port: int, ctx: ssl.SSLContext, sni: str | None = "127.0.0.1") -> 
             return x509.load_der_x509_certificate(t.getpeercert(True))
 
 
+def cert_and_reply(port: int, ctx: ssl.SSLContext, sni: str) -> tuple[x509.Certificate, bytes]:
+    """The relay's certificate and its whole answer to a GET over TLS."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname=sni) as t:
+            c = x509.load_der_x509_certificate(t.getpeercert(True))
+            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            out = b""
+            while chunk := t.recv(4096):
+                out += chunk
+    return c, out
+
+
 def noverify() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -360,13 +372,7 @@ def test_forward_with_tls_without_ca_file(site):
 def test_interception_forges_backend_certificate(site):
     ctx = ssl.create_default_context(cafile=str(site["dir"] / "local-ca.pem"))
     port = site["ports"]["inspect"]
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        with ctx.wrap_socket(s, server_hostname="backend.test") as t:
-            c = x509.load_der_x509_certificate(t.getpeercert(True))
-            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            out = b""
-            while chunk := t.recv(4096):
-                out += chunk
+    c, out = cert_and_reply(port, ctx, "backend.test")
     assert out.endswith(b"tls-backend")
     orig = x509.load_pem_x509_certificate(site["bleaf"].cert_chain_pems[0].bytes())
     assert c.subject == orig.subject
