@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         for where, what in conf.unimplemented:
             sys.stderr.write(f"{where}: {what} is not implemented yet\n")
         return 1
+    # Relative TLS file names stay relative to where relayd was started,
+    # also after daemonize() changed to / (OpenBSD's daemon(1, 0) does not).
+    start_dir = os.getcwd()
     from relayd import relay_tls     # tls hook: missing keypairs fail the load
-    _, tls_errors = relay_tls.read(conf)
+    _, tls_errors = relay_tls.read(conf, start_dir)
     if tls_errors:
         for line in tls_errors:
             sys.stderr.write(line + "\n")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         from shared.proc import daemonize
         daemonize()
     from relayd import parent
-    return parent.run(conf, path, macros, args.v, debug=args.d)
+    return parent.run(conf, path, macros, args.v, debug=args.d, cwd=start_dir)
 
 
 def _child(args) -> int:

@@ -80,7 +80,8 @@ RULE_ACTIONS = ("block", "pass", "match")
 RULE_DIRECTIONS = ("request", "response")
 ENTITY_TYPES = ("cookie", "header", "path", "query", "url")
 ENTITY_OPTIONS = ("append", "set", "remove", "hash", "log")
-REQUEST_ONLY_ENTITIES = frozenset({"cookie", "path", "query", "url"})
+# Cookie rules work both ways (response: Set-Cookie), as parse.y allows.
+REQUEST_ONLY_ENTITIES = frozenset({"path", "query", "url"})
 # Methods `method NAME` accepts (relayd.conf(5), http.h); case-sensitive.
 HTTP_METHODS = frozenset({
     "ACL", "BASELINE-CONTROL", "CHECKIN", "CHECKOUT", "CONNECT", "COPY",

@@ -47,7 +47,7 @@ import socket
 import trio
 
 from engine.listen import bind_tcp, listen, set_options, set_transparent
-from relayd import carp, check_script, control, hce, metrics, parse, privsep
+from relayd import carp, check_script, control, hce, metrics, parse, privsep, protodebug
 from relayd import relay_tls   # tls hook
 from relayd import relay_udp   # dns hook
 from relayd.config import RELAYD_SOCKET, RelaydConfig
@@ -145,8 +145,9 @@ def _dict(v) -> dict:
 
 class Parent:
     def __init__(self, conf: RelaydConfig, path: str, macros: dict[str, str],
-                 verbose: int, debug: bool = True) -> None:
+                 verbose: int, debug: bool = True, cwd: str | None = None) -> None:
         self.conf = conf
+        self.cwd = cwd or os.getcwd()   # relative TLS file names, start and reload
         self.path = path
         self.macros = macros
         self.verbose = verbose
@@ -282,7 +283,7 @@ class Parent:
                                        signal.SIGTERM, signal.SIGINT) as sigs:
             if not self._control_open():
                 return 1
-            mat, errors = relay_tls.read(self.conf)     # tls hook: keys read before the drop
+            mat, errors = relay_tls.read(self.conf, self.cwd)   # tls hook: keys read before the drop
             if errors:
                 for line in errors:
                     log.warn(line)
@@ -297,6 +298,7 @@ class Parent:
                 if self.control_sock is not None:
                     control.close_socket(self.control_sock)
                 return 1
+            _dump(self.conf)
             self.metric_socks = metrics.bind(self.conf.metrics)
             if self.root:
                 proc.make_empty_dir(RELAYD_CHROOT)
@@ -410,7 +412,7 @@ class Parent:
                 log.warn(f"{where}: {what} is not implemented yet")
             log.warn("parent_reload: configuration failed, keeping the current one")
             return False
-        mat, errors = relay_tls.read(new)     # tls hook: renewed certificates too
+        mat, errors = relay_tls.read(new, self.cwd)     # tls hook: renewed certificates too
         if errors:
             for line in errors:
                 log.warn(line)
@@ -422,6 +424,7 @@ class Parent:
             log.warn(_bind_error(e) + "; keeping the current configuration")
             return False
         metric_socks = metrics.bind(new.metrics, self.metric_socks)
+        _dump(new)
         old_gen, gen = self.generation, self.generation + 1
         self.states[gen] = hce.carry_states(self.conf, new, self.states.get(old_gen, {}))
         self.switched[gen] = self._no_switches()
@@ -662,6 +665,13 @@ class Parent:
         return r
 
 
+def _dump(conf: RelaydConfig) -> None:
+    # -vv: what OpenBSD's parent prints as config_setrelay() binds each relay
+    if log.get_verbose() > 1:
+        for line in protodebug.lines(conf):
+            log.debug(line)
+
+
 def run(conf: RelaydConfig, path: str, macros: dict[str, str], verbose: int,
-        debug: bool = True) -> int:
-    return proc.run_parent(Parent(conf, path, macros, verbose, debug))
+        debug: bool = True, cwd: str | None = None) -> int:
+    return proc.run_parent(Parent(conf, path, macros, verbose, debug, cwd))

@@ -21,7 +21,7 @@ where noted):
   keyword).
 - An unused table is a warning (OpenBSD drops unused templates silently).
 - `url digest file "path"` is accepted (relayd.conf(5) syntax; parse.y lacks it).
-- Stricter: cookie rules need the request direction (relayd.conf(5)), set
+- Stricter: path, query and url rules need the request direction, set
   and append need a value, set/append/remove need a key, a router needs a
   `forward to`, and a `file` key list may not be combined with a second
   entity type in the same rule.

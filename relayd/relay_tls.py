@@ -13,9 +13,13 @@ for every relay:
     and for TLS inspection `tls ca cert` + `tls ca key` (decrypted here
     with its `password`);
 and checks that OpenSSL takes them.  A failure is the config error
-"<file>:<line>: cannot load certificates for relay NAME".  Relative paths
-are taken from /etc/ssl.  Extension: the environment variable
-RELAYD_SSL_DIR replaces /etc/ssl (keys then come from $RELAYD_SSL_DIR/private).
+"<file>:<line>: cannot load certificates for relay NAME".  A relative path
+of `tls ca file`, `ca cert`, `ca key` or `client ca` is opened relative to
+the directory relayd was started in, on every reload too (OpenBSD open(2)s
+them as written, and its daemon(3) keeps the working directory); keypair
+names are always looked up in /etc/ssl.  Extension: the environment
+variable RELAYD_SSL_DIR replaces /etc/ssl for keypairs (keys then come from
+$RELAYD_SSL_DIR/private).
 
 Certificates travel in the relay worker's CFG_CONFIG message (payload());
 private keys (keypairs and the inspection CA key) each in a sealed memfd
@@ -67,8 +71,8 @@ def key_dir() -> str:
     return os.path.join(os.path.abspath(d), "private") if d else TLS_KEY_DIR
 
 
-def _path(p: str) -> str:
-    return p if os.path.isabs(p) else os.path.join(ssl_dir(), p)
+def _path(p: str, cwd: str) -> str:
+    return os.path.join(cwd, p)          # an absolute p wins
 
 
 def _read(path: str) -> bytes:
@@ -143,15 +147,17 @@ def _keypair(name: str, port: int) -> tuple[bytes, bytes, bytes | None]:
 def _ca_key(path: str, password: str | None) -> bytes:
     """The inspection CA key, decrypted, as unencrypted PKCS#8 PEM."""
     from cryptography.hazmat.primitives import serialization
-    raw = _read(_path(path))
+    raw = _read(path)
     k = serialization.load_pem_private_key(raw, password.encode() if password else None)
     return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                            serialization.NoEncryption())
 
 
-def read(conf: RelaydConfig) -> tuple[Material, list[str]]:
-    """Read and check every relay's TLS files (the parent's job).
+def read(conf: RelaydConfig, cwd: str | None = None) -> tuple[Material, list[str]]:
+    """Read and check every relay's TLS files (the parent's job); relative
+    file names are taken from `cwd` (default: the working directory).
     Returns (material, errors as "file:line: message")."""
+    cwd = os.getcwd() if cwd is None else cwd
     mat = Material()
     errors: list[str] = []
     for rl in conf.relays:
@@ -161,8 +167,8 @@ def read(conf: RelaydConfig) -> tuple[Material, list[str]]:
         if not server and not rl.tls_client:
             continue
         try:
-            ca_file = _read(_path(t.ca_file)) if t.ca_file and rl.tls_client else None
-            client_ca = _read(_path(t.client_ca)) if t.client_ca and server else None
+            ca_file = _read(_path(t.ca_file, cwd)) if t.ca_file and rl.tls_client else None
+            client_ca = _read(_path(t.client_ca, cwd)) if t.client_ca and server else None
             opts = options(t, client_ca)
             listens = {}
             for lis in rl.listens:
@@ -182,9 +188,9 @@ def read(conf: RelaydConfig) -> tuple[Material, list[str]]:
                                                             tuple(names), tuple(ids))
             ca_cert = ca_key_id = None
             if server and t.ca_cert and t.ca_key:
-                ca_cert = _read(_path(t.ca_cert))
+                ca_cert = _read(_path(t.ca_cert, cwd))
                 ca_key_id = f"{rl.id}:ca"
-                mat.keys[ca_key_id] = _ca_key(t.ca_key, t.ca_key_password)
+                mat.keys[ca_key_id] = _ca_key(_path(t.ca_key, cwd), t.ca_key_password)
             if rl.tls_client:
                 tls.client_context(options(t), ca=ca_file)
         except (OSError, ValueError, TypeError, tls.TlsError) as e:

@@ -23,11 +23,19 @@ relay_apply_actions():
 * A rule with `file` keys behaves like one copy of the rule per key, in
   file order (OpenBSD's rule_add()).
 
+As in OpenBSD, header `append` adds a line of its own (the header's other
+lines stay as they are), `log` logs one header -- the one kv_find() would
+pick: the first line of the first matching name in case-insensitive name
+order -- and a cookie `log` logs the whole Cookie (response: Set-Cookie)
+header the cookie was found in.
+
 Deliberate differences from OpenBSD, where its behaviour is accidental:
-header `append` joins with ", " (features.md), a header test looks at every
-header of that name (not only the first), `remove` removes every header it
-matched, cookie actions work on the one cookie (not the whole Cookie
-header), and a `url` test without a Host header does not match.
+a header test looks at every header of that name (not only the first),
+`remove` removes every header it matched, cookie `remove`/`hash`/`set`/
+`append` work on the one cookie in a request (OpenBSD: the whole Cookie
+header, and set/append add a second Cookie line), a response cookie `set`
+replaces the Set-Cookie line of that name, and a `url` test without a Host
+header does not match.
 """
 
 from __future__ import annotations
@@ -88,10 +96,13 @@ class Message:
 
     `headers` keeps the arrival order as [name, value, removed] lists;
     removed headers stay (a later `log` shows them as removed) but are not
-    written.  Requests have `method`, `path` and `query` (None: no `?`)."""
+    written.  Lines `header append` adds go to the end of `headers` (the
+    positions actions hold stay valid) and are written after the last line
+    of their name.  Requests have `method`, `path` and `query` (None: no
+    `?`)."""
 
     __slots__ = ("direction", "method", "path", "query", "status", "headers",
-                 "_index", "_lookups")
+                 "_index", "_lookups", "_appended")
 
     def __init__(self, direction: str, headers: Sequence[tuple[str, str]],
                  method: str | None = None, path: str | None = None,
@@ -104,6 +115,7 @@ class Message:
         self.headers: list[list] = [[k, v, False] for k, v in headers]
         self._index: dict[str, list[int]] | None = None
         self._lookups: dict[str, set[str]] | None = None
+        self._appended: list[int] | None = None
 
     @classmethod
     def request(cls, method: str, target: str, headers: Sequence[tuple[str, str]]) -> "Message":
@@ -152,9 +164,34 @@ class Message:
             self._index.setdefault(name.lower(), []).append(pos)
         return pos
 
+    def append(self, name: str, value: str) -> None:
+        """A line of its own, written with the other lines of `name`
+        (OpenBSD's kv_add() makes it a child of the name's first line)."""
+        if self._appended is None:
+            self._appended = []
+        self._appended.append(self.add(name, value))
+
     def items(self) -> list[tuple[str, str]]:
         """The headers to write, in order."""
-        return [(h[0], h[1]) for h in self.headers if not h[2]]
+        if self._appended is None:
+            return [(h[0], h[1]) for h in self.headers if not h[2]]
+        extra: dict[str, list[list]] = {}
+        for i in self._appended:
+            extra.setdefault(self.headers[i][0].lower(), []).append(self.headers[i])
+        appended = set(self._appended)
+        last = {h[0].lower(): i for i, h in enumerate(self.headers) if i not in appended}
+        out = []
+        for i, h in enumerate(self.headers):
+            if i in appended:
+                continue
+            if not h[2]:
+                out.append((h[0], h[1]))
+            low = h[0].lower()
+            if last[low] == i:
+                out += [(x[0], x[1]) for x in extra.pop(low, ()) if not x[2]]
+        for rest in extra.values():
+            out += [(x[0], x[1]) for x in rest if not x[2]]
+        return out
 
 
 class Ctx:
@@ -694,6 +731,11 @@ def _act_header(t: _Test, idx: list[int], msg: Message, env: Env, v: Verdict, ou
     opt = t.option
     if opt in ("set", "append"):
         value = _value(t, msg, env)
+        if opt == "append":
+            # relay_apply_actions() kv_add()s a line of its own, named as
+            # the rule's key (a later test or log does not see it).
+            msg.append(t.key or "", value)
+            return
         g = t.keyglob
         if g is None or g.plain:
             # Looked up again: an earlier action may have added or removed it.
@@ -707,29 +749,31 @@ def _act_header(t: _Test, idx: list[int], msg: Message, env: Env, v: Verdict, ou
         if not live:
             msg.add(t.key or "", value)
             return
-        # set: the first of each name gets the value, repeats go (kv_set);
-        # append: the last of each name gets ", value".
-        pick: dict[str, int] = {}
-        for i in live:
-            low = headers[i][0].lower()
-            if opt == "append" or low not in pick:
-                pick[low] = i
+        # The first line of each name gets the value, repeats go (kv_set).
+        seen: set[str] = set()
         for i in live:
             h = headers[i]
-            if pick[h[0].lower()] == i:
-                h[1] = value if opt == "set" or not h[1] else f"{h[1]}, {value}"
-            elif opt == "set":
+            low = h[0].lower()
+            if low in seen:
                 h[2] = True
+            else:
+                seen.add(low)
+                h[1] = value
     elif opt == "remove":
         for i in idx:
             headers[i][2] = True
     elif opt == "hash":
         for i in idx[:1]:
             out.hash.append(headers[i][1].encode("latin-1", "replace"))
-    elif opt == "log":
-        for i in idx:
-            h = headers[i]
-            _log(out, msg, v, h[0], f"{h[1]} (removed)" if h[2] else h[1])
+    elif opt == "log" and idx:
+        # kv_find(): the tree is ordered by name (strcasecmp), a name's
+        # first line is the node, later lines hang off it.
+        i = min(idx, key=lambda i: (headers[i][0].lower(), i))
+        _log_header(out, msg, v, headers[i])
+
+
+def _log_header(out: Applied, msg: Message, v: Verdict, h: list) -> None:
+    _log(out, msg, v, h[0], f"{h[1]} (removed)" if h[2] else h[1])
 
 
 def _act_query(t: _Test, m, msg: Message, env: Env, v: Verdict, out: Applied) -> None:
@@ -796,10 +840,7 @@ def _act_cookie(t: _Test, m, msg: Message, env: Env, v: Verdict, out: Applied) -
     elif opt == "hash":
         out.hash.append((val if val is not None else h[1]).encode("latin-1", "replace"))
     elif opt == "log":
-        if k is None:
-            _log(out, msg, v, h[0], f"{h[1]} (removed)" if h[2] else h[1])
-        else:
-            _log(out, msg, v, k, val)
+        _log_header(out, msg, v, h)        # OpenBSD logs the header, not the cookie
 
 
 def _cookie_name(part: str) -> str:
@@ -817,7 +858,7 @@ def _cookie_set(t: _Test, msg: Message, env: Env, name: str, opt: str) -> None:
             for i in idx:
                 if _cookie_name(msg.headers[i][1].split(";", 1)[0]) == low:
                     msg.headers[i][2] = True
-        msg.add(name, pair + ";")
+        msg.append(name, pair + ";")
         return
     if not idx:
         msg.add(name, pair + ";")

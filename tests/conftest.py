@@ -63,13 +63,15 @@ class Daemon:
     """A daemon subprocess in -d mode with its stderr captured to a file."""
 
     def __init__(self, module: str, conf: Path, args: list[str] | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, cwd: Path | None = None) -> None:
         self.module = module
         self.conf = conf
         self.errpath = conf.with_suffix(".stderr")
         self.errfile = open(self.errpath, "wb")
         cmd = [PYTHON, "-m", module, "-d", "-f", str(conf)] + (args or [])
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.errfile,
+        if cwd is not None:         # started elsewhere: the code still comes from REPO
+            env = {**(env or os.environ), "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(cmd, cwd=cwd or REPO, stdout=self.errfile,
                                      stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 

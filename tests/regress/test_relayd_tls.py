@@ -3,7 +3,8 @@
 renewed certificates, bad input on a TLS port, sslyze's Mozilla check.
 
 Certificates come from trustme and are written to a temp dir that
-RELAYD_SSL_DIR (a test extension replacing /etc/ssl) points at.  One relayd
+RELAYD_SSL_DIR (a test extension replacing /etc/ssl) points at; relayd runs
+in that dir, where its relative `tls ca ...` file names are opened.  One relayd
 (prefork 1, -vv) runs every relay; backends are threads on loopback.
 """
 
@@ -112,6 +113,18 @@ def peer_cert(port: int, ctx: ssl.SSLContext, sni: str | None = "127.0.0.1") -> 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         with ctx.wrap_socket(s, server_hostname=sni) as t:
             return x509.load_der_x509_certificate(t.getpeercert(True))
+
+
+def cert_and_reply(port: int, ctx: ssl.SSLContext, sni: str) -> tuple[x509.Certificate, bytes]:
+    """The relay's certificate and its whole answer to a GET over TLS."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname=sni) as t:
+            c = x509.load_der_x509_certificate(t.getpeercert(True))
+            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            out = b""
+            while chunk := t.recv(4096):
+                out += chunk
+    return c, out
 
 
 def noverify() -> ssl.SSLContext:
@@ -231,13 +244,14 @@ def site(tmp_path_factory):
     tlsb = Backend(b"tls-backend", bctx)
     conf = d / "relayd.conf"
     conf.write_text(CONF.format(d=d, p=ports, plain=plain.port, tlsb=tlsb.port))
-    env = {**os.environ, "RELAYD_SSL_DIR": str(d)}
+    # Relative TLS file names are opened from relayd's working directory.
+    env = {**os.environ, "RELAYD_SSL_DIR": str(d), "PYTHONPATH": str(REPO)}
     import subprocess
     import sys
     errpath = d / "relayd.stderr"
     errf = open(errpath, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "relayd", "-d", "-vv", "-f", str(conf)],
-                            cwd=REPO, stdout=errf, stderr=subprocess.STDOUT, env=env,
+                            cwd=d, stdout=errf, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
 
     def output() -> str:
@@ -358,13 +372,7 @@ def test_forward_with_tls_without_ca_file(site):
 def test_interception_forges_backend_certificate(site):
     ctx = ssl.create_default_context(cafile=str(site["dir"] / "local-ca.pem"))
     port = site["ports"]["inspect"]
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        with ctx.wrap_socket(s, server_hostname="backend.test") as t:
-            c = x509.load_der_x509_certificate(t.getpeercert(True))
-            t.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            out = b""
-            while chunk := t.recv(4096):
-                out += chunk
+    c, out = cert_and_reply(port, ctx, "backend.test")
     assert out.endswith(b"tls-backend")
     orig = x509.load_pem_x509_certificate(site["bleaf"].cert_chain_pems[0].bytes())
     assert c.subject == orig.subject

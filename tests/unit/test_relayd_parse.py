@@ -443,6 +443,13 @@ def test_rule_default_direction_is_request():
     assert rule('block header "X-Bad"').direction == "request"
 
 
+def test_response_cookie_rule():
+    # parse.y has no direction check for cookies: Set-Cookie in responses.
+    r = rule('match response cookie append "a" value "b" tag "cookie"')
+    assert r.direction == "response"
+    assert r.entities == ent(type="cookie", option="append", key="a", value="b")
+
+
 def test_rule_append_cookie_query_hash():
     assert rule('match header append "Via" value "relayd"').entities == ent(
         type="header", option="append", key="Via", value="relayd")
@@ -961,9 +968,6 @@ ERROR_CASES = [
      ["relayd.conf:2: failed to load rules from /nonexistent/keys"]),
     ('http protocol p {\n\tblock response path "/x"\n}\n',
      ["relayd.conf:2: failed to load rule: path is only available with the direction request"]),
-    ('http protocol p {\n\tblock response cookie "c"\n}\n',
-     ["relayd.conf:2: failed to load rule: cookie is only available with the direction "
-      "request"]),
     ('http protocol p {\n\tblock response query "q"\n}\n',
      ["relayd.conf:2: failed to load rule: query is only available with the direction "
       "request"]),

@@ -254,7 +254,34 @@ def test_header_set_append_remove():
              'match request header append "X-New" value "n"\n'
              'match request header remove "X-C"')
     _, msg, _ = run(lines, msg)
-    assert msg.items() == [("Host", "h"), ("X-A", "new"), ("X-B", "b, more"), ("X-New", "n")]
+    assert msg.items() == [("Host", "h"), ("X-A", "new"), ("X-B", "b"), ("X-B", "more"),
+                           ("X-New", "n")]
+
+
+def test_header_append_is_a_line_of_its_own_and_log_sees_the_first():
+    # regress args-http-append-header.pl: appended values are separate
+    # lines; `log` logs the header the rule test found, as it arrived.
+    msg = req(headers=[("Host", "h"), ("X-Header-Client", "ABC")])
+    lines = ('match request header append "X-Header-Client" value "abc"\n'
+             'match request header log "X-Header*"')
+    _, msg, a = run(lines, msg)
+    assert msg.items() == [("Host", "h"), ("X-Header-Client", "ABC"),
+                           ("X-Header-Client", "abc")]
+    assert a.log == [" [X-Header-Client: ABC]"]
+    msg = req(headers=[("Host", "h"), ("X-A", "1"), ("X-A", "2")])
+    _, msg, _ = run('match request header append "X-A" value "$REMOTE_ADDR"', msg)
+    assert msg.items() == [("Host", "h"), ("X-A", "1"), ("X-A", "2"), ("X-A", "192.0.2.7")]
+
+
+def test_header_log_picks_like_kv_find():
+    # The first line of the first matching name in case-insensitive order.
+    msg = req(headers=[("Host", "h"), ("X-Zed", "z"), ("x-abc", "1"), ("X-ABC", "2")])
+    _, _, a = run('match request header log "X-*"', msg)
+    assert a.log == [" [x-abc: 1]"]
+    msg = req(headers=[("Host", "h"), ("X-Foo", "foo"), ("X-Bar", "bar")])
+    _, _, a = run('match response header remove "X-Foo"\nmatch response header log "*Foo"',
+                  R.Message.response(200, msg.items()), direction=R.RESPONSE)
+    assert a.log == [" {X-Foo: foo (removed)}"]
 
 
 def test_header_remove_glob():
@@ -326,7 +353,7 @@ def test_cookie_match_and_log():
     assert v.result == R.RES_DROP                   # names and values case-insensitive
     msg = req(headers=[("Host", "h"), ("Cookie", "a=1; b=2")])
     _, _, a = run('match request cookie log "b"', msg)
-    assert a.log == [" [b: 2]"]
+    assert a.log == [" [Cookie: a=1; b=2]"]         # the whole header, as OpenBSD
     v, _, _ = run('block request cookie "c"', req(headers=[("Host", "h"), ("Cookie", "a=1")]))
     assert v.result == R.RES_PASS
 
@@ -438,3 +465,25 @@ def test_hash_inputs():
 def test_compile_cached():
     rs = proto_rules('block request path "/x"')
     assert R.compile_rules(rs) is R.compile_rules(rs)
+
+
+def test_response_cookie_rules_on_set_cookie():
+    # regress args-http-filter-cookie.pl: response cookie rules look at and
+    # add Set-Cookie lines.
+    msg = resp(headers=[("Server", "x"), ("Set-Cookie", "sid=abc; Path=/")])
+    v, msg, a = run('match response cookie log "sid" value "a*"\n'
+                    'match response cookie append "a" value "b" tag "cookie"', msg,
+                    direction=R.RESPONSE)
+    assert v.tag == "cookie"
+    assert a.log == [" {Set-Cookie: sid=abc; Path=/}"]
+    assert msg.items() == [("Server", "x"), ("Set-Cookie", "sid=abc; Path=/"),
+                           ("Set-Cookie", "a=b;")]
+    v, _, _ = run('block response cookie "sid" value "x*"', resp(
+        headers=[("Set-Cookie", "sid=abc")]), direction=R.RESPONSE)
+    assert v.result == R.RES_PASS
+    v, _, _ = run('block response cookie "sid"', resp(
+        headers=[("Set-Cookie", "sid=abc")]), direction=R.RESPONSE)
+    assert v.result == R.RES_DROP
+    v, msg, _ = run('match response cookie set "sid" value "new"', resp(
+        headers=[("Set-Cookie", "sid=abc"), ("Set-Cookie", "o=1")]), direction=R.RESPONSE)
+    assert msg.items() == [("Set-Cookie", "o=1"), ("Set-Cookie", "sid=new;")]
