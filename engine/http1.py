@@ -378,9 +378,37 @@ class ServerConn(_Conn):
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
             # A CRLF after the URL ends the request line.
-            i = data.rfind(cur.target.encode("latin-1")) if self._url_chunk else 0
+            target = cur.target.encode("latin-1")
+            i = data.rfind(target) if self._url_chunk else 0
             if b"\r\n" in data[max(i, 0):]:
                 self._line_seen = True
+                if self.httpd_rules and i >= 0 and self._url_chunk and \
+                        data.startswith(b"\r\n", i + len(target)):
+                    # `GET /` without a version: OpenBSD httpd answers 400
+                    # at once (llhttp would take it for HTTP/0.9 and wait
+                    # for the end of a head).
+                    self.no_version = True
+                    self.error = HttpError(400, "malformed")
+                    raise self.error
+
+    no_version = False      # the failed request line had no HTTP version
+
+    def failed_line(self) -> tuple[str, str, str | None] | None:
+        """(method, target, version or None) of the request line of a head
+        that failed, as far as it was read (OpenBSD logs a bad request with
+        what its first line gave); None when no target was read."""
+        cur = self.cur
+        if cur is None or not cur.target:
+            return None
+        method = cur.method or self.parser.get_method().decode("ascii", "replace")
+        version = None
+        if cur.method:                # the whole head was read
+            version = cur.version
+        elif self._line_seen and not self.no_version:
+            version = self.parser.get_http_version()
+        if version == "0.9":          # llhttp's reading of a line without one
+            version = None
+        return method, cur.target, version
 
     def head_started(self) -> bool:
         """A request head is partly read (at least its request line): on a

@@ -98,6 +98,17 @@ class Exchange:
         self.orig_query: str | None = None  # query as requested (path: log_path)
 
     # -- macros (server_expand_http) -------------------------------------
+    def log_failed_line(self, line: tuple[str, str, str | None] | None) -> None:
+        """Log a request that failed to parse with what its request line
+        gave (`"GET /" 400 0` for a line without a version, as OpenBSD)."""
+        if line is None:
+            return
+        self.method, target, version = line
+        self.version = "HTTP/" + version if version else None
+        path, q, query = target.partition("?")
+        self.path = path
+        self.orig_query = query if q else None
+
     def macros(self) -> dict[str, str]:
         # Path and query as requested (http_path, http_query), not as a
         # `request rewrite` or an index file changed them (the aliases).
@@ -162,6 +173,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                     req = await conn.next_request()
                 except HttpError as e:
                     timer.disarm()
+                    x.log_failed_line(conn.failed_line())
                     # An invalid Content-Length is 400 here; OpenBSD
                     # answers 500 (strtonum() failure), which is a bug.
                     await abort_http(x, e.status, e.msg or "malformed", log_req=True)

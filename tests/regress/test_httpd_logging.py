@@ -121,6 +121,28 @@ def test_malformed_request_logged_400(logs):
                         r' "GET /bad%25zzpath HTTP/1\.1" 400 0', line), line
 
 
+@pytest.mark.parametrize("raw", [b"GET /\r\n\r\n", b"GET /\r\n"],
+                         ids=["blank-line", "line-only"])
+def test_request_line_without_version(logs, raw):
+    # OpenBSD's args-get-slash: `GET /` is answered 400 at once (not
+    # taken for HTTP/0.9, not left waiting for more) and logged "GET /".
+    before = len(lines(logs, "access.log"))
+    resp = raw_exchange(logs.port, raw, timeout=5)
+    assert resp.startswith(b"HTTP/1.0 400 Bad Request\r\n"), resp[:80]
+    new = wait_for(lambda: lines(logs, "access.log")[before:], what="a new line")
+    assert len(new) == 1 and re.fullmatch(
+        r'common\.test 127\.0\.0\.1 - - ' + LOG_TS + r' "GET /" 400 0', new[0]), new
+
+
+def test_bad_head_logged_with_its_request_line(logs):
+    before = len(lines(logs, "access.log"))
+    resp = raw_exchange(logs.port, b"GET /two-hosts?q HTTP/1.1\r\nHost: common.test\r\n"
+                        b"Host: other.test\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.0 400 "), resp[:80]
+    new = wait_for(lambda: lines(logs, "access.log")[before:], what="a new line")
+    assert new[-1].endswith('"GET /two-hosts?q HTTP/1.1" 400 0'), new
+
+
 def test_unparsable_request_still_logged(logs):
     before = len(lines(logs, "access.log"))
     raw_exchange(logs.port, b"\x01\x02garbage\r\n\r\n")
