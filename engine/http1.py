@@ -25,6 +25,7 @@ from email.utils import formatdate
 
 import httptools
 
+from engine.chunked import ChunkedReader, ChunkError, Framing
 from engine.conn import Transport
 
 # Reason phrases, IANA registry (incl. 418, 420 and 451 as OpenBSD's http.h).
@@ -68,6 +69,8 @@ HEAD_SLACK = 16384
 BAD_CONTENT_LENGTH = "invalid content length"
 # A LF not preceded by CR (OpenBSD httpd reads lines with EVBUFFER_EOL_CRLF_STRICT).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# The end of a head when a bare LF may end a line (passthrough mode).
+_HEAD_END = re.compile(rb"\n\r?\n")
 # Control characters never allowed in a header value (tab is allowed).
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
@@ -153,13 +156,31 @@ class Response:
 _END = None   # event: end of the current message's body
 
 
+class _Failed:
+    """Event: the input broke here (passthrough mode).  What was parsed
+    before it is still served; reaching it raises the error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: HttpError) -> None:
+        self.error = error
+
+
 class _Conn:
     """What ServerConn and ClientConn share: feeding and the event queue."""
 
-    def __init__(self, transport: Transport, max_head: int) -> None:
+    def __init__(self, transport: Transport, max_head: int, passthrough: bool = False) -> None:
         self.t = transport
         self.max_head = max_head
         self.events: deque = deque()
+        # passthrough (relayd): bare LF ends lines, chunked bodies come out
+        # with their framing (engine.chunked), errors queue behind the
+        # messages parsed before them.  Heads are cut out of the input here
+        # so llhttp never sees a chunked body or a bare LF.
+        self.passthrough = passthrough
+        self._body = None          # passthrough: None (a head next), bytes left, -1, reader
+        self._hold = b""           # passthrough: line-end bytes of an unfinished head
+        self._head_done = None
         self.eof = False
         self.cur = None            # head being parsed
         self.in_head = False
@@ -234,9 +255,10 @@ class _Conn:
             head.chunked = True
 
     crlf_wait = False     # see ServerConn(httpd_rules=True)
+    _replace = False      # see ClientConn.expect()
     stalled = -1          # bytes seen since the head stalled on a bare LF
 
-    def _feed(self, data: bytes) -> None:
+    def _parse(self, data: bytes) -> None:
         if self.stalled >= 0:
             self._stall(data)
             return
@@ -263,6 +285,78 @@ class _Conn:
                 return
             raise HttpError(400, _parser_reason(e)) from None
 
+    def _split(self, data: bytes) -> None:
+        # Passthrough: llhttp gets each head up to its blank line (bare LFs
+        # made CRLF) and Content-Length bodies; a chunked body goes to a
+        # ChunkedReader, and llhttp (still expecting chunks) is replaced.
+        while data:
+            body = self._body
+            if body is None:
+                if self._hold:
+                    data = self._hold + data
+                    self._hold = b""
+                m = _HEAD_END.search(data)
+                if m is None:
+                    # Hold back a line end that may be half of the blank line.
+                    k = min(3, len(data) - len(data.rstrip(b"\r\n")))
+                    if k:
+                        piece, self._hold = data[:-k], data[-k:]
+                    else:
+                        piece = data
+                    data = b""
+                else:
+                    end = m.end()
+                    if end == len(data):
+                        piece, data = data, b""
+                    else:
+                        piece, data = data[:end], data[end:]
+                if not piece:
+                    continue
+                if piece.count(b"\n") != piece.count(b"\r\n"):
+                    piece = _BARE_LF.sub(b"\r\n", piece)     # RFC 9112 2.2
+                self._head_done = None
+                self._parse(piece)
+                if self.upgraded:
+                    self.rest += data
+                    return
+                head = self._head_done
+                if head is not None:
+                    if self._replace:
+                        self._new_parser()
+                    elif self.cur is not None:             # a body follows
+                        if head.chunked:
+                            self._body = ChunkedReader()
+                        else:
+                            self._body = head.content_length or -1
+            elif type(body) is int:
+                if body < 0:                                # until the close
+                    self._parse(data)
+                    return
+                n = len(data)
+                if n <= body:
+                    self._parse(data)
+                    data = b""
+                    body -= n
+                else:
+                    self._parse(data[:body])
+                    data = data[body:]
+                    body = 0
+                self._body = body or None
+            else:
+                try:
+                    events, data = body.feed(data)
+                except ChunkError as e:
+                    self.error = HttpError(400, str(e))
+                    raise self.error from None
+                self.events.extend(events)
+                if body.done:
+                    self.events.append(_END)
+                    self.cur = None
+                    self._body = None
+                    self._new_parser()
+
+    _feed = _parse        # a passthrough connection feeds through _split()
+
     def _stall(self, data: bytes) -> None:
         # A head that used bare LFs: OpenBSD keeps reading until a line ends in
         # CRLF (then the line is garbage: 400) or more than the head limit came
@@ -287,7 +381,14 @@ class _Conn:
             return False
         if self.on_data is not None:
             self.on_data()
-        self._feed(data)
+        try:
+            self._feed(data)
+        except HttpError as e:
+            if not self.passthrough or not self.events:
+                raise
+            # Serve what came before the error first (pipelined requests).
+            self.events.append(_Failed(e))
+            self.eof = True
         return True
 
     # Called after each received chunk (e.g. to push an inactivity deadline).
@@ -305,9 +406,12 @@ class _Conn:
                 if ev is _END:
                     events.popleft()
                     return b""
-                if type(ev) is bytes:
+                t = type(ev)
+                if t is bytes or t is Framing:
                     events.popleft()
                     return ev
+                if t is _Failed:
+                    raise ev.error
                 return b""     # the next message's head: this body ended
             if not await self._fill():
                 if self.upgraded:
@@ -342,21 +446,27 @@ class ServerConn(_Conn):
     """The server side of one connection: requests in."""
 
     def __init__(self, transport: Transport, max_head: int = MAX_HEAD,
-                 lenient: bool = False, httpd_rules: bool = False) -> None:
-        super().__init__(transport, max_head)
+                 lenient: bool = False, httpd_rules: bool = False,
+                 passthrough: bool = False) -> None:
+        super().__init__(transport, max_head, passthrough)
         self.lenient = lenient
         # httpd_rules: OpenBSD httpd's reading of versions and line ends:
         # HTTP/1.x with x > 1 is read as 1.1, a major version above 1 is
         # answered 505, and a head with bare LFs waits for a CRLF.
         self.httpd_rules = httpd_rules
         self.crlf_wait = httpd_rules
+        self._new_parser()
+        if passthrough:
+            self._feed = self._split      # no request-line tracking (httpd's 408)
+        self.requests = 0
+
+    def _new_parser(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        if lenient or httpd_rules:
+        if self.lenient or self.httpd_rules:
             # httpd accepts obs-fold continuation lines (httpd.conf(5) era
             # behaviour); the control-character check above stays on.
-            self.parser.set_dangerous_leniencies(lenient_headers=lenient,
-                                                 lenient_version=httpd_rules)
-        self.requests = 0
+            self.parser.set_dangerous_leniencies(lenient_headers=self.lenient,
+                                                 lenient_version=self.httpd_rules)
 
     def _new_head(self) -> Request:
         return Request()
@@ -374,7 +484,7 @@ class ServerConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         self._url_chunk = False
-        _Conn._feed(self, data)      # (no super(): called per read)
+        _Conn._parse(self, data)      # (no super(): called per read)
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
             # A CRLF after the URL ends the request line.
@@ -425,6 +535,7 @@ class ServerConn(_Conn):
                 self.error = e
                 raise
         cur.upgrade = p.should_upgrade()
+        self._head_done = cur
         self.events.append(cur)
 
     async def next_request(self, discard_limit: int = 1 << 20) -> Request | None:
@@ -442,6 +553,8 @@ class ServerConn(_Conn):
                     self.requests += 1
                     return ev
                 if ev is not _END:
+                    if type(ev) is _Failed:
+                        raise ev.error
                     discarded += len(ev)
                     if discarded > discard_limit:
                         return None
@@ -458,11 +571,17 @@ class ClientConn(_Conn):
     parser is replaced (nothing is pipelined to a backend, so no bytes are
     lost)."""
 
-    def __init__(self, transport: Transport, max_head: int = 65536) -> None:
-        super().__init__(transport, max_head)
+    def __init__(self, transport: Transport, max_head: int = 65536,
+                 passthrough: bool = False) -> None:
+        super().__init__(transport, max_head, passthrough)
         self.lenient = False
         self.parser = httptools.HttpResponseParser(self)
         self.head_request = False
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.in_head = False
+        self._replace = False
 
     def _new_head(self) -> Response:
         return Response()
@@ -482,6 +601,7 @@ class ClientConn(_Conn):
         except HttpError as e:
             self.error = HttpError(502, e.msg)
             raise self.error
+        self._head_done = cur
         self.events.append(cur)
         if self.head_request:
             # No body follows a response to HEAD whatever its headers say.
@@ -489,21 +609,20 @@ class ClientConn(_Conn):
             self.cur = None
             self._replace = True
 
-    _replace = False
-
     def expect(self, method: str) -> None:
         self.head_request = method == "HEAD"
 
     def _feed(self, data: bytes) -> None:
         try:
-            _Conn._feed(self, data)
+            if self.passthrough:
+                self._split(data)
+            else:
+                _Conn._parse(self, data)
         except HttpError as e:
             if not self._replace:
                 raise HttpError(502, e.msg) from None
         if self._replace:
-            self.parser = httptools.HttpResponseParser(self)
-            self.in_head = False
-            self._replace = False
+            self._new_parser()
 
     def on_message_complete(self) -> None:
         if self._replace:
@@ -511,8 +630,10 @@ class ClientConn(_Conn):
         super().on_message_complete()
 
     def _at_eof(self) -> None:
-        # A body delimited by the connection close ends here.
-        if self.cur is not None and not self.in_head:
+        # A body delimited by the connection close ends here (and only such
+        # a body: in passthrough mode a short one stays unfinished).
+        if self.cur is not None and not self.in_head and \
+                (not self.passthrough or self._body == -1):
             self.events.append(_END)
             self.cur = None
 
@@ -524,5 +645,7 @@ class ClientConn(_Conn):
                 ev = events.popleft()
                 if type(ev) is Response:
                     return ev
+                if type(ev) is _Failed:
+                    raise ev.error
             if not await self._fill():
                 return None

@@ -745,7 +745,7 @@ def test_http10_client_gets_chunked_body_unframed(env):
     assert r.header("transfer-encoding") is None and r.header("connection") == "close"
 
 
-def test_chunked_response_reframed(env):
+def test_chunked_response_passes_as_sent(env):
     with Client(env.port("basic")) as c:
         c.send(f"GET {uniq()}/chunked HTTP/1.1\r\nHost: h\r\n\r\n".encode())
         r = c.response()
@@ -754,11 +754,12 @@ def test_chunked_response_reframed(env):
         r2 = c.response()
     assert r.header("transfer-encoding") == "chunked"
     assert r.body == b"hello, world"
-    assert r.raw_body == b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"   # no extensions/trailers
+    # the backend's chunk sizes, extensions and trailer (OpenBSD relays them)
+    assert r.raw_body == b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
     assert r2.status == 200
 
 
-def test_chunked_request_reframed(env):
+def test_chunked_request_passes_as_sent(env):
     path = uniq() + "/echo"
     with Client(env.port("basic")) as c:
         c.send(f"POST {path} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -767,7 +768,7 @@ def test_chunked_request_reframed(env):
     assert r.body == b"abc"
     rec = env.rec.find(path)
     assert rec.header("transfer-encoding") == "chunked"
-    assert rec.body == b"3\r\nabc\r\n0\r\n\r\n"
+    assert rec.body == b"3;name=val\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
 
 
 def test_content_length_body_streamed(env):
@@ -893,13 +894,14 @@ def test_304_keeps_headers_no_body(env):
     assert r2.body == b"ok"
 
 
-def test_absolute_form_becomes_origin_form(env):
+def test_absolute_form_forwarded_as_received(env):
     path = uniq("/abs")
     with Client(env.port("basic")) as c:
         c.send(f"GET http://www.example.com{path}?x=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
                .encode())
         assert c.response().status == 200
-    assert env.rec.find(path).head.startswith(f"GET {path}?x=1 HTTP/1.1\r\n".encode())
+    assert env.rec.find(path).head.startswith(
+        f"GET http://www.example.com{path}?x=1 HTTP/1.1\r\n".encode())
 
 
 def test_options_asterisk(env):
@@ -1030,12 +1032,8 @@ SMUGGLE = [
                        "-3\r\nabc\r\n0\r\n\r\n"),
     ("chunk-size-huge", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                         "fffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
-    ("chunk-bare-lf", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      "3\nabc\n0\n\n"),
     ("chunk-data-long", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                         "3\r\nabcdef\r\n0\r\n\r\n"),
-    ("bare-lf-head", "POST {p} HTTP/1.1\nHost: h\nContent-Length: 3\n\nabc"),
-    ("bare-lf-header", "POST {p} HTTP/1.1\r\nHost: h\nContent-Length: 3\r\n\r\nabc"),
     ("bare-cr", "POST {p} HTTP/1.1\r\nHost: h\rX: y\r\nContent-Length: 3\r\n\r\nabc"),
     ("cl-fold-empty", "POST {p} HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n \r\n\r\nabc"),
     ("cr-in-value", "GET {p} HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n"),
