@@ -179,7 +179,7 @@ class _Conn:
         # so llhttp never sees a chunked body or a bare LF.
         self.passthrough = passthrough
         self._body = None          # passthrough: None (a head next), bytes left, -1, reader
-        self._hold = b""           # passthrough: line-end bytes of an unfinished head
+        self._tail = b""           # passthrough: last bytes of an unfinished head
         self._head_done = None
         self.eof = False
         self.cur = None            # head being parsed
@@ -292,28 +292,31 @@ class _Conn:
         while data:
             body = self._body
             if body is None:
-                if self._hold:
-                    data = self._hold + data
-                    self._hold = b""
-                m = _HEAD_END.search(data)
-                if m is None:
-                    # Hold back a line end that may be half of the blank line.
-                    k = min(3, len(data) - len(data.rstrip(b"\r\n")))
-                    if k:
-                        piece, self._hold = data[:-k], data[-k:]
-                    else:
-                        piece = data
-                    data = b""
+                tail = self._tail
+                if tail:                 # a head across reads: its end may straddle
+                    self._tail = b""
+                    m = _HEAD_END.search(tail + data)
+                    end = m.end() - len(tail) if m is not None else -1
                 else:
-                    end = m.end()
-                    if end == len(data):
-                        piece, data = data, b""
-                    else:
-                        piece, data = data[:end], data[end:]
+                    m = _HEAD_END.search(data)
+                    end = m.end() if m is not None else -1
+                if end < 0:
+                    piece, data = data, b""
+                    self._tail = (tail + piece)[-2:]
+                elif end == len(data):
+                    piece, data = data, b""
+                else:
+                    piece, data = data[:end], data[end:]
                 if not piece:
                     continue
-                if piece.count(b"\n") != piece.count(b"\r\n"):
-                    piece = _BARE_LF.sub(b"\r\n", piece)     # RFC 9112 2.2
+                crlf = piece.count(b"\r\n")
+                if piece.count(b"\n") != crlf:                # RFC 9112 2.2
+                    # (an LF after the CR that ended the last read is no bare LF)
+                    split = piece[:1] == b"\n" and tail[-1:] == b"\r"
+                    if not split or piece.count(b"\n") != crlf + 1:
+                        piece = _BARE_LF.sub(b"\r\n", piece)
+                        if split:
+                            piece = piece[1:]
                 self._head_done = None
                 self._parse(piece)
                 if self.upgraded:
@@ -414,6 +417,8 @@ class _Conn:
                     raise ev.error
                 return b""     # the next message's head: this body ended
             if not await self._fill():
+                if events:
+                    continue        # the close ended a body (_at_eof)
                 if self.upgraded:
                     return b""
                 raise HttpError(400, "body truncated")
