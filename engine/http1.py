@@ -12,6 +12,13 @@ Transfer-Encoding that does not end in chunked, and a limit on the size of
 the head (413).  Every protocol error is raised as HttpError(status) once,
 here; callers map nothing themselves.
 
+passthrough=True (relayd only; httpd reads CRLF only) cuts each head out of
+the input itself: a bare LF ends a line (made CRLF before llhttp sees it,
+a CR not before LF is still refused), a chunked body comes out with its
+framing as read (engine.chunked: Framing values between the payload
+bytes), and an error is queued behind the messages parsed before it in the
+same read, so those are served first.
+
 This module builds no response heads beyond helpers (`http_date`,
 `REASONS`): the daemons own their header sets.
 """
@@ -289,17 +296,66 @@ class _Conn:
         # Passthrough: llhttp gets each head up to its blank line (bare LFs
         # made CRLF) and Content-Length bodies; a chunked body goes to a
         # ChunkedReader, and llhttp (still expecting chunks) is replaced.
+        if self._body is None and not self._tail:
+            # The common read: one CRLF-only head (equal CR and LF counts: a
+            # lone CR llhttp refuses anyway), maybe with its body.
+            end = data.find(b"\r\n\r\n") + 4
+            if end > 3 and data.count(b"\r", 0, end) == data.count(b"\n", 0, end):
+                self._head_done = None
+                if end == len(data):
+                    self._parse(data)
+                    data = b""
+                else:
+                    self._parse(data[:end])
+                    data = data[end:]
+                head = self._head_done
+                if head is not None and self.cur is not None and not self.upgraded \
+                        and not self._replace and not head.chunked:
+                    cl = head.content_length
+                    if cl and len(data) <= cl:
+                        if data:
+                            self._parse(data)
+                        self._body = cl - len(data) or None
+                        return
+                if not data and (head is None or self.cur is None) and not self.upgraded \
+                        and not self._replace:
+                    return
+                # Anything else: the general way, from the head just parsed.
+                if self.upgraded:
+                    self.rest += data
+                    return
+                self._after_head(head)
+        self._split_loop(data)
+
+    def _after_head(self, head) -> None:
+        # What follows the head just parsed (None: it did not end).
+        if head is not None:
+            if self._replace:
+                self._new_parser()
+            elif self.cur is not None:             # a body follows
+                if head.chunked:
+                    self._body = ChunkedReader()
+                else:
+                    self._body = head.content_length or -1
+
+    def _split_loop(self, data: bytes) -> None:
         while data:
             body = self._body
             if body is None:
                 tail = self._tail
+                clean = False            # no bare LF up to `end`
                 if tail:                 # a head across reads: its end may straddle
                     self._tail = b""
                     m = _HEAD_END.search(tail + data)
                     end = m.end() - len(tail) if m is not None else -1
                 else:
-                    m = _HEAD_END.search(data)
-                    end = m.end() if m is not None else -1
+                    # Fast path, a CRLF-only head: its first CRLFCRLF ends it.
+                    end = data.find(b"\r\n\r\n") + 4
+                    if end > 3 and data.count(b"\n", 0, end) == data.count(b"\r\n", 0, end):
+                        clean = True
+                    else:
+                        m = _HEAD_END.search(data)
+                        end = m.end() if m is not None else -1
                 if end < 0:
                     piece, data = data, b""
                     self._tail = (tail + piece)[-2:]
@@ -309,8 +365,8 @@ class _Conn:
                     piece, data = data[:end], data[end:]
                 if not piece:
                     continue
-                crlf = piece.count(b"\r\n")
-                if piece.count(b"\n") != crlf:                # RFC 9112 2.2
+                if not clean and piece.count(b"\n") != (crlf := piece.count(b"\r\n")):
+                    # RFC 9112 2.2: a bare LF ends a line too.
                     # (an LF after the CR that ended the last read is no bare LF)
                     split = piece[:1] == b"\n" and tail[-1:] == b"\r"
                     if not split or piece.count(b"\n") != crlf + 1:
@@ -322,15 +378,7 @@ class _Conn:
                 if self.upgraded:
                     self.rest += data
                     return
-                head = self._head_done
-                if head is not None:
-                    if self._replace:
-                        self._new_parser()
-                    elif self.cur is not None:             # a body follows
-                        if head.chunked:
-                            self._body = ChunkedReader()
-                        else:
-                            self._body = head.content_length or -1
+                self._after_head(self._head_done)
             elif type(body) is int:
                 if body < 0:                                # until the close
                     self._parse(data)

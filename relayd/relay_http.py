@@ -7,17 +7,29 @@ rule may pick the table with `forward to`, `hash` options feed mode hash)
 and keeps it for the next requests while both sides keep alive.  A rule
 picking another table gets a new backend connection.
 
-Bodies are never buffered whole: they stream through in large pieces and
-are framed again on the way out (Content-Length, or chunk by chunk), so a
-backend never sees the client's framing.  Hop-by-hop headers are dropped
-and the Connection header is rebuilt for each side; folded header lines
-are joined into one.  Anything a backend could read differently from us --
-Content-Length with Transfer-Encoding, repeated or bad Content-Length, a
-coding other than plain chunked, bad chunk sizes, bare LF or CR, NUL/CTL
-bytes, bad header names, folded framing headers, repeated or mismatching
-Host -- is refused with 400; a head is refused before anything is
-forwarded, a bad chunk later in a body cuts the backend connection before
-that request is complete.
+Bodies are never buffered whole: they stream through as they come, in the
+sender's framing -- Content-Length as is, a chunked body with the sender's
+own chunk-size lines, extensions and trailer (engine.http1's passthrough
+mode validates each) -- so both peers see the same message boundaries; only
+an HTTP/1.0 client gets a chunked response unchunked, until the close.  A
+bare LF ends a line as in OpenBSD (RFC 9112 2.2); heads are rebuilt and
+every line written toward the other side ends in CRLF.  Hop-by-hop headers
+are dropped and the Connection header is rebuilt for each side; folded
+header lines are joined into one.  Anything a backend could read
+differently from us -- Content-Length with Transfer-Encoding, repeated or
+bad Content-Length, a coding other than plain chunked, bad chunk sizes, a CR
+not before LF, NUL/CTL bytes, bad header names, folded framing headers,
+repeated or mismatching Host -- is refused with 400; a head is refused
+before anything of it is forwarded (requests parsed before it in the same
+read are answered first), a bad chunk later in a body cuts the backend
+connection before that request is complete.  A request without a length
+has no body (RFC 9112 6.3): what follows its head is the next request.
+
+A response without a length (neither Content-Length nor chunked) streams
+until the backend closes, with `Connection: close` toward the client;
+requests the client sends meanwhile are filtered and forwarded on the same
+backend connection, as OpenBSD does.  Absolute-form targets are kept as
+received for the rules, the log and the backend.
 
 CONNECT and (with `http websockets`) a WebSocket upgrade answered by 101
 become raw tunnels (engine.splice).  Errors a client sees go through

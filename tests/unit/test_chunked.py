@@ -220,3 +220,8 @@ def test_crlf_split_across_reads_is_no_bare_lf():
     assert [r.target for r, _ in got] == ["/a"]
     got = run([b"GET /a HTTP/1.1\r\nHost: h\r", b"X: y\r\n\r\n"])
     assert len(got) == 1 and isinstance(got[0], HttpError)
+
+
+def test_many_pipelined_requests_in_one_read():
+    got = run([b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n" * 3000 + b"GET /y HTTP/1.1\nHost: h\n\n" * 10])
+    assert len(got) == 3010 and got[-1][0].target == "/y"
