@@ -299,13 +299,16 @@ class HttpRelay:
                 reason = "done"
         return reason
 
-    async def _loop(self) -> str:
+    async def _next_request(self) -> Request | None:
         conn = self.conn
+        try:
+            return await conn.next_request()
+        except HttpError as e:
+            raise _Abort(*client_error(conn, e)) from None
+
+    async def _loop(self) -> str:
         while True:
-            try:
-                req = await conn.next_request()
-            except HttpError as e:
-                raise _Abort(*client_error(conn, e)) from None
+            req = await self._next_request()
             if req is None:
                 return "done"
             self.touch()
@@ -697,12 +700,8 @@ class HttpRelay:
             await up.finished.wait()            # one reader of the client at a time
             if not up.done:
                 return
-        conn = self.conn
         while True:
-            try:
-                req = await conn.next_request()
-            except HttpError as e:
-                raise _Abort(*client_error(conn, e)) from None
+            req = await self._next_request()
             if req is None:
                 return          # the client sent all it will; the response goes on
             self.touch()
@@ -711,7 +710,7 @@ class HttpRelay:
                 raise _Close("done")            # no tunnel inside a stream
             await self.backend.send_all(head)
             if body is not None:
-                await self._pump(conn, self.backend, [])
+                await self._pump(self.conn, self.backend, [])
 
     def _response_rules(self, msg: rules.Message) -> None:
         s = self.s

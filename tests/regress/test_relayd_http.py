@@ -551,6 +551,42 @@ ECHO_LOCATIONS = """
 """
 
 
+
+def start_relayd(tmp: Path, conf: str, names, **fmt) -> tuple[Daemon, dict[str, int]]:
+    """A relayd on `conf` (a template with a {p_NAME} port per relay name
+    and `fmt`), listening on every port."""
+    # Ports are picked free, then bound by relayd: another test run may
+    # take one in between, so start again on fresh ports if a bind fails.
+    for attempt in range(3):
+        ports = {k: free_port() for k in names}
+        path = tmp / f"relayd{attempt}.conf"
+        path.write_text(conf.format(**fmt, **{f"p_{k}": v for k, v in ports.items()}))
+        relayd = Daemon("relayd", path)
+        try:
+            for p in ports.values():
+                wait_port(p, proc=relayd.proc)
+            time.sleep(0.2)
+            if relayd.proc.poll() is None and "bind" not in relayd.output():
+                return relayd, ports
+        except (RuntimeError, TimeoutError):
+            pass
+        relayd.stop()
+    raise RuntimeError(f"relayd did not start:\n{relayd.output()}")
+
+
+def log_line(relayd: Daemon, pattern: str, timeout: float = TIMEOUT) -> str:
+    """The first line of relayd's output matching the regex `pattern`."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in relayd.output().splitlines():
+            if rx.search(line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line /{pattern}/ in:\n{relayd.output()[-3000:]}")
+        time.sleep(0.05)
+
+
 try:
     import ctypes
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -580,28 +616,11 @@ class Env:
         self.pair_port = free_port()
         self.pair = [Recorder("127.0.0.2", self.pair_port, "pair2"),
                      Recorder("127.0.0.3", self.pair_port, "pair3")]
-        # Ports are picked free, then bound by relayd: another test run may
-        # take one in between, so start again on fresh ports if a bind fails.
-        for attempt in range(3):
-            self.ports = {k: free_port() for k in
-                          ("basic", "silent", "filters", "ws", "small", "route", "hash",
-                           "dead", "styled", "nginx", "idle")}
-            conf = CONF.format(rec=self.rec.port, rec_alt=self.alt.port, pair=self.pair_port,
-                               dead=free_port(), ngx=self.ngx_port,
-                               **{f"p_{k}": v for k, v in self.ports.items()})
-            path = tmp / f"relayd{attempt}.conf"
-            path.write_text(conf)
-            self.relayd = Daemon("relayd", path)
-            try:
-                for p in self.ports.values():
-                    wait_port(p, proc=self.relayd.proc)
-                time.sleep(0.2)
-                if self.relayd.proc.poll() is None and "bind" not in self.relayd.output():
-                    return
-            except (RuntimeError, TimeoutError):
-                pass
-            self.relayd.stop()
-        raise RuntimeError(f"relayd did not start:\n{self.relayd.output()}")
+        self.relayd, self.ports = start_relayd(
+            tmp, CONF, ("basic", "silent", "filters", "ws", "small", "route", "hash", "dead",
+                        "styled", "nginx", "idle"),
+            rec=self.rec.port, rec_alt=self.alt.port, pair=self.pair_port, dead=free_port(),
+            ngx=self.ngx_port)
 
     def _start_nginx(self) -> subprocess.Popen | None:
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
@@ -635,15 +654,7 @@ class Env:
 
     def log_line(self, pattern: str, timeout: float = TIMEOUT) -> str:
         """The first relayd output line matching the regex `pattern`."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.relayd.output().splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line /{pattern}/ in:\n{self.relayd.output()[-3000:]}")
-            time.sleep(0.05)
+        return log_line(self.relayd, pattern, timeout)
 
     def stop(self) -> None:
         if self.relayd is not None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, free_port, wait_port
-from tests.regress.test_relayd_http import TIMEOUT, Client, Rec, Recorder, exchange, uniq
+from tests.regress.test_relayd_http import Client, Rec, Recorder, exchange, start_relayd, uniq
+from tests.regress.test_relayd_http import Env as HttpEnv
 
 CONF = """
 prefork 1
@@ -93,50 +92,13 @@ class Backend(Recorder):
         return super().respond(c, rec, rd)
 
 
-class Env:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.relayd: Daemon | None = None
+class Env(HttpEnv):
+    """test_relayd_http's environment with this module's relays and backend."""
 
     def start(self) -> None:
         self.rec = Backend(name="main")
-        for attempt in range(3):
-            self.ports = {k: free_port() for k in ("basic", "filters", "pathlog")}
-            path = self.tmp / f"relayd{attempt}.conf"
-            path.write_text(CONF.format(rec=self.rec.port,
-                                        **{f"p_{k}": v for k, v in self.ports.items()}))
-            self.relayd = Daemon("relayd", path)
-            try:
-                for p in self.ports.values():
-                    wait_port(p, proc=self.relayd.proc)
-                time.sleep(0.2)
-                if self.relayd.proc.poll() is None and "bind" not in self.relayd.output():
-                    return
-            except (RuntimeError, TimeoutError):
-                pass
-            self.relayd.stop()
-        raise RuntimeError(f"relayd did not start:\n{self.relayd.output()}")
-
-    def port(self, name: str) -> int:
-        return self.ports[name]
-
-    def log_line(self, pattern: str, timeout: float = TIMEOUT) -> str:
-        import re
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.relayd.output().splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line /{pattern}/ in:\n{self.relayd.output()[-3000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.relayd is not None:
-            self.relayd.stop()
-        if hasattr(self, "rec"):
-            self.rec.close()
+        self.relayd, self.ports = start_relayd(self.tmp, CONF, ("basic", "filters", "pathlog"),
+                                               rec=self.rec.port)
 
 
 @pytest.fixture(scope="module")
