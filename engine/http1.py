@@ -12,6 +12,13 @@ Transfer-Encoding that does not end in chunked, and a limit on the size of
 the head (413).  Every protocol error is raised as HttpError(status) once,
 here; callers map nothing themselves.
 
+passthrough=True (relayd only; httpd reads CRLF only) cuts each head out of
+the input itself: a bare LF ends a line (made CRLF before llhttp sees it,
+a CR not before LF is still refused), a chunked body comes out with its
+framing as read (engine.chunked: Framing values between the payload
+bytes), and an error is queued behind the messages parsed before it in the
+same read, so those are served first.
+
 This module builds no response heads beyond helpers (`http_date`,
 `REASONS`): the daemons own their header sets.
 """
@@ -25,6 +32,7 @@ from email.utils import formatdate
 
 import httptools
 
+from engine.chunked import ChunkedReader, ChunkError, Framing
 from engine.conn import Transport
 
 # Reason phrases, IANA registry (incl. 418, 420 and 451 as OpenBSD's http.h).
@@ -68,6 +76,8 @@ HEAD_SLACK = 16384
 BAD_CONTENT_LENGTH = "invalid content length"
 # A LF not preceded by CR (OpenBSD httpd reads lines with EVBUFFER_EOL_CRLF_STRICT).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+# The end of a head when a bare LF may end a line (passthrough mode).
+_HEAD_END = re.compile(rb"\n\r?\n")
 # Control characters never allowed in a header value (tab is allowed).
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 
@@ -153,13 +163,31 @@ class Response:
 _END = None   # event: end of the current message's body
 
 
+class _Failed:
+    """Event: the input broke here (passthrough mode).  What was parsed
+    before it is still served; reaching it raises the error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: HttpError) -> None:
+        self.error = error
+
+
 class _Conn:
     """What ServerConn and ClientConn share: feeding and the event queue."""
 
-    def __init__(self, transport: Transport, max_head: int) -> None:
+    def __init__(self, transport: Transport, max_head: int, passthrough: bool = False) -> None:
         self.t = transport
         self.max_head = max_head
         self.events: deque = deque()
+        # passthrough (relayd): bare LF ends lines, chunked bodies come out
+        # with their framing (engine.chunked), errors queue behind the
+        # messages parsed before them.  Heads are cut out of the input here
+        # so llhttp never sees a chunked body or a bare LF.
+        self.passthrough = passthrough
+        self._body = None          # passthrough: None (a head next), bytes left, -1, reader
+        self._tail = b""           # passthrough: last bytes of an unfinished head
+        self._head_done = None
         self.eof = False
         self.cur = None            # head being parsed
         self.in_head = False
@@ -234,9 +262,10 @@ class _Conn:
             head.chunked = True
 
     crlf_wait = False     # see ServerConn(httpd_rules=True)
+    _replace = False      # see ClientConn.expect()
     stalled = -1          # bytes seen since the head stalled on a bare LF
 
-    def _feed(self, data: bytes) -> None:
+    def _parse(self, data: bytes) -> None:
         if self.stalled >= 0:
             self._stall(data)
             return
@@ -263,6 +292,122 @@ class _Conn:
                 return
             raise HttpError(400, _parser_reason(e)) from None
 
+    def _split(self, data: bytes) -> None:
+        # Passthrough: llhttp gets each head up to its blank line (bare LFs
+        # made CRLF) and Content-Length bodies; a chunked body goes to a
+        # ChunkedReader, and llhttp (still expecting chunks) is replaced.
+        if self._body is None and not self._tail:
+            # The common read: one CRLF-only head (equal CR and LF counts: a
+            # lone CR llhttp refuses anyway), maybe with its body.
+            end = data.find(b"\r\n\r\n") + 4
+            if end > 3 and data.count(b"\r", 0, end) == data.count(b"\n", 0, end):
+                self._head_done = None
+                if end == len(data):
+                    self._parse(data)
+                    data = b""
+                else:
+                    self._parse(data[:end])
+                    data = data[end:]
+                head = self._head_done
+                if head is not None and self.cur is not None and not self.upgraded \
+                        and not self._replace and not head.chunked:
+                    cl = head.content_length
+                    if cl and len(data) <= cl:
+                        if data:
+                            self._parse(data)
+                        self._body = cl - len(data) or None
+                        return
+                if not data and (head is None or self.cur is None) and not self.upgraded \
+                        and not self._replace:
+                    return
+                # Anything else: the general way, from the head just parsed.
+                if self.upgraded:
+                    self.rest += data
+                    return
+                self._after_head(head)
+        self._split_loop(data)
+
+    def _after_head(self, head) -> None:
+        # What follows the head just parsed (None: it did not end).
+        if head is not None:
+            if self._replace:
+                self._new_parser()
+            elif self.cur is not None:             # a body follows
+                if head.chunked:
+                    self._body = ChunkedReader()
+                else:
+                    self._body = head.content_length or -1
+
+    def _split_loop(self, data: bytes) -> None:
+        while data:
+            body = self._body
+            if body is None:
+                tail = self._tail
+                clean = False            # no bare LF up to `end`
+                if tail:                 # a head across reads: its end may straddle
+                    self._tail = b""
+                    m = _HEAD_END.search(tail + data)
+                    end = m.end() - len(tail) if m is not None else -1
+                else:
+                    # Fast path, a CRLF-only head: its first CRLFCRLF ends it.
+                    end = data.find(b"\r\n\r\n") + 4
+                    if end > 3 and data.count(b"\n", 0, end) == data.count(b"\r\n", 0, end):
+                        clean = True
+                    else:
+                        m = _HEAD_END.search(data)
+                        end = m.end() if m is not None else -1
+                if end < 0:
+                    piece, data = data, b""
+                    self._tail = (tail + piece)[-2:]
+                elif end == len(data):
+                    piece, data = data, b""
+                else:
+                    piece, data = data[:end], data[end:]
+                if not piece:
+                    continue
+                if not clean and piece.count(b"\n") != (crlf := piece.count(b"\r\n")):
+                    # RFC 9112 2.2: a bare LF ends a line too.
+                    # (an LF after the CR that ended the last read is no bare LF)
+                    split = piece[:1] == b"\n" and tail[-1:] == b"\r"
+                    if not split or piece.count(b"\n") != crlf + 1:
+                        piece = _BARE_LF.sub(b"\r\n", piece)
+                        if split:
+                            piece = piece[1:]
+                self._head_done = None
+                self._parse(piece)
+                if self.upgraded:
+                    self.rest += data
+                    return
+                self._after_head(self._head_done)
+            elif type(body) is int:
+                if body < 0:                                # until the close
+                    self._parse(data)
+                    return
+                n = len(data)
+                if n <= body:
+                    self._parse(data)
+                    data = b""
+                    body -= n
+                else:
+                    self._parse(data[:body])
+                    data = data[body:]
+                    body = 0
+                self._body = body or None
+            else:
+                try:
+                    events, data = body.feed(data)
+                except ChunkError as e:
+                    self.error = HttpError(400, str(e))
+                    raise self.error from None
+                self.events.extend(events)
+                if body.done:
+                    self.events.append(_END)
+                    self.cur = None
+                    self._body = None
+                    self._new_parser()
+
+    _feed = _parse        # a passthrough connection feeds through _split()
+
     def _stall(self, data: bytes) -> None:
         # A head that used bare LFs: OpenBSD keeps reading until a line ends in
         # CRLF (then the line is garbage: 400) or more than the head limit came
@@ -287,7 +432,14 @@ class _Conn:
             return False
         if self.on_data is not None:
             self.on_data()
-        self._feed(data)
+        try:
+            self._feed(data)
+        except HttpError as e:
+            if not self.passthrough or not self.events:
+                raise
+            # Serve what came before the error first (pipelined requests).
+            self.events.append(_Failed(e))
+            self.eof = True
         return True
 
     # Called after each received chunk (e.g. to push an inactivity deadline).
@@ -305,11 +457,16 @@ class _Conn:
                 if ev is _END:
                     events.popleft()
                     return b""
-                if type(ev) is bytes:
+                t = type(ev)
+                if t is bytes or t is Framing:
                     events.popleft()
                     return ev
+                if t is _Failed:
+                    raise ev.error
                 return b""     # the next message's head: this body ended
             if not await self._fill():
+                if events:
+                    continue        # the close ended a body (_at_eof)
                 if self.upgraded:
                     return b""
                 raise HttpError(400, "body truncated")
@@ -342,21 +499,27 @@ class ServerConn(_Conn):
     """The server side of one connection: requests in."""
 
     def __init__(self, transport: Transport, max_head: int = MAX_HEAD,
-                 lenient: bool = False, httpd_rules: bool = False) -> None:
-        super().__init__(transport, max_head)
+                 lenient: bool = False, httpd_rules: bool = False,
+                 passthrough: bool = False) -> None:
+        super().__init__(transport, max_head, passthrough)
         self.lenient = lenient
         # httpd_rules: OpenBSD httpd's reading of versions and line ends:
         # HTTP/1.x with x > 1 is read as 1.1, a major version above 1 is
         # answered 505, and a head with bare LFs waits for a CRLF.
         self.httpd_rules = httpd_rules
         self.crlf_wait = httpd_rules
+        self._new_parser()
+        if passthrough:
+            self._feed = self._split      # no request-line tracking (httpd's 408)
+        self.requests = 0
+
+    def _new_parser(self) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        if lenient or httpd_rules:
+        if self.lenient or self.httpd_rules:
             # httpd accepts obs-fold continuation lines (httpd.conf(5) era
             # behaviour); the control-character check above stays on.
-            self.parser.set_dangerous_leniencies(lenient_headers=lenient,
-                                                 lenient_version=httpd_rules)
-        self.requests = 0
+            self.parser.set_dangerous_leniencies(lenient_headers=self.lenient,
+                                                 lenient_version=self.httpd_rules)
 
     def _new_head(self) -> Request:
         return Request()
@@ -374,7 +537,7 @@ class ServerConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         self._url_chunk = False
-        _Conn._feed(self, data)      # (no super(): called per read)
+        _Conn._parse(self, data)      # (no super(): called per read)
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
             # A CRLF after the URL ends the request line.
@@ -453,6 +616,7 @@ class ServerConn(_Conn):
                 self.error = e
                 raise
         cur.upgrade = p.should_upgrade()
+        self._head_done = cur
         self.events.append(cur)
 
     async def next_request(self, discard_limit: int = 1 << 20) -> Request | None:
@@ -470,6 +634,8 @@ class ServerConn(_Conn):
                     self.requests += 1
                     return ev
                 if ev is not _END:
+                    if type(ev) is _Failed:
+                        raise ev.error
                     discarded += len(ev)
                     if discarded > discard_limit:
                         return None
@@ -486,11 +652,17 @@ class ClientConn(_Conn):
     parser is replaced (nothing is pipelined to a backend, so no bytes are
     lost)."""
 
-    def __init__(self, transport: Transport, max_head: int = 65536) -> None:
-        super().__init__(transport, max_head)
+    def __init__(self, transport: Transport, max_head: int = 65536,
+                 passthrough: bool = False) -> None:
+        super().__init__(transport, max_head, passthrough)
         self.lenient = False
         self.parser = httptools.HttpResponseParser(self)
         self.head_request = False
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.in_head = False
+        self._replace = False
 
     def _new_head(self) -> Response:
         return Response()
@@ -510,6 +682,7 @@ class ClientConn(_Conn):
         except HttpError as e:
             self.error = HttpError(502, e.msg)
             raise self.error
+        self._head_done = cur
         self.events.append(cur)
         if self.head_request:
             # No body follows a response to HEAD whatever its headers say.
@@ -517,21 +690,20 @@ class ClientConn(_Conn):
             self.cur = None
             self._replace = True
 
-    _replace = False
-
     def expect(self, method: str) -> None:
         self.head_request = method == "HEAD"
 
     def _feed(self, data: bytes) -> None:
         try:
-            _Conn._feed(self, data)
+            if self.passthrough:
+                self._split(data)
+            else:
+                _Conn._parse(self, data)
         except HttpError as e:
             if not self._replace:
                 raise HttpError(502, e.msg) from None
         if self._replace:
-            self.parser = httptools.HttpResponseParser(self)
-            self.in_head = False
-            self._replace = False
+            self._new_parser()
 
     def on_message_complete(self) -> None:
         if self._replace:
@@ -539,8 +711,10 @@ class ClientConn(_Conn):
         super().on_message_complete()
 
     def _at_eof(self) -> None:
-        # A body delimited by the connection close ends here.
-        if self.cur is not None and not self.in_head:
+        # A body delimited by the connection close ends here (and only such
+        # a body: in passthrough mode a short one stays unfinished).
+        if self.cur is not None and not self.in_head and \
+                (not self.passthrough or self._body == -1):
             self.events.append(_END)
             self.cur = None
 
@@ -552,5 +726,7 @@ class ClientConn(_Conn):
                 ev = events.popleft()
                 if type(ev) is Response:
                     return ev
+                if type(ev) is _Failed:
+                    raise ev.error
             if not await self._fill():
                 return None

@@ -7,17 +7,29 @@ rule may pick the table with `forward to`, `hash` options feed mode hash)
 and keeps it for the next requests while both sides keep alive.  A rule
 picking another table gets a new backend connection.
 
-Bodies are never buffered whole: they stream through in large pieces and
-are framed again on the way out (Content-Length, or chunk by chunk), so a
-backend never sees the client's framing.  Hop-by-hop headers are dropped
-and the Connection header is rebuilt for each side; folded header lines
-are joined into one.  Anything a backend could read differently from us --
-Content-Length with Transfer-Encoding, repeated or bad Content-Length, a
-coding other than plain chunked, bad chunk sizes, bare LF or CR, NUL/CTL
-bytes, bad header names, folded framing headers, repeated or mismatching
-Host -- is refused with 400; a head is refused before anything is
-forwarded, a bad chunk later in a body cuts the backend connection before
-that request is complete.
+Bodies are never buffered whole: they stream through as they come, in the
+sender's framing -- Content-Length as is, a chunked body with the sender's
+own chunk-size lines, extensions and trailer (engine.http1's passthrough
+mode validates each) -- so both peers see the same message boundaries; only
+an HTTP/1.0 client gets a chunked response unchunked, until the close.  A
+bare LF ends a line as in OpenBSD (RFC 9112 2.2); heads are rebuilt and
+every line written toward the other side ends in CRLF.  Hop-by-hop headers
+are dropped and the Connection header is rebuilt for each side; folded
+header lines are joined into one.  Anything a backend could read
+differently from us -- Content-Length with Transfer-Encoding, repeated or
+bad Content-Length, a coding other than plain chunked, bad chunk sizes, a CR
+not before LF, NUL/CTL bytes, bad header names, folded framing headers,
+repeated or mismatching Host -- is refused with 400; a head is refused
+before anything of it is forwarded (requests parsed before it in the same
+read are answered first), a bad chunk later in a body cuts the backend
+connection before that request is complete.  A request without a length
+has no body (RFC 9112 6.3): what follows its head is the next request.
+
+A response without a length (neither Content-Length nor chunked) streams
+until the backend closes, with `Connection: close` toward the client;
+requests the client sends meanwhile are filtered and forwarded on the same
+backend connection, as OpenBSD does.  Absolute-form targets are kept as
+received for the rules, the log and the backend.
 
 CONNECT and (with `http websockets`) a WebSocket upgrade answered by 101
 become raw tunnels (engine.splice).  Errors a client sees go through
@@ -36,6 +48,7 @@ import re
 import jinja2
 import trio
 
+from engine.chunked import Framing
 from engine.conn import CLOSED, SocketTransport, Transport
 from engine.http1 import (BAD_CONTENT_LENGTH, REASONS, ClientConn, HttpError, Request,
                           Response, ServerConn, http_date)
@@ -121,7 +134,7 @@ def client_error(conn: ServerConn, e: HttpError) -> tuple[int, str]:
     low = m.lower()
     if e.status == 413:
         return 413, "request headers too large"
-    if "chunk size overflow" in low:
+    if "chunk size overflow" in low or "chunk size too long" in low:
         return 400, "chunk size too long"
     if "chunk" in low:
         return 400, "invalid chunk size"
@@ -209,11 +222,12 @@ def _build_head(first: str, items, conn_tokens: set[str], framing: tuple | None,
 
 
 class _Upload:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "finished")
 
     def __init__(self) -> None:
         self.done = False
         self.error: HttpError | None = None
+        self.finished = trio.Event()
 
 
 class HttpRelay:
@@ -232,7 +246,8 @@ class HttpRelay:
         # lenient: obs-fold continuation lines are joined (relayd.conf(5));
         # engine.http1 still refuses control characters in values, and
         # _exchange() checks the header names llhttp then lets through.
-        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True)
+        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True,
+                               passthrough=True)
         listen = getattr(session, "listen", None)
         addr = listen.addr if listen is not None else client.local[0]
         if addr in ("0.0.0.0", "::", ""):
@@ -248,6 +263,7 @@ class HttpRelay:
         self.btable: str | None = None
         self.haslog = False
         self.sent = False        # response bytes of this exchange went out
+        self.upload: _Upload | None = None     # a request body on its way
         self.scope: trio.CancelScope | None = None
         self.deadline = -math.inf
 
@@ -283,13 +299,16 @@ class HttpRelay:
                 reason = "done"
         return reason
 
-    async def _loop(self) -> str:
+    async def _next_request(self) -> Request | None:
         conn = self.conn
+        try:
+            return await conn.next_request()
+        except HttpError as e:
+            raise _Abort(*client_error(conn, e)) from None
+
+    async def _loop(self) -> str:
         while True:
-            try:
-                req = await conn.next_request()
-            except HttpError as e:
-                raise _Abort(*client_error(conn, e)) from None
+            req = await self._next_request()
             if req is None:
                 return "done"
             self.touch()
@@ -322,6 +341,31 @@ class HttpRelay:
     async def _exchange(self, req: Request) -> bool:
         """Relay one request and its response; True to keep the session."""
         self.sent = False
+        head, body, ws, client_keep, table, hash_input = self._request_head(req)
+        method = req.method
+        if self.backend is not None and table != self.btable:
+            await self._drop_backend()
+        fresh = self.backend is None
+        if fresh:
+            await self._connect(table, hash_input)
+        if method == "CONNECT":
+            await self._connect_tunnel(req, head)      # raises _Close
+        if body is None:
+            resp = await self._send_head(req, head)
+            if resp is None and not fresh:
+                # The kept-alive backend went away meanwhile: once more, anew.
+                await self._drop_backend()
+                await self._connect(table, hash_input)
+                resp = await self._send_head(req, head)
+            if resp is None:
+                raise _Abort(502, "Bad Gateway")
+            return await self._response(req, resp, ws, client_keep)
+        return await self._with_upload(req, head, body, ws, client_keep)
+
+    def _request_head(self, req: Request) -> tuple:
+        """Check a request head and run the rules on it: (head to forward,
+        body (None, "chunked" or its length), WebSocket handshake, client
+        keeps alive, table, hash input).  Raises _Abort."""
         method = req.method
         hmap = req.hmap
         if method not in HTTP_METHODS:
@@ -339,15 +383,13 @@ class HttpRelay:
         target = req.target
         headers = req.headers
         if not target.startswith("/") and method != "CONNECT" and target != "*":
+            # absolute-form: rules, log and backend get it as received, as
+            # OpenBSD's; its host has to be the Host header's.
             m = _ABSOLUTE.fullmatch(target)
             if m is None:
                 raise _Abort(400, "malformed")
-            authority = m.group(2)
-            if host is None:
-                headers = headers + [("Host", authority)]
-            elif authority.lower() != host.lower():
+            if host is not None and m.group(2).lower() != host.lower():
                 raise _Abort(400, "malformed host")
-            target = m.group(3) or "/"
 
         s = self.s
         table, hash_input = None, b""
@@ -414,25 +456,7 @@ class HttpRelay:
             connection = None
         head = _build_head(f"{method} {target} HTTP/{version}\r\n", items, conn_tokens,
                            framing, connection, ws, False)
-
-        if self.backend is not None and table != self.btable:
-            await self._drop_backend()
-        fresh = self.backend is None
-        if fresh:
-            await self._connect(table, hash_input)
-        if method == "CONNECT":
-            await self._connect_tunnel(req, head)      # raises _Close
-        if body is None:
-            resp = await self._send_head(req, head)
-            if resp is None and not fresh:
-                # The kept-alive backend went away meanwhile: once more, anew.
-                await self._drop_backend()
-                await self._connect(table, hash_input)
-                resp = await self._send_head(req, head)
-            if resp is None:
-                raise _Abort(502, "Bad Gateway")
-            return await self._response(req, resp, ws, client_keep)
-        return await self._with_upload(req, head, body, ws, client_keep)
+        return head, body, ws, client_keep, table, hash_input
 
     # -- backend connections --------------------------------------------------------------
     async def _connect(self, table: str | None, hash_input: bytes) -> None:
@@ -444,7 +468,7 @@ class HttpRelay:
         finally:
             self.restart_deadline(self.timeout)
         self.backend = backend
-        self.bconn = ClientConn(backend, RESPONSE_HEAD_MAX)
+        self.bconn = ClientConn(backend, RESPONSE_HEAD_MAX, passthrough=True)
         self.btable = table
 
     async def _drop_backend(self) -> None:
@@ -498,19 +522,21 @@ class HttpRelay:
                            client_keep: bool) -> bool:
         """Send head and body while the response comes back (a backend may
         answer early, or first send 100 Continue)."""
-        up = _Upload()
+        up = self.upload = _Upload()
         result: list = []
         failure: list[BaseException] = []
 
         async def upload() -> None:
             try:
-                await self._pump(self.conn, self.backend, [head], body == "chunked")
+                await self._pump(self.conn, self.backend, [head])
                 up.done = True
             except HttpError as e:
                 up.error = e
                 nursery.cancel_scope.cancel()
             except CLOSED:
                 pass        # the backend stopped reading; its response tells
+            finally:
+                up.finished.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
@@ -524,6 +550,7 @@ class HttpRelay:
             except HttpError:
                 failure.append(_Close("done"))
             nursery.cancel_scope.cancel()
+        self.upload = None
         if up.error is not None:
             st, reason = client_error(self.conn, up.error)
             if up.error.msg == "body truncated":
@@ -537,9 +564,11 @@ class HttpRelay:
             return False
         return result[0]
 
-    async def _pump(self, src, dst: Transport, pending: list[bytes], chunked: bool) -> None:
-        """Move src's current body to dst after `pending`, chunk-encoded if
-        `chunked`; sends whatever is at hand in one piece."""
+    async def _pump(self, src, dst: Transport, pending: list[bytes],
+                    unframe: bool = False) -> None:
+        """Move src's current body to dst after `pending` as it came (a
+        chunked one with the sender's chunk sizes); `unframe` drops the
+        chunked framing.  Sends whatever is at hand in one piece."""
         events = src.events
         size = 0
         touch = self.touch
@@ -551,16 +580,13 @@ class HttpRelay:
                 touch()
             chunk = await src.receive_body()
             if not chunk:
-                if chunked:
-                    pending.append(b"0\r\n\r\n")
                 if pending:
                     await dst.send_all(b"".join(pending))
                     touch()
                 return
-            if chunked:
-                pending += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-            else:
-                pending.append(chunk)
+            if unframe and type(chunk) is Framing:
+                continue
+            pending.append(chunk)
             size += len(chunk)
             if size >= COALESCE:
                 await dst.send_all(b"".join(pending))
@@ -593,12 +619,12 @@ class HttpRelay:
         elif req.method == "HEAD" or st in (204, 304) or 100 <= st < 200:
             mode = None
         elif resp.chunked:
-            mode = "chunked" if req.version != "1.0" else "close"
+            mode = "chunked" if req.version != "1.0" else "unchunk"
         elif resp.content_length is not None:
             mode = "length"
         else:
-            mode = "close"
-        backend_keep = (mode != "close" and mode != "tunnel"
+            mode = "eof"
+        backend_keep = (mode != "eof" and mode != "unchunk" and mode != "tunnel"
                         and _keep_alive(resp.version, _tokens(resp.hmap.get("connection"))))
         keep = backend_keep and client_keep and "close" not in conn_tokens
 
@@ -631,13 +657,60 @@ class HttpRelay:
         else:
             self.sent = True
             try:
-                await self._pump(self.bconn, client, [head], mode == "chunked")
+                if mode == "eof":
+                    await self._until_close(head)
+                else:
+                    await self._pump(self.bconn, client, [head], mode == "unchunk")
             except HttpError as e:
                 raise _Close(client_error(self.conn, e)[1] if "chunk" in (e.msg or "").lower()
                              else "done") from None
         if not backend_keep:
             await self._drop_backend()
         return keep
+
+    async def _until_close(self, head: bytes) -> None:
+        """A response without a length: the backend's bytes go to the client
+        until it closes.  The client's further requests meanwhile are read,
+        filtered and forwarded on the same backend connection (as OpenBSD's
+        relayd does); their answers are part of that stream."""
+        failure: list[BaseException] = []
+
+        async def forward() -> None:
+            try:
+                await self._forward_more()
+            except (_Abort, _Close, HttpError) as e:
+                failure.append(e)
+                nursery.cancel_scope.cancel()
+            except CLOSED:
+                pass            # the backend stopped reading: its answer ends it
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward)
+            try:
+                await self._pump(self.bconn, self.client, [head])
+            except (HttpError, *CLOSED) as e:      # raised below, not as a group
+                failure.insert(0, e)
+            nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+
+    async def _forward_more(self) -> None:
+        up = self.upload
+        if up is not None:
+            await up.finished.wait()            # one reader of the client at a time
+            if not up.done:
+                return
+        while True:
+            req = await self._next_request()
+            if req is None:
+                return          # the client sent all it will; the response goes on
+            self.touch()
+            head, body, ws, _keep, _table, _hash = self._request_head(req)
+            if ws or req.upgrade or req.method == "CONNECT":
+                raise _Close("done")            # no tunnel inside a stream
+            await self.backend.send_all(head)
+            if body is not None:
+                await self._pump(self.conn, self.backend, [])
 
     def _response_rules(self, msg: rules.Message) -> None:
         s = self.s

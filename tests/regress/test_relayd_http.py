@@ -551,6 +551,42 @@ ECHO_LOCATIONS = """
 """
 
 
+
+def start_relayd(tmp: Path, conf: str, names, **fmt) -> tuple[Daemon, dict[str, int]]:
+    """A relayd on `conf` (a template with a {p_NAME} port per relay name
+    and `fmt`), listening on every port."""
+    # Ports are picked free, then bound by relayd: another test run may
+    # take one in between, so start again on fresh ports if a bind fails.
+    for attempt in range(3):
+        ports = {k: free_port() for k in names}
+        path = tmp / f"relayd{attempt}.conf"
+        path.write_text(conf.format(**fmt, **{f"p_{k}": v for k, v in ports.items()}))
+        relayd = Daemon("relayd", path)
+        try:
+            for p in ports.values():
+                wait_port(p, proc=relayd.proc)
+            time.sleep(0.2)
+            if relayd.proc.poll() is None and "bind" not in relayd.output():
+                return relayd, ports
+        except (RuntimeError, TimeoutError):
+            pass
+        relayd.stop()
+    raise RuntimeError(f"relayd did not start:\n{relayd.output()}")
+
+
+def log_line(relayd: Daemon, pattern: str, timeout: float = TIMEOUT) -> str:
+    """The first line of relayd's output matching the regex `pattern`."""
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in relayd.output().splitlines():
+            if rx.search(line):
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line /{pattern}/ in:\n{relayd.output()[-3000:]}")
+        time.sleep(0.05)
+
+
 try:
     import ctypes
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -580,28 +616,11 @@ class Env:
         self.pair_port = free_port()
         self.pair = [Recorder("127.0.0.2", self.pair_port, "pair2"),
                      Recorder("127.0.0.3", self.pair_port, "pair3")]
-        # Ports are picked free, then bound by relayd: another test run may
-        # take one in between, so start again on fresh ports if a bind fails.
-        for attempt in range(3):
-            self.ports = {k: free_port() for k in
-                          ("basic", "silent", "filters", "ws", "small", "route", "hash",
-                           "dead", "styled", "nginx", "idle")}
-            conf = CONF.format(rec=self.rec.port, rec_alt=self.alt.port, pair=self.pair_port,
-                               dead=free_port(), ngx=self.ngx_port,
-                               **{f"p_{k}": v for k, v in self.ports.items()})
-            path = tmp / f"relayd{attempt}.conf"
-            path.write_text(conf)
-            self.relayd = Daemon("relayd", path)
-            try:
-                for p in self.ports.values():
-                    wait_port(p, proc=self.relayd.proc)
-                time.sleep(0.2)
-                if self.relayd.proc.poll() is None and "bind" not in self.relayd.output():
-                    return
-            except (RuntimeError, TimeoutError):
-                pass
-            self.relayd.stop()
-        raise RuntimeError(f"relayd did not start:\n{self.relayd.output()}")
+        self.relayd, self.ports = start_relayd(
+            tmp, CONF, ("basic", "silent", "filters", "ws", "small", "route", "hash", "dead",
+                        "styled", "nginx", "idle"),
+            rec=self.rec.port, rec_alt=self.alt.port, pair=self.pair_port, dead=free_port(),
+            ngx=self.ngx_port)
 
     def _start_nginx(self) -> subprocess.Popen | None:
         nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
@@ -635,15 +654,7 @@ class Env:
 
     def log_line(self, pattern: str, timeout: float = TIMEOUT) -> str:
         """The first relayd output line matching the regex `pattern`."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.relayd.output().splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line /{pattern}/ in:\n{self.relayd.output()[-3000:]}")
-            time.sleep(0.05)
+        return log_line(self.relayd, pattern, timeout)
 
     def stop(self) -> None:
         if self.relayd is not None:
@@ -745,7 +756,7 @@ def test_http10_client_gets_chunked_body_unframed(env):
     assert r.header("transfer-encoding") is None and r.header("connection") == "close"
 
 
-def test_chunked_response_reframed(env):
+def test_chunked_response_passes_as_sent(env):
     with Client(env.port("basic")) as c:
         c.send(f"GET {uniq()}/chunked HTTP/1.1\r\nHost: h\r\n\r\n".encode())
         r = c.response()
@@ -754,11 +765,12 @@ def test_chunked_response_reframed(env):
         r2 = c.response()
     assert r.header("transfer-encoding") == "chunked"
     assert r.body == b"hello, world"
-    assert r.raw_body == b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"   # no extensions/trailers
+    # the backend's chunk sizes, extensions and trailer (OpenBSD relays them)
+    assert r.raw_body == b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"
     assert r2.status == 200
 
 
-def test_chunked_request_reframed(env):
+def test_chunked_request_passes_as_sent(env):
     path = uniq() + "/echo"
     with Client(env.port("basic")) as c:
         c.send(f"POST {path} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -767,7 +779,7 @@ def test_chunked_request_reframed(env):
     assert r.body == b"abc"
     rec = env.rec.find(path)
     assert rec.header("transfer-encoding") == "chunked"
-    assert rec.body == b"3\r\nabc\r\n0\r\n\r\n"
+    assert rec.body == b"3;name=val\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
 
 
 def test_content_length_body_streamed(env):
@@ -893,13 +905,14 @@ def test_304_keeps_headers_no_body(env):
     assert r2.body == b"ok"
 
 
-def test_absolute_form_becomes_origin_form(env):
+def test_absolute_form_forwarded_as_received(env):
     path = uniq("/abs")
     with Client(env.port("basic")) as c:
         c.send(f"GET http://www.example.com{path}?x=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n"
                .encode())
         assert c.response().status == 200
-    assert env.rec.find(path).head.startswith(f"GET {path}?x=1 HTTP/1.1\r\n".encode())
+    assert env.rec.find(path).head.startswith(
+        f"GET http://www.example.com{path}?x=1 HTTP/1.1\r\n".encode())
 
 
 def test_options_asterisk(env):
@@ -1030,12 +1043,8 @@ SMUGGLE = [
                        "-3\r\nabc\r\n0\r\n\r\n"),
     ("chunk-size-huge", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                         "fffffffffffffffffff\r\nabc\r\n0\r\n\r\n"),
-    ("chunk-bare-lf", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      "3\nabc\n0\n\n"),
     ("chunk-data-long", "POST {p} HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                         "3\r\nabcdef\r\n0\r\n\r\n"),
-    ("bare-lf-head", "POST {p} HTTP/1.1\nHost: h\nContent-Length: 3\n\nabc"),
-    ("bare-lf-header", "POST {p} HTTP/1.1\r\nHost: h\nContent-Length: 3\r\n\r\nabc"),
     ("bare-cr", "POST {p} HTTP/1.1\r\nHost: h\rX: y\r\nContent-Length: 3\r\n\r\nabc"),
     ("cl-fold-empty", "POST {p} HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n \r\n\r\nabc"),
     ("cr-in-value", "GET {p} HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n"),
