@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from shared.lexer import (EOF, NL, NUMBER, PUNCT, STRING, WORD, ConfigError,
+from shared.lexer import (EOF, NL, NUMBER, PUNCT, PUNCT_CHARS, STRING, WORD, ConfigError,
                           Errors, Lexer, Macros, Token)
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
@@ -30,6 +30,8 @@ class Parser:
 
     # Reserved words of the grammar; a macro may not be named like one.
     KEYWORDS: frozenset[str] = frozenset()
+    # Characters that are tokens of their own (the lexer's default: httpd's).
+    PUNCT_CHARS: frozenset[str] = PUNCT_CHARS
 
     def __init__(self, path: str, cmdline_macros: dict[str, str] | None = None,
                  text: str | None = None, verbose: int = 0) -> None:
@@ -37,7 +39,7 @@ class Parser:
         self.verbose = verbose
         self.errors = Errors()
         self.macros = Macros(cmdline_macros)
-        self.lex = Lexer(self.errors, self.macros)
+        self.lex = Lexer(self.errors, self.macros, self.PUNCT_CHARS)
         if text is not None:
             self.lex.push_text(text, path)
         else:
