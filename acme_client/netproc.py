@@ -109,6 +109,19 @@ def _preload() -> None:
     "localhost".encode("idna")
 
 
+def _reason(exc: BaseException) -> str:
+    # httpx often wraps the OSError or SSLError that says what happened
+    # and has no text of its own.
+    e: BaseException | None = exc
+    for _ in range(10):
+        if e is None:
+            break
+        if str(e):
+            return str(e)
+        e = e.__cause__ or e.__context__
+    return type(exc).__name__
+
+
 def net_main(fd: int) -> int:
     """The net process: sandbox, then run the job under trio."""
     sock = proc.child_socket(fd)
@@ -148,7 +161,7 @@ async def _run(sock: socket.socket, reader, job: dict, ctx: ssl.SSLContext) -> i
             return 1
         except httpx.HTTPError as e:
             url = e.request.url if getattr(e, "_request", None) is not None else job["api_url"]
-            warnx(f"{url}: {e or type(e).__name__}")
+            warnx(f"{url}: {_reason(e)}")
             return 1
         except ParentRefused:
             return 1                     # the parent said why

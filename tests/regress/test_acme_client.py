@@ -174,7 +174,7 @@ def test_ca_down(tmp_path):
     dom.write_conf()
     r = acme_client(dom, timeout=60)
     assert r.returncode == 1
-    assert f"127.0.0.1:{port}" in r.stderr
+    assert f"acme-client: https://127.0.0.1:{port}/dir: all attempts to connect" in r.stderr, r.stderr
     assert not dom.cert.exists()
 
 
