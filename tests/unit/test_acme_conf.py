@@ -205,3 +205,12 @@ def test_format_config_round_trip():
         return [dataclasses.replace(i, where="") for i in items]
     assert strip(again.authorities) == strip(conf.authorities)
     assert strip(again.domains) == strip(conf.domains)
+
+
+def test_sample_config():
+    """conf/acme-client.conf parses (and `make configtest` checks it)."""
+    from tests.conftest import REPO
+    conf = acme_conf.load(str(REPO / "conf" / "acme-client.conf"))
+    dom = conf.domain("example.com")
+    assert dom.names == ("example.com", "www.example.com")
+    assert conf.authority_for(dom).name == "letsencrypt"
