@@ -272,3 +272,42 @@ def test_command_line(tmp_path):
     r = run("-n", "-f", str(conf))
     assert r.returncode == 1
     assert f"{conf}:2: no domain key file specified for domain x" in r.stderr
+
+
+def test_net_process_sandboxed(tmp_path):
+    """While it talks to the CA (here: one that never answers), the net
+    process runs as nobody, chrooted to /var/empty; main stays root and
+    alone holds the keys."""
+    import pwd
+    import socket
+
+    import psutil
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)
+    port = stalled.getsockname()[1]
+    dom = Domain(tmp_path, "jail.example.test", f"https://127.0.0.1:{port}/dir",
+                 tmp_path / "acme")
+    dom.challengedir.mkdir()
+    dom.write_conf()
+    main = subprocess.Popen([PYTHON, "-m", "acme_client", "-f", str(dom.conf), dom.handle],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        conn, _ = stalled.accept()        # the net process connected: it is sandboxed by now
+        children = psutil.Process(main.pid).children()
+        assert len(children) == 1
+        net = children[0]
+        assert net.uids().real == net.uids().effective == pwd.getpwnam("nobody").pw_uid
+        assert os.readlink(f"/proc/{net.pid}/root") == "/var/empty"
+        assert psutil.Process(main.pid).uids().effective == 0
+        assert dom.key.exists() and dom.account_key.exists()
+        assert not any(str(dom.key) in f.path for f in net.open_files())
+        conn.close()
+    finally:
+        stalled.close()
+        try:
+            main.wait(60)
+        except subprocess.TimeoutExpired:
+            main.kill()
+            main.wait()
+    assert main.returncode == 1
