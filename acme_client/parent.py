@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import trio
@@ -83,22 +84,21 @@ def load_keys(auth: AuthorityConfig, dom: DomainConfig):
     return keys
 
 
+@dataclass
 class Main:
     """One run: the net process and the answers it gets."""
+    auth: AuthorityConfig
+    dom: DomainConfig
+    op: str                                   # "issue" or "revoke"
+    cert: acme_crypto.CertInfo | None         # the certificate there now
+    account_key: acme_crypto.PrivateKey
+    domain_key: acme_crypto.PrivateKey
+    verbose: int = 0
 
-    def __init__(self, auth: AuthorityConfig, dom: DomainConfig, op: str,
-                 cert: acme_crypto.CertInfo | None, account_key, domain_key,
-                 verbose: int) -> None:
-        self.auth = auth
-        self.dom = dom
-        self.op = op
-        self.cert = cert
-        self.account_key = account_key
-        self.domain_key = domain_key
-        self.verbose = verbose
-        self.thumbprint = acme_crypto.thumbprint(acme_crypto.jwk(account_key))
-        self.origin = _origin(auth.api_url)
-        self.tokens: set[str] = set()
+    def __post_init__(self) -> None:
+        self.thumbprint = acme_crypto.thumbprint(acme_crypto.jwk(self.account_key))
+        self.origin = _origin(self.auth.api_url)
+        self.tokens: set[str] = set()     # published, removed at the end whatever happens
         self.done = False
         self.handlers = {
             Imsg.ACME_SIGN: self.sign,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import sys
 from dataclasses import dataclass
 
 from shared.parser import Parser, StmtError
@@ -98,14 +97,7 @@ def load(path: str, macros: dict[str, str] | None = None, verbose: int = 0,
          text: str | None = None) -> AcmeConfig:
     """Parse an acme-client.conf; raises shared.lexer.ConfigError with every
     `file:line: message`.  `text`, when given, is parsed instead of `path`."""
-    p = AcmeParser(path, macros, text=text, verbose=verbose)
-    try:
-        conf = p.parse()
-        p.finish()
-    finally:
-        for line in p.errors.warnings:
-            print(line, file=sys.stderr)
-    return conf
+    return AcmeParser.load_config(path, macros, verbose, text)
 
 
 def format_config(conf: AcmeConfig) -> str:

@@ -13,6 +13,7 @@ It does not know any keyword of httpd.conf or relayd.conf.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Callable
 
 from shared.lexer import (EOF, NL, NUMBER, PUNCT, PUNCT_CHARS, STRING, WORD, ConfigError,
@@ -45,6 +46,21 @@ class Parser:
         else:
             self.lex.push_file(path)
         self.tok: Token = self.lex.next()
+
+    @classmethod
+    def load_config(cls, path: str, macros: dict[str, str] | None = None,
+                    verbose: int = 0, text: str | None = None):
+        """Parse `path` (or `text`, named `path`) with this grammar: the
+        subclass's parse(), then finish(), which raises ConfigError with
+        every `file:line: message`.  Warnings go to stderr either way."""
+        p = cls(path, macros, text=text, verbose=verbose)
+        try:
+            conf = p.parse()
+            p.finish()
+        finally:
+            for line in p.errors.warnings:
+                print(line, file=sys.stderr)
+        return conf
 
     # -- token access ------------------------------------------------------
     def next(self) -> Token:

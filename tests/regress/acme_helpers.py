@@ -16,7 +16,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import PYTHON, REPO, free_port, wait_port
+from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_port
 from tests.regress.httpd_helpers import make_site, start_site
 
 needs_pebble = pytest.mark.skipif(shutil.which("pebble") is None or
@@ -96,13 +95,7 @@ class Pebble:
 
     def stop(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p)
 
     def mgmt_get(self, path: str) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(cafile=str(self.ca))
@@ -147,31 +140,12 @@ class Domain:
     alt: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        (self.dir / "certs").mkdir(parents=True, exist_ok=True)
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / "certs" / "cert.pem"
-
-    @property
-    def chain(self) -> Path:
-        return self.dir / "certs" / "chain.pem"
-
-    @property
-    def fullchain(self) -> Path:
-        return self.dir / "certs" / "fullchain.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "domain.key"
-
-    @property
-    def account_key(self) -> Path:
-        return self.dir / "account.key"
-
-    @property
-    def conf(self) -> Path:
-        return self.dir / "acme-client.conf"
+        certs = self.dir / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        self.cert, self.chain, self.fullchain = (
+            certs / n for n in ("cert.pem", "chain.pem", "fullchain.pem"))
+        self.key, self.account_key, self.conf = (
+            self.dir / n for n in ("domain.key", "account.key", "acme-client.conf"))
 
     def files(self) -> list[Path]:
         return [self.cert, self.chain, self.fullchain, self.key, self.account_key]
