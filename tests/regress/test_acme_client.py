@@ -22,7 +22,7 @@ from tests.conftest import PYTHON, REPO, free_port
 from tests.regress.acme_helpers import (Domain, RateLimitProxy, acme_client, needs_pebble,
                                         start_challenge_httpd, start_pebble)
 
-pytestmark = [needs_pebble, pytest.mark.root]
+pytestmark = [needs_pebble]
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +274,8 @@ def test_command_line(tmp_path):
     assert f"{conf}:2: no domain key file specified for domain x" in r.stderr
 
 
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")
 def test_net_process_sandboxed(tmp_path):
     """While it talks to the CA (here: one that never answers), the net
     process runs as nobody, chrooted to /var/empty; main stays root and
