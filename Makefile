@@ -44,6 +44,7 @@ netns: venv deps
 configtest: venv
 	$(VPY) -m httpd -n -f conf/httpd.conf
 	$(VPY) -m relayd -n -f conf/relayd.conf
+	$(VPY) -m acme_client -n -f conf/acme-client.conf
 
 bench: venv deps
 	$(VPY) bench/bench.py $(BENCH_ARGS)

@@ -229,6 +229,18 @@ class Imsg:
     DEMOTE = 61          # pfe -> parent: {"group": g, "level": n} (carp track file)
     CFG_TLS_KEY = 70     # parent -> server: a private key (memfd) {"id": server id}
     TLS_TICKET_KEYS = 71  # parent -> servers: session-ticket keys, newest first (pickled)
+    # ACME: the unprivileged net process asks the key-holding parent; every
+    # request is answered (ACME_OK unless said otherwise) before the next.
+    ACME_SIGN = 80       # net -> parent: {"url", "nonce", "payload", "kid"}; answer ACME_SIGNED
+    ACME_SIGNED = 81     # parent -> net: {"jws": flattened JWS}
+    ACME_RESOLVE = 82    # net -> parent: {"host", "port"}; answer ACME_RESOLVED
+    ACME_RESOLVED = 83   # parent -> net: {"addrs": getaddrinfo() tuples}
+    ACME_TOKEN_ADD = 84  # net -> parent: {"token", "keyauth"}: publish an http-01 answer
+    ACME_TOKEN_DEL = 85  # net -> parent: {"token"}: remove it
+    ACME_CSR = 86        # net -> parent: {}; answer ACME_CSR {"der": base64url}
+    ACME_CERT = 87       # net -> parent: {"pem": the chain as downloaded}: install it
+    ACME_REVOKED = 88    # net -> parent: {}: the CA revoked the certificate
+    ACME_OK = 89         # parent -> net: {"error": null or a message}
 
 
 carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE, Imsg.CFG_CONTROL,

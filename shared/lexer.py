@@ -123,9 +123,13 @@ class _Source:
 class Lexer:
     """Turns a stack of files (and macro expansions) into Tokens."""
 
-    def __init__(self, errors: Errors, macros: Macros) -> None:
+    def __init__(self, errors: Errors, macros: Macros,
+                 punct: frozenset[str] = PUNCT_CHARS) -> None:
         self.errors = errors
         self.macros = macros
+        # Grammars differ here: acme-client's allowed_in_string() keeps
+        # `/` and `<>;` inside words (so an unquoted URL is one word).
+        self.punct = punct
         self._stack: list[_Source] = []
         self._pending: list[Token] = []
         self._files: list[str] = []   # real paths of open files, for loops
@@ -236,7 +240,7 @@ class Lexer:
             return self._expand(src, name, line)
         if c in ("'", '"'):
             return self._quoted(src, c, name, line)
-        if c in PUNCT_CHARS:
+        if c in self.punct:
             return Token(PUNCT, c, name, line)
         if c == "-" or c.isdigit():
             save = src.pos, src.line
@@ -253,10 +257,10 @@ class Lexer:
         word = c
         while True:
             nxt = self._peekc(src)
-            if nxt == "" or not _allowed_in_word(nxt):
+            if nxt == "" or not _allowed_in_word(nxt, self.punct):
                 break
             word += self._getc(src)
-        if not _allowed_in_word(c):
+        if not _allowed_in_word(c, self.punct):
             self.errors.add(f"{name}:{line}", f"syntax error: unexpected character {c!r}")
             return Token(PUNCT, c, name, line)
         return Token(WORD, word, name, line)
@@ -320,8 +324,8 @@ class Lexer:
             out.append(c)
 
 
-def _allowed_in_word(c: str) -> bool:
+def _allowed_in_word(c: str, punct: frozenset[str] = PUNCT_CHARS) -> bool:
     if c.isalnum():
         return True
-    return c.isprintable() and not c.isspace() and c not in PUNCT_CHARS \
+    return c.isprintable() and not c.isspace() and c not in punct \
         and c not in "#'\"" and ord(c) > 32

@@ -13,9 +13,10 @@ It does not know any keyword of httpd.conf or relayd.conf.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Callable
 
-from shared.lexer import (EOF, NL, NUMBER, PUNCT, STRING, WORD, ConfigError,
+from shared.lexer import (EOF, NL, NUMBER, PUNCT, PUNCT_CHARS, STRING, WORD, ConfigError,
                           Errors, Lexer, Macros, Token)
 
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
@@ -30,6 +31,8 @@ class Parser:
 
     # Reserved words of the grammar; a macro may not be named like one.
     KEYWORDS: frozenset[str] = frozenset()
+    # Characters that are tokens of their own (the lexer's default: httpd's).
+    PUNCT_CHARS: frozenset[str] = PUNCT_CHARS
 
     def __init__(self, path: str, cmdline_macros: dict[str, str] | None = None,
                  text: str | None = None, verbose: int = 0) -> None:
@@ -37,12 +40,27 @@ class Parser:
         self.verbose = verbose
         self.errors = Errors()
         self.macros = Macros(cmdline_macros)
-        self.lex = Lexer(self.errors, self.macros)
+        self.lex = Lexer(self.errors, self.macros, self.PUNCT_CHARS)
         if text is not None:
             self.lex.push_text(text, path)
         else:
             self.lex.push_file(path)
         self.tok: Token = self.lex.next()
+
+    @classmethod
+    def load_config(cls, path: str, macros: dict[str, str] | None = None,
+                    verbose: int = 0, text: str | None = None):
+        """Parse `path` (or `text`, named `path`) with this grammar: the
+        subclass's parse(), then finish(), which raises ConfigError with
+        every `file:line: message`.  Warnings go to stderr either way."""
+        p = cls(path, macros, text=text, verbose=verbose)
+        try:
+            conf = p.parse()
+            p.finish()
+        finally:
+            for line in p.errors.warnings:
+                print(line, file=sys.stderr)
+        return conf
 
     # -- token access ------------------------------------------------------
     def next(self) -> Token:

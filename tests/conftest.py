@@ -129,6 +129,18 @@ def daemons():
         d.stop()
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM a process we started, SIGKILL it if it is still there after
+    `timeout`, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_cmd(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run `python -m module args` to completion (e.g. -n config tests)."""
     return subprocess.run([PYTHON, "-m", module, *args], cwd=REPO, capture_output=True,

@@ -1,0 +1,256 @@
+"""Helpers for the acme-client black-box tests: a real ACME server on loopback.
+
+Pebble (Debian's `pebble`) with `pebble-challtestsrv` as its DNS (every name
+is 127.0.0.1), its HTTPS certificate from a trustme CA the client trusts
+through SSL_CERT_FILE; a Tandem httpd serving the challenge directory on
+pebble's httpPort; `python -m acme_client` run to completion; a stub HTTPS
+proxy in front of pebble that can answer 429 rateLimited once.
+
+Nothing here asserts: the tests do.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_port
+from tests.regress.httpd_helpers import make_site, start_site
+
+needs_pebble = pytest.mark.skipif(shutil.which("pebble") is None or
+                                  shutil.which("pebble-challtestsrv") is None,
+                                  reason="pebble not installed (.ci/install-deps)")
+
+CHALLENGE_SERVER = """
+server "acme" {
+	listen on 127.0.0.1 port {port}
+	location "/.well-known/acme-challenge/*" {
+		root "/acme"
+		request strip 2
+	}
+}
+"""
+
+
+@dataclass
+class Pebble:
+    """One pebble + pebble-challtestsrv; stop() ends both by PID."""
+    dir: Path
+    port: int
+    mgmt: int
+    http_port: int
+    env: dict
+    procs: list = field(default_factory=list)
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    def start(self, validity: int | None = None) -> "Pebble":
+        import trustme
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        ca.cert_pem.write_to_path(str(self.ca))
+        leaf.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+        dns, chall_mgmt = free_port(), free_port()
+        conf = {"listenAddress": f"127.0.0.1:{self.port}",
+                "managementListenAddress": f"127.0.0.1:{self.mgmt}",
+                "certificate": "cert.pem", "privateKey": "key.pem",
+                "httpPort": self.http_port, "tlsPort": free_port(),
+                "ocspResponderURL": "", "externalAccountBindingRequired": False}
+        if validity is not None:
+            conf["certificateValidityPeriod"] = validity
+        (self.dir / "pebble.json").write_text(json.dumps({"pebble": conf}))
+        log = open(self.dir / "pebble.log", "wb")
+        self.procs.append(subprocess.Popen(
+            ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+             "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+             "-management", f"127.0.0.1:{chall_mgmt}"],
+            cwd=self.dir, stdout=log, stderr=subprocess.STDOUT))
+        env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
+               "PEBBLE_AUTHZREUSE": "0", **self.env}
+        self.procs.append(subprocess.Popen(
+            ["pebble", "-config", "pebble.json", "-strict=false",
+             "-dnsserver", f"127.0.0.1:{dns}"],
+            cwd=self.dir, env=env, stdout=log, stderr=subprocess.STDOUT))
+        wait_port(self.port, proc=self.procs[-1])
+        wait_port(self.mgmt, proc=self.procs[-1])
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop_process(p)
+
+    def mgmt_get(self, path: str) -> tuple[int, bytes]:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.mgmt, context=ctx, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def root(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.mgmt_get("/roots/0")[1])
+
+    def cert_status(self, serial: int) -> dict:
+        status, body = self.mgmt_get(f"/cert-status-by-serial/{serial:x}")
+        return json.loads(body) if status == 200 else {"status": status}
+
+
+def start_pebble(tmp: Path, env: dict | None = None, validity: int | None = None) -> Pebble:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return Pebble(tmp, free_port(), free_port(), free_port(), env or {}).start(validity)
+
+
+def start_challenge_httpd(tmp: Path, port: int):
+    """A Tandem httpd whose challenge location serves `<site>/acme`."""
+    site = make_site(tmp, port)
+    (site.dir / "acme").mkdir(mode=0o755)
+    os.chmod(site.dir, 0o755)
+    return start_site(site, CHALLENGE_SERVER)
+
+
+@dataclass
+class Domain:
+    """A domain block's files under `dir`, and the acme-client.conf for it."""
+    dir: Path
+    handle: str
+    api: str
+    challengedir: Path
+    keytype: str = "rsa"
+    account_keytype: str = "ecdsa"
+    alt: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        certs = self.dir / "certs"
+        certs.mkdir(parents=True, exist_ok=True)
+        self.cert, self.chain, self.fullchain = (
+            certs / n for n in ("cert.pem", "chain.pem", "fullchain.pem"))
+        self.key, self.account_key, self.conf = (
+            self.dir / n for n in ("domain.key", "account.key", "acme-client.conf"))
+
+    def files(self) -> list[Path]:
+        return [self.cert, self.chain, self.fullchain, self.key, self.account_key]
+
+    def snapshot(self) -> dict[str, bytes | None]:
+        return {p.name: p.read_bytes() if p.exists() else None for p in self.files()}
+
+    def write_conf(self) -> Path:
+        alt = f"\talternative names {{ {', '.join(self.alt)} }}\n" if self.alt else ""
+        self.conf.write_text(
+            f'ca_url = "{self.api}"\n'
+            f"authority pebble {{\n\tapi url $ca_url\n"
+            f'\taccount key "{self.account_key}" {self.account_keytype}\n'
+            f'\tcontact "mailto:ops@{self.handle}"\n}}\n'
+            f"domain {self.handle} {{\n{alt}"
+            f'\tdomain key "{self.key}" {self.keytype}\n'
+            f'\tdomain certificate "{self.cert}"\n'
+            f'\tdomain chain certificate "{self.chain}"\n'
+            f'\tdomain full chain certificate "{self.fullchain}"\n'
+            f'\tchallengedir "{self.challengedir}"\n'
+            f"\tsign with pebble\n}}\n")
+        return self.conf
+
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert.read_bytes())
+
+
+def acme_client(dom: Domain, *flags: str, ca: Path | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m acme_client -v FLAGS -f CONF HANDLE` from the repo root."""
+    env = dict(os.environ)
+    env.pop("SSL_CERT_FILE", None)       # None: the system trust store
+    if ca is not None:
+        env["SSL_CERT_FILE"] = str(ca)
+    return subprocess.run([PYTHON, "-m", "acme_client", "-v", *flags, "-f", str(dom.conf),
+                           dom.handle], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class RateLimitProxy:
+    """An HTTPS proxy in front of pebble that answers the first newOrder
+    with 429 rateLimited and `Retry-After: 1`, and passes all else on
+    (Host unchanged, so pebble's URLs point at the proxy)."""
+
+    def __init__(self, pebble: Pebble) -> None:
+        self.pebble = pebble
+        self.hits: list[str] = []
+        self.limited = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward()
+
+            do_HEAD = do_POST = do_GET
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.hits.append(f"{self.command} {self.path}")
+                if self.command == "POST" and self.path.endswith("/order-plz") \
+                        and not proxy.limited:
+                    proxy.limited += 1
+                    doc = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
+                                      "detail": "too many new orders", "status": 429}).encode()
+                    self.send_response(429)
+                    self.send_header("Content-Type", "application/problem+json")
+                    self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", str(len(doc)))
+                    self.end_headers()
+                    self.wfile.write(doc)
+                    return
+                ctx = ssl.create_default_context(cafile=str(proxy.pebble.ca))
+                conn = http.client.HTTPSConnection("127.0.0.1", proxy.pebble.port,
+                                                   context=ctx, timeout=30)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "content-length")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "content-length",
+                                         "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(pebble.dir / "cert.pem"), str(pebble.dir / "key.pem"))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
