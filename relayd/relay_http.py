@@ -307,8 +307,13 @@ class HttpRelay:
             raise _Abort(*client_error(conn, e)) from None
 
     async def _loop(self) -> str:
+        conn = self.conn
         while True:
-            req = await self._next_request()
+            # _next_request(), inline: one coroutine less per request.
+            try:
+                req = await conn.next_request()
+            except HttpError as e:
+                raise _Abort(*client_error(conn, e)) from None
             if req is None:
                 return "done"
             self.touch()
