@@ -21,7 +21,7 @@ import pwd
 import sys
 from typing import Any, Callable
 
-from httpd import patterns
+from shared import patterns
 from httpd.config import (HEADER_NAME_MAX, HEADER_VALUE_MAX,
                           HTTPD_CHROOT, HTTPD_DEFAULT_TYPE,
                           HTTPD_FCGI_PORT, HTTPD_PREFORK_MAX,

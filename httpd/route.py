@@ -12,7 +12,7 @@ import re
 from fnmatch import fnmatchcase
 from typing import Callable
 
-from httpd import patterns
+from shared import patterns
 from httpd.config import Location, ServerConfig
 from httpd.http import PATH_MAX
 

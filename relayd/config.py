@@ -283,6 +283,8 @@ class Entity:
     keys: tuple[str, ...] = ()   # keys loaded from `file`: the rule behaves like one copy
                                  # per key, in file order (how OpenBSD loads it)
     file: str | None = None      # the `file` the keys came from
+    pattern: bool = False        # `TYPE pattern KEY`: key and value are patterns(7)
+                                 # (Lua, shared.patterns; case-sensitive), not globs
 
 
 @dataclass(frozen=True)

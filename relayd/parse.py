@@ -51,7 +51,7 @@ from relayd.config import (CHECK_INTERVAL, CHECK_TIMEOUT, DEFAULT_MODE,
                            ProtocolConfig, RedirectConfig, RedirectListen,
                            RelayConfig, RelaydConfig, RouterConfig, Rule,
                            TableConfig, TableInstance, TcpOptions, TlsOptions)
-from shared import addr
+from shared import addr, patterns
 from shared.lexer import EOF, NL, NUMBER, STRING, WORD, ConfigError, Token
 from shared.parser import Parser, StmtError
 
@@ -62,7 +62,7 @@ checks ciphers client code connection context cookie demote destination digest
 disable ecdhe edh error errors expect external file forward from hash header
 headerlen host http icmp include inet inet6 interface interval ip key keypair
 label least-states listen loadbalance log lookup match method mode nat no
-nodelay nothing on params parent pass password path pflog pftag port prefork
+nodelay nothing on params parent pass password path pattern pflog pftag port prefork
 priority protocol query quick random real redirect relay remove request
 response retry return roundrobin route router rtable rtlabel sack script send
 session set socket source-hash splice state sticky-address strip style table
@@ -1211,12 +1211,27 @@ class RelaydParser(Parser):
             if _digest_type(key) is None:
                 raise self.error(f"invalid url digest: {key} (need 40 or 32 hex digits)", kt)
             ent["key"] = key.lower()
+        elif self.accept("pattern"):
+            # patterns(7) instead of a glob for the key and the value
+            # (newer OpenBSD relayd); checked now, as httpd's.
+            ent["pattern"] = True
+            ent["key"] = self._rule_pattern("key")
         elif self.is_string() or self.tok.kind == NUMBER:
             ent["key"] = self.string("key")
         if "key" in ent and self.accept("value"):
-            ent["value"] = self.string("value")
+            ent["value"] = self._rule_pattern("value") if ent.get("pattern") \
+                else self.string("value")
         entities[etype] = ent
         return None
+
+    def _rule_pattern(self, what: str) -> str:
+        t = self.tok
+        text = self.string(what)
+        try:
+            patterns.check(text)
+        except patterns.PatternError as e:
+            raise self.error(f"invalid pattern: {e}", t) from None
+        return text
 
     def _check_entity(self, etype: str, ent: dict, direction: str, t: Token) -> None:
         option = ent.get("option")

@@ -98,6 +98,7 @@ def protocol_lines(proto: ProtocolConfig, rflags: list[str]) -> list[str]:
 
 def _entity(e: Entity, key: str | None) -> str:
     s = f"{e.type} " + (f"{e.option} " if e.option else "") + ("digest " if e.digest else "")
+    s += "pattern " if e.pattern else ""
     s += "" if key is None else f'"{key}"'
     # parse.y stores "*" when a key is given without a value
     value = e.value if e.value is not None or key is None else "*"

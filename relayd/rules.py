@@ -46,7 +46,7 @@ import re
 from typing import Sequence
 
 from relayd.config import RELAYD_SERVERNAME, Entity, Rule
-from shared import glob
+from shared import glob, patterns
 
 REQUEST = "request"
 RESPONSE = "response"
@@ -83,6 +83,24 @@ class Glob:
         if self.plain:
             return s.lower() == self._low if self.casefold else s == self.pattern
         return self._re.fullmatch(s) is not None
+
+
+class Pattern:
+    """A `pattern` key or value: patterns(7), found anywhere unless anchored
+    (str_find()), always case-sensitive; checked when the config loads."""
+
+    __slots__ = ("pattern",)
+    plain = False
+    casefold = False
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __call__(self, s: str) -> bool:
+        try:
+            return patterns.find(s, self.pattern) is not None
+        except patterns.PatternError:       # too costly for this input
+            return False
 
 
 def fnmatch(pattern: str, s: str, casefold: bool = False) -> bool:
@@ -235,6 +253,11 @@ class _Test:
         # Case rules per type (relay_http.c): header names and cookie names
         # are case-insensitive, query and path keys are not.
         self.keyglob = None
+        if ent.pattern:
+            self.keyglob = Pattern(key) if key is not None else None
+            self.valglob = Pattern(ent.value) \
+                if ent.value is not None and ent.option not in ("set", "append") else None
+            return
         if key is not None and t in ("header", "query", "path"):
             self.keyglob = Glob(key, casefold=(t == "header"))
         elif key is not None and t == "url" and not ent.digest:
@@ -502,6 +525,8 @@ def _url_test(t: _Test, r: _Rule, msg: Message):
         hits = sorted((k for low, ks in t.keyset.items() if low in looked for k in ks),
                       key=t.ent.keys.index)
         return hits if hits else _NO
+    if t.ent.pattern:
+        return None if any(t.keyglob(s) for s in looked) else _NO
     return None if t.key.lower() in looked else _NO
 
 
@@ -515,10 +540,11 @@ def _cookie_test(t: _Test, r: _Rule, msg: Message):
     if t.key is None:
         return (idx[0], None, None)
     key = t.key.lower()
+    pat = t.keyglob if t.ent.pattern else None
     vg = t.valglob
     for i in idx:
         for k, val in _cookies(msg.headers[i][1]):
-            if k.lower() == key and (vg is None or vg(val)):
+            if (pat(k) if pat is not None else k.lower() == key) and (vg is None or vg(val)):
                 return (i, k, val)
     return _NO
 

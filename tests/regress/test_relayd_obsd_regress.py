@@ -51,6 +51,17 @@ http protocol "cookie" {{
 	match response cookie log "a" value "1"
 	pass tagged "cookie"
 }}
+http protocol "pattern" {{
+	match request path pattern "^/api" tag PATLOWER
+	match request path pattern "^/API" tag PATUPPER
+	match request header "X-Test" tag VALGLOB
+	match request header pattern "^X%-Test$" tagged VALGLOB tag VALPAT
+}}
+relay "pattern" {{
+	listen on 127.0.0.1 port {p_pattern}
+	protocol "pattern"
+	forward to 127.0.0.1 port {rec}
+}}
 relay "append" {{
 	listen on 127.0.0.1 port {p_append}
 	protocol "append"
@@ -80,7 +91,7 @@ def log_line(d: Daemon, pattern: str, timeout: float = 5.0) -> str:
 def http(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obsd_http")
     rec = Recorder(name="rec")
-    ports = {"p_append": free_port(), "p_cookie": free_port()}
+    ports = {"p_append": free_port(), "p_cookie": free_port(), "p_pattern": free_port()}
     conf = tmp / "relayd.conf"
     conf.write_text(HTTP_CONF.format(rec=rec.port, **ports))
     d = Daemon("relayd", conf, ["-vv"])
@@ -140,6 +151,26 @@ def test_response_cookie_rules_on_set_cookie(http):
     # the tag of the response rule, and the whole Set-Cookie header logged
     line = log_line(d, r"relay cookie, session \d+ \(\d+ active\), cookie, .*\{Set-Cookie")
     assert line.endswith(", done, GET {Set-Cookie: a=1; Path=/};")
+
+
+def test_path_pattern_is_case_sensitive(http):
+    # args-http-pattern-case.pl: patterns(7) never fold case
+    d, rec, ports = http
+    r = _exchange(ports["p_pattern"], "GET /API/foo/bar HTTP/1.1\r\nHost: foo.bar\r\n"
+                  "Connection: close\r\n\r\n")
+    assert r.status == 200 and rec.find("/API/foo/bar") is not None
+    line = log_line(d, r", PATUPPER,.*done")
+    assert ", PATLOWER," not in d.output(), line
+
+
+def test_pattern_key_value_defaults_to_any(http):
+    # args-http-value-default.pl: an omitted value matches any value, with
+    # a glob key and with a patterns(7) key
+    d, rec, ports = http
+    r = _exchange(ports["p_pattern"], "GET /valdef HTTP/1.1\r\nHost: foo.bar\r\n"
+                  "X-Test: whatever\r\nConnection: close\r\n\r\n")
+    assert r.status == 200
+    log_line(d, r", VALPAT,.*done")
 
 
 def test_vv_dump_of_http_relays(http):

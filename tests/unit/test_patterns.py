@@ -1,4 +1,4 @@
-"""httpd.patterns: Lua 5.3 string patterns as OpenBSD httpd runs them.
+"""shared.patterns: Lua 5.3 string patterns as OpenBSD httpd runs them.
 
 The vectors were cross-checked against lua5.3's string.find (position
 captures there are numbers; here they are decimal strings).  Where OpenBSD's
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from httpd.patterns import MAXCAPTURES, MAXCCALLS, PatternError, check, find, match
+from shared.patterns import MAXCAPTURES, MAXCCALLS, PatternError, check, find, match
 
 # (subject, pattern, expected match() result; None = no match)
 Vector = tuple[str, str, "list[str] | None"]

@@ -226,6 +226,48 @@ def test_forward_to_table():
     assert v.table is None
 
 
+# -- patterns(7) keys (args-http-pattern-case.pl, args-http-value-default.pl) ---------
+def test_path_pattern_is_case_sensitive():
+    rules = 'match request path pattern "^/api" tag LOW\nmatch request path pattern "^/API" tag UP'
+    v, _, _ = run(rules, req("/API/foo/bar"))
+    assert v.tag == "UP"
+    v, _, _ = run(rules, req("/api/x"))
+    assert v.tag == "LOW"
+
+
+def test_header_pattern_key_value_defaults_to_any():
+    msg = req(headers=[("Host", "h"), ("X-Test", "whatever")])
+    v, _, _ = run('match request header "X-Test" tag VALGLOB\n'
+                  'match request header pattern "^X%-Test$" tagged VALGLOB tag VALPAT', msg)
+    assert v.tag == "VALPAT"
+    # always case-sensitive, unlike a header glob
+    v, _, _ = run('block request header pattern "^x%-test$"', req(
+        headers=[("Host", "h"), ("X-Test", "a")]))
+    assert v.result == R.RES_PASS
+
+
+def test_pattern_value_query_and_cookie():
+    v, _, _ = run('block request header pattern "^X%-T" value "^wh.*r$"', req(
+        headers=[("Host", "h"), ("X-Token", "whatever")]))
+    assert v.result == R.RES_DROP
+    v, _, _ = run('block request header pattern "^X%-T" value "^wh.*r$"', req(
+        headers=[("Host", "h"), ("X-Token", "whatevers")]))
+    assert v.result == R.RES_PASS
+    v, _, _ = run('block request query pattern "^id%d+$" value "^%d+$"', req("/p?id42=7"))
+    assert v.result == R.RES_DROP
+    v, _, _ = run('block request query pattern "^id%d+$" value "^%d+$"', req("/p?id42=x"))
+    assert v.result == R.RES_PASS
+    v, _, _ = run('block request cookie pattern "^sess"', req(
+        headers=[("Host", "h"), ("Cookie", "a=1; session=2")]))
+    assert v.result == R.RES_DROP
+
+
+def test_bad_pattern_is_a_config_error():
+    with pytest.raises(Exception) as e:
+        proto_rules('match request path pattern "[a" tag X')
+    assert "relayd.conf:" in str(e.value) and "invalid pattern: malformed pattern" in str(e.value)
+
+
 # -- entities -------------------------------------------------------------------------
 def test_header_name_case_insensitive_value_case_sensitive():
     msg = req(headers=[("Host", "h"), ("x-token", "Secret")])

@@ -1,9 +1,9 @@
-"""patterns -- Lua 5.3 string patterns, as OpenBSD httpd's patterns.c runs them.
+"""shared.patterns -- Lua 5.3 string patterns, as OpenBSD's patterns.c (httpd, relayd) runs them.
 
-Backs `server match`, `alias match` and `location match`: check() rejects a
-malformed pattern when the config is loaded; find() and match() run one
-against a host name or a path.  This is not a regex engine and not a Lua
-string library: there is no gsub/gmatch/format, no init offset, and nothing
+Backs httpd's `server match`, `alias match` and `location match` and
+relayd's `pattern` rule keys: check() rejects a malformed pattern when the
+config is loaded; find() and match() run one against a host name, a path or
+a header.  This is not a regex engine and not a Lua string library: there is no gsub/gmatch/format, no init offset, and nothing
 here knows about config syntax or %N expansion in redirect targets.
 
 Each str character counts as one byte would in C.  Classes follow the C
