@@ -708,7 +708,14 @@ class HttpRelay:
         while True:
             req = await self._next_request()
             if req is None:
-                return          # the client sent all it will; the response goes on
+                # The client sent all it will: the backend learns it (the
+                # half-close passed on, as for TCP) and may end the stream;
+                # the response goes on until it does.
+                try:
+                    await self.backend.send_eof()
+                except CLOSED:
+                    pass
+                return
             self.touch()
             head, body, ws, _keep, _table, _hash = self._request_head(req)
             if ws or req.upgrade or req.method == "CONNECT":

@@ -194,6 +194,18 @@ def test_no_length_response_closes_and_forwards_further_requests(env):
     env.log_line(r"relay filters, .*, done, GET GET GET$")
 
 
+def test_no_length_response_client_eof_reaches_backend(env):
+    # args-http-chunked-put: the client is done and half-closes; the backend,
+    # waiting for a next request, must learn it (else both wait forever).
+    a = uniq("/nolength")
+    with Client(env.port("filters")) as c:
+        c.send(f"GET {a} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        assert c.rd.until(b"first\n") is not None
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.read_all() == b""                 # the backend closed: so do we
+    env.log_line(r"relay filters, .*, done, GET$")
+
+
 def test_no_length_response_then_blocked_request_never_forwarded(env):
     a = uniq("/nolength")
     with Client(env.port("filters")) as c:
