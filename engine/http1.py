@@ -161,6 +161,8 @@ class Response:
 
 
 _END = None   # event: end of the current message's body
+# An absolute-form request target (RFC 9112 3.2.2).
+_ABSOLUTE_FORM = re.compile(r"(?i)https?://")
 
 
 class _Failed:
@@ -445,6 +447,15 @@ class _Conn:
     # Called after each received chunk (e.g. to push an inactivity deadline).
     on_data = None
 
+    def pending_error(self) -> HttpError | None:
+        """The error queued behind the messages parsed before it in the
+        same read (passthrough mode), if any: what a reader reaches later."""
+        if self.eof and self.events:
+            last = self.events[-1]
+            if type(last) is _Failed:
+                return last.error
+        return None
+
     def _at_eof(self) -> None:
         pass
 
@@ -606,7 +617,10 @@ class ServerConn(_Conn):
                 raise self.error
         hmap = cur.hmap
         hosts = self.hcount.get("host", 1 if "host" in hmap else 0)
-        if hosts > 1 or (cur.version == "1.1" and hosts == 0):
+        if hosts > 1 or (cur.version == "1.1" and hosts == 0 and not (
+                # a proxy's absolute-form target names the host (RFC 9112
+                # 3.2.2); relayd takes it without Host, as OpenBSD's does
+                self.passthrough and _ABSOLUTE_FORM.match(cur.target))):
             self.error = HttpError(400, "malformed host")
             raise self.error
         if "content-length" in hmap or "transfer-encoding" in hmap:

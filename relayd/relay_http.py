@@ -469,6 +469,11 @@ class HttpRelay:
         try:
             backend = await self.s.connect(table, hash_input)
         except BackendError as e:
+            bad = self.conn.pending_error()
+            if bad is not None:
+                # OpenBSD parses the whole read before its (non-blocking)
+                # connect fails: the bad request later in it is the reason.
+                raise _Abort(*client_error(self.conn, bad)) from None
             raise _Abort(e.status, e.msg) from None
         finally:
             self.restart_deadline(self.timeout)

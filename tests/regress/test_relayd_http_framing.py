@@ -10,11 +10,13 @@ received; and the smuggling cases these leniencies must not open."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
 import pytest
 
+from tests.conftest import free_port
 from tests.regress.test_relayd_http import Client, Rec, Recorder, exchange, start_relayd, uniq
 from tests.regress.test_relayd_http import Env as HttpEnv
 
@@ -35,6 +37,8 @@ http protocol "filters" {{
 http protocol "pathlog" {{
 	match request path log "*"
 }}
+http protocol "plain" {{
+}}
 
 relay "basic" {{
 	listen on 127.0.0.1 port {p_basic}
@@ -50,6 +54,11 @@ relay "pathlog" {{
 	listen on 127.0.0.1 port {p_pathlog}
 	protocol "pathlog"
 	forward to <main> port {rec}
+}}
+relay "dead" {{
+	listen on 127.0.0.1 port {p_dead}
+	protocol "plain"
+	forward to 127.0.0.1 port {dead}
 }}
 """
 
@@ -97,8 +106,10 @@ class Env(HttpEnv):
 
     def start(self) -> None:
         self.rec = Backend(name="main")
-        self.relayd, self.ports = start_relayd(self.tmp, CONF, ("basic", "filters", "pathlog"),
-                                               rec=self.rec.port)
+        # `dead` forwards to a port nobody listens on
+        self.relayd, self.ports = start_relayd(self.tmp, CONF,
+                                               ("basic", "filters", "pathlog", "dead"),
+                                               rec=self.rec.port, dead=free_port())
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +258,35 @@ def test_pipelined_good_requests_answered_before_bad_one(env):
     env.log_line(r"relay basic, .*, malformed header \(400 Bad Request\), GET GET$")
 
 
+def test_bad_request_later_in_the_read_is_the_reason_when_the_backend_is_down(env):
+    # args-http-callback, args-http-headline-callback: OpenBSD has parsed
+    # the whole read (a good PUT, then garbage) before its connect fails
+    for bad in (b"XXX\n", b"PUT /3 HTTP/1.1\nXXX\n"):
+        with Client(env.port("dead")) as c:
+            c.send(b"PUT /4 HTTP/1.1\nHost: foo.bar\nContent-Length: 4\n\n123\n" + bad +
+                   b"Host: foo.bar\nContent-Length: 3\n\n12\n")
+            c.read_all()
+    rx = re.compile(r"relay dead, .*, malformed, PUT$", re.M)
+    deadline = time.monotonic() + 10
+    while len(rx.findall(env.relayd.output())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(rx.findall(env.relayd.output())) == 2, env.relayd.output()[-2000:]
+
+
 # -- 6. absolute-form targets ---------------------------------------------------------------------
+def test_absolute_form_without_host(env):
+    # args-http-host2: a proxy request names its host in the target alone
+    path = uniq("/abshost")
+    with Client(env.port("pathlog")) as c:
+        c.send(f"GET http://www.foo.com{path} HTTP/1.1\n\n".encode())
+        assert c.response().status == 200
+    rec = env.rec.find(path)
+    assert rec.head.split(b"\r\n")[0] == f"GET http://www.foo.com{path} HTTP/1.1".encode()
+    assert rec.header("host") is None
+    env.log_line(rf"relay pathlog, .*\[http://www\.foo\.com{path}\] GET")
+    # an origin-form HTTP/1.1 request still needs its Host
+    assert exchange(env.port("basic"), b"GET /x HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 400")
+
 def test_absolute_form_kept_for_rules_and_log(env):
     path = uniq("/absrule")
     url = f"http://www.example.com{path}?q=1"
