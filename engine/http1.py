@@ -80,6 +80,13 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _HEAD_END = re.compile(rb"\n\r?\n")
 # Control characters never allowed in a header value (tab is allowed).
 _CTL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
+_CTL_BUT_LF = _CTL.replace(b"\n", b"")
+# httpd: bare LFs of header lines through llhttp (ServerConn._escape_lf).
+_LF_ESCAPE = re.compile(rb"\x01(.)", re.DOTALL)
+
+
+def _lf_unescape(m: re.Match) -> bytes:
+    return b"\n" if m[1] == b"n" else m[1]
 
 _date_sec = -1
 _date_str = ""
@@ -211,7 +218,12 @@ class _Conn:
         cur = self.cur
         if not self.in_head:
             return   # trailer fields of a chunked body: dropped
-        if self.lenient and value.translate(None, _CTL) != value:
+        if self._lf_escaped and b"\x01" in value:
+            value = _LF_ESCAPE.sub(_lf_unescape, value)
+            if value.translate(None, _CTL_BUT_LF) != value:
+                self.error = HttpError(400, "malformed header")
+                raise self.error
+        elif self.lenient and value.translate(None, _CTL) != value:
             self.error = HttpError(400, "malformed header")
             raise self.error
         size = cur.head_size + len(name) + len(value) + 2
@@ -264,6 +276,7 @@ class _Conn:
             head.chunked = True
 
     crlf_wait = False     # see ServerConn(httpd_rules=True)
+    _lf_escaped = False   # the head being fed carries escaped bare LFs (httpd)
     _replace = False      # see ClientConn.expect()
     stalled = -1          # bytes seen since the head stalled on a bare LF
 
@@ -548,6 +561,19 @@ class ServerConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         self._url_chunk = False
+        if self.httpd_rules and (self.cur is None or self.in_head) and \
+                data.count(b"\n") != data.count(b"\r\n"):
+            escaped = self._escape_lf(data)
+            if escaped is not None:
+                self._lf_escaped = True
+                try:
+                    _Conn._parse(self, escaped)
+                finally:
+                    self._lf_escaped = False
+                    # _escape_lf() found the request line's CRLF (after
+                    # on_message_begin() reset this); failed_line() needs it
+                    self._line_seen = True
+                return
         _Conn._parse(self, data)      # (no super(): called per read)
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
@@ -566,6 +592,29 @@ class ServerConn(_Conn):
                     raise self.error
 
     no_version = False      # the failed request line had no HTTP version
+
+    def _escape_lf(self, data: bytes) -> bytes | None:
+        # OpenBSD httpd ends a line at CRLF only: a bare LF in a header line
+        # is part of the value (args-log-user-agent).  llhttp would end the
+        # line there, so the header lines of this head go through it with
+        # each bare LF as "\x01n" (and "\x01" as "\x01\x01"); on_header
+        # restores them.  A request line with a bare LF keeps OpenBSD's
+        # wait for a CRLF (_stall).
+        if self.in_head and self._line_seen:
+            # A leading LF ends the CR the last read ended with (llhttp
+            # has that CR); taking it for bare would break the line.
+            start = 1 if data.startswith(b"\n") else 0
+        else:
+            start = data.find(b"\r\n") + 2
+            if start < 2:
+                return None
+        end = data.find(b"\r\n\r\n", max(start - 2, 0))
+        end = len(data) if end < 0 else end + 2
+        region = data[start:end]
+        if region.count(b"\n") == region.count(b"\r\n"):
+            return None
+        region = _BARE_LF.sub(b"\x01n", region.replace(b"\x01", b"\x01\x01"))
+        return data[:start] + region + data[end:]
 
     def failed_line(self) -> tuple[str, str, str | None] | None:
         """(method, target, version or None) of the request line of a head

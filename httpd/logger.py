@@ -275,6 +275,7 @@ def logger_main(fd: int) -> int:
         if not isinstance(entries, list):
             return
         out: dict[str, list[str]] = {}
+        echo = log.get_verbose() > 1
         for entry in entries:
             try:
                 name, line, use_syslog, pri = entry
@@ -284,6 +285,8 @@ def logger_main(fd: int) -> int:
                 syslog.syslog(syslog.LOG_DAEMON | int(pri), str(line))
             elif name in files:
                 out.setdefault(name, []).append(str(line) + "\n")
+                if echo:
+                    log.debug(str(line))    # logger_log(): "For debug output"
         for name, lines in out.items():
             try:
                 os.write(files[name], "".join(lines).encode("utf-8", "surrogateescape"))

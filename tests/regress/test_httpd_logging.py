@@ -64,7 +64,7 @@ def _setup(site) -> None:
 def logs(tmp_path_factory):
     port2 = free_port()
     yield from module_site(tmp_path_factory, LOG_CONF, setup=_setup,
-                           extra_ports=[port2], port2=port2)
+                           extra_ports=[port2], port2=port2, args=["-vv"])
 
 
 def lines(site, name):
@@ -143,6 +143,27 @@ def test_bad_head_logged_with_its_request_line(logs):
     assert new[-1].endswith('"GET /two-hosts?q HTTP/1.1" 400 0'), new
 
 
+def test_bare_lf_inside_a_header_value_is_part_of_it(logs):
+    # args-log-user-agent: OpenBSD httpd ends lines at CRLF only, so the
+    # bare LFs (and the "request" after them) are the User-Agent's value
+    resp = raw_exchange(logs.port, b"GET /f.txt?ua HTTP/1.0\r\nHost: combined.test\r\n"
+                        b"User-Agent: regress\t\n\nGET / HTTP/1.0\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.0 200 OK\r\n") and resp.endswith(b"abc"), resp[:200]
+    line = wait_line(logs, "combined.log", r"f\.txt\?ua")
+    assert line.endswith(r'"GET /f.txt?ua HTTP/1.0" 200 3 "" "regress\t\n\nGET / HTTP/1.0"'), line
+    # other control characters in it are still refused
+    resp = raw_exchange(logs.port, b"GET /f.txt HTTP/1.0\r\nHost: combined.test\r\n"
+                        b"User-Agent: a\x01\nb\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.0 400 "), resp[:80]
+
+
+def test_access_lines_echoed_at_vv(logs):
+    # logger_log()'s log_debug("%s", logline): OpenBSD's regress greps them
+    request(logs.port, "/f.txt?echoed", host="common.test")
+    line = wait_line(logs, "access.log", r"echoed")
+    wait_for(lambda: line in logs.daemon.output(), what="the line on stderr")
+
+
 def test_unparsable_request_still_logged(logs):
     before = len(lines(logs, "access.log"))
     raw_exchange(logs.port, b"\x01\x02garbage\r\n\r\n")
@@ -153,7 +174,7 @@ def test_unparsable_request_still_logged(logs):
 def test_combined_format(logs):
     request(logs.port, "/f.txt?comb", host="combined.test",
             headers={"Referer": "http://ref.example/a b", "User-Agent": "tester/1.0 (x)"})
-    line = wait_line(logs, "combined.log", r"comb")
+    line = wait_line(logs, "combined.log", r"\?comb ")
     assert re.fullmatch(r'combined\.test 127\.0\.0\.1 - - ' + LOG_TS +
                         r' "GET /f\.txt\?comb HTTP/1\.1" 200 3'
                         r' "http://ref\.example/a%20b" "tester/1\.0 \(x\)"', line), line

@@ -225,3 +225,35 @@ def test_crlf_split_across_reads_is_no_bare_lf():
 def test_many_pipelined_requests_in_one_read():
     got = run([b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n" * 3000 + b"GET /y HTTP/1.1\nHost: h\n\n" * 10])
     assert len(got) == 3010 and got[-1][0].target == "/y"
+
+
+# -- engine.http1, httpd's reading: lines end at CRLF only --------------------------------
+async def httpd_request(pieces: list[bytes]):
+    conn = ServerConn(Feed(pieces), lenient=True, httpd_rules=True)
+    try:
+        return await conn.next_request()
+    except HttpError as e:
+        return e
+
+
+@pytest.mark.parametrize("step", [None, 1, 2, 3, 5, 7])
+def test_httpd_bare_lf_in_a_header_value_is_part_of_it(step):
+    raw = (b"GET / HTTP/1.1\r\nHost: h\r\nUser-Agent: regress\t\n\nGET / HTTP/1.0\r\n"
+           b"X-B: b\r\n\r\n")
+    pieces = [raw] if step is None else [raw[i:i + step] for i in range(0, len(raw), step)]
+    req = trio.run(httpd_request, pieces)
+    if step is None:
+        assert not isinstance(req, HttpError)
+        assert req.hmap["user-agent"] == "regress\t\n\nGET / HTTP/1.0"
+        assert req.hmap["x-b"] == "b"
+    # split reads: never another value; at worst refused or waiting for a
+    # CRLF (a bare LF alone at the start of a read is taken for a CRLF's end)
+    elif req is not None and not isinstance(req, HttpError):
+        assert req.hmap["user-agent"] == "regress\t\n\nGET / HTTP/1.0"
+
+
+def test_httpd_escaped_control_characters_still_refused():
+    for raw in (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x01b\nc\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x01nb\nc\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x7f\nc\r\n\r\n"):
+        assert isinstance(trio.run(httpd_request, [raw]), HttpError)
