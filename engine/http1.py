@@ -460,14 +460,20 @@ class _Conn:
     # Called after each received chunk (e.g. to push an inactivity deadline).
     on_data = None
 
-    def pending_error(self) -> HttpError | None:
+    def pending_error(self, this_message: bool = False) -> HttpError | None:
         """The error queued behind the messages parsed before it in the
-        same read (passthrough mode), if any: what a reader reaches later."""
-        if self.eof and self.events:
-            last = self.events[-1]
-            if type(last) is _Failed:
-                return last.error
-        return None
+        same read (passthrough mode), if any: what a reader reaches later.
+        `this_message`: only one inside the body being read (that message
+        can never complete)."""
+        if not self.eof or not self.events or type(self.events[-1]) is not _Failed:
+            return None
+        if this_message:
+            for ev in self.events:
+                if ev is _END or type(ev) is not bytes and type(ev) is not Framing:
+                    break
+            if type(ev) is not _Failed:
+                return None
+        return self.events[-1].error
 
     def _at_eof(self) -> None:
         pass

@@ -275,8 +275,11 @@ class Session:
         return map_family(dst[0], fwd), dst[1]
 
     async def connect(self, forward_to: str | None = None,
-                      hash_input: bytes = b"") -> Transport:
+                      hash_input: bytes = b"", ready=None) -> Transport:
         """Connect to a backend chosen by the relay's forwards.
+
+        `ready()` runs once the TCP connection stands, before a TLS
+        handshake; what it raises closes the connection and propagates.
 
         `forward_to`: a template table name a filter rule chose (only that
         forward is tried).  `hash_input`: the protocol's `hash` inputs for
@@ -295,7 +298,7 @@ class Session:
                 log.debug(f"relay_session: session {self.id}: looping")
                 raise BackendError(502, "session aborted")
             try:
-                backend = await self._connect_addr(addr, port, retry)
+                backend = await self._connect_addr(addr, port, retry, ready)
             except BackendError as e:
                 if e.status == 504 or fwd.kind != "table":
                     raise
@@ -309,7 +312,7 @@ class Session:
             self.backend = self._default_backend()
         raise BackendError(503, "session failed")
 
-    async def _connect_addr(self, addr: str, port: int, retry: int) -> Transport:
+    async def _connect_addr(self, addr: str, port: int, retry: int, ready=None) -> Transport:
         tcp = self.proto.tcp
         timeout = self.relay.session_timeout
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -339,6 +342,12 @@ class Session:
             except BaseException:
                 sock.close()
                 raise
+            if ready is not None:
+                try:
+                    ready()
+                except BaseException:
+                    sock.close()
+                    raise
             if self.tls is not None and self.tls.client is not None:   # tls hook
                 try:
                     return await self.tls.connect(sock)

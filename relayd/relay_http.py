@@ -467,7 +467,7 @@ class HttpRelay:
     async def _connect(self, table: str | None, hash_input: bytes) -> None:
         self.no_deadline()                     # Session.connect has its own timeout
         try:
-            backend = await self.s.connect(table, hash_input)
+            backend = await self.s.connect(table, hash_input, ready=self._body_ok)
         except BackendError as e:
             bad = self.conn.pending_error()
             if bad is not None:
@@ -480,6 +480,16 @@ class HttpRelay:
         self.backend = backend
         self.bconn = ClientConn(backend, RESPONSE_HEAD_MAX, passthrough=True)
         self.btable = table
+
+    def _body_ok(self) -> None:
+        # A request whose body already failed to parse (later in the same
+        # read) can never complete: the new backend connection gets no byte
+        # of it, not even a TLS handshake (OpenBSD finds the error while
+        # its connect is under way: args-https-chunked-callback).
+        if self.conn.eof:
+            bad = self.conn.pending_error(this_message=True)
+            if bad is not None:
+                raise _Abort(*client_error(self.conn, bad))
 
     async def _drop_backend(self) -> None:
         backend, self.backend, self.bconn = self.backend, None, None

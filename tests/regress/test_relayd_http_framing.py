@@ -55,6 +55,11 @@ relay "pathlog" {{
 	protocol "pathlog"
 	forward to <main> port {rec}
 }}
+relay "tlsfwd" {{
+	listen on 127.0.0.1 port {p_tlsfwd}
+	protocol "plain"
+	forward with tls to 127.0.0.1 port {mute}
+}}
 relay "dead" {{
 	listen on 127.0.0.1 port {p_dead}
 	protocol "plain"
@@ -106,10 +111,12 @@ class Env(HttpEnv):
 
     def start(self) -> None:
         self.rec = Backend(name="main")
-        # `dead` forwards to a port nobody listens on
-        self.relayd, self.ports = start_relayd(self.tmp, CONF,
-                                               ("basic", "filters", "pathlog", "dead"),
-                                               rec=self.rec.port, dead=free_port())
+        # `dead` forwards to a port nobody listens on, `tlsfwd` with TLS to
+        # one that accepts and never answers
+        self.mute = socket.create_server(("127.0.0.1", 0))
+        self.relayd, self.ports = start_relayd(
+            self.tmp, CONF, ("basic", "filters", "pathlog", "dead", "tlsfwd"),
+            rec=self.rec.port, dead=free_port(), mute=self.mute.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +278,21 @@ def test_bad_request_later_in_the_read_is_the_reason_when_the_backend_is_down(en
     while len(rx.findall(env.relayd.output())) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(rx.findall(env.relayd.output())) == 2, env.relayd.output()[-2000:]
+
+
+def test_request_with_a_bad_chunk_gets_no_backend_handshake(env):
+    # args-https-chunked-callback: the bad chunk comes in the same read as
+    # the head; the backend connection opens and closes without a byte
+    with Client(env.port("tlsfwd")) as c:
+        c.send(b"PUT /4/3 HTTP/1.1\nHost: foo.bar\nTransfer-Encoding: chunked\n\n"
+               b"4\n123\n\nXXX\n3\n12\n\n0\n\n")
+        env.mute.settimeout(10)
+        conn, _ = env.mute.accept()
+        with conn:
+            conn.settimeout(10)
+            assert conn.recv(100) == b""           # closed: no ClientHello
+        c.read_all()
+    env.log_line(r"relay tlsfwd, .*, invalid chunk size, PUT$")
 
 
 # -- 6. absolute-form targets ---------------------------------------------------------------------
