@@ -56,6 +56,8 @@ CTRL_PER_STREAM = 8
 FLOOD_SLACK = 1 << 20
 # Time between the two GOAWAY frames of a graceful stop (no PING answer).
 GOAWAY_WAIT = 1.0
+# Longest wait for the client to close after our last GOAWAY.
+LINGER = 2.0
 # Timer phases.
 IDLE = "h2 idle"
 WRITE = "h2 write"
@@ -315,6 +317,7 @@ class H2ServerConn:
         self.last_id = hp.MAX_STREAM_ID  # streams above it are refused
         self.goaway_sent = False     # the final GOAWAY is out
         self.closing = False         # no new streams: end once idle
+        self.peer_eof = False
         self.error: str | None = None
         self._room = trio.lowlevel.ParkingLot()     # streams waiting for a window
         self._drain = trio.lowlevel.ParkingLot()    # ... for the writer to catch up
@@ -334,6 +337,10 @@ class H2ServerConn:
             self._idle = Timer(scope)
             self._write_timer = Timer(scope)
             self._idle.arm(self.limits.idle_timeout, IDLE)
+            if self.closing:
+                # Accepted while stopping: nothing will be processed.
+                self._queue_goaway(0, final=True)
+                self._finish()
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -348,12 +355,19 @@ class H2ServerConn:
             self._queue_goaway(0, final=True)
         # What is left (a GOAWAY, the last frames): one try, bounded.
         data = self.h2.data_to_send()
-        if data:
-            with trio.move_on_after(1.0):
-                try:
+        with trio.move_on_after(LINGER):
+            try:
+                if data:
                     await self.t.send_all(data)
-                except CLOSED:
-                    pass
+                if self.goaway_sent and not self.peer_eof:
+                    # Lingering close: a close with the client's frames
+                    # unread would reset the connection, and the client
+                    # could lose our GOAWAY (which says what to retry).
+                    await self.t.send_eof()
+                    while await self.t.receive():
+                        pass
+            except CLOSED:
+                pass
         for s in self.streams.values():
             s.closed = True
 
@@ -369,6 +383,7 @@ class H2ServerConn:
                 if not data:
                     data = await t.receive()
                     if not data:
+                        self.peer_eof = True
                         break          # the client closed
                 self.bytes_in += len(data)
                 try:
@@ -557,6 +572,7 @@ class H2ServerConn:
         out = []
         hmap: dict[str, str] = {}
         size = 0
+        bad_value = hp.BAD_VALUE.search
         for k, v in headers:
             if k[:1] == b":":
                 if k == b":method":
@@ -568,6 +584,8 @@ class H2ServerConn:
                 elif k == b":scheme":
                     scheme = v
                 continue
+            if bad_value(v) is not None:
+                return None, "CR, LF or NUL in a field value"
             name = k.decode("latin-1")
             value = v.decode("latin-1")
             size += len(k) + len(v) + 2
@@ -688,6 +706,11 @@ class H2ServerConn:
         log.info(f"h2 {self.who}: {why}, GOAWAY {_code_name(code)}")
         self._queue_goaway(self.h2.highest_inbound_stream_id, True, code)
         self._finish()
+
+    def refuse(self) -> None:
+        """Before run(): answer the connection with GOAWAY(NO_ERROR, 0) only
+        (the server is stopping; the client may retry elsewhere)."""
+        self.closing = True
 
     def shutdown(self) -> None:
         """Graceful stop (reload, SIGTERM): GOAWAY(NO_ERROR, 2^31-1), then

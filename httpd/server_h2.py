@@ -64,7 +64,7 @@ async def serve_h2(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     worker.h2conns.add(conn)
     try:
         if worker.draining:
-            conn.closing = True
+            conn.refuse()
         await conn.run()
     finally:
         worker.h2conns.discard(conn)
