@@ -363,6 +363,11 @@ class H2ServerConn:
                     nursery.start_soon(self._reader, initial)
                     nursery.start_soon(self._writer)
                     await self._done.wait()
+                    if self._writing:
+                        # Never cancel a write half done: the frames after
+                        # it (a GOAWAY) would follow a torn frame.
+                        with trio.move_on_after(LINGER):
+                            await self._drain.park()
                     nursery.cancel_scope.cancel()
             finally:
                 self._idle.close()
@@ -434,6 +439,8 @@ class H2ServerConn:
         timer = self._write_timer
         limit = self.limits.send_timeout
         while True:
+            if self._done.is_set():
+                return               # run() sends what is left
             data = h.data_to_send()
             if not data:
                 self._drain.unpark_all()
@@ -445,10 +452,15 @@ class H2ServerConn:
             try:
                 await t.send_all(data)
             except CLOSED:
+                self._writing = False
                 self._finish()
+                self._drain.unpark_all()
                 return
             timer.disarm()
             self._writing = False
+            if self._done.is_set():
+                self._drain.unpark_all()     # run() waits for this write
+                return
 
     def _wake_writer(self) -> None:
         self._wake.set()
