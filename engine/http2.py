@@ -35,7 +35,7 @@ import trio
 
 from engine import h2_private as hp
 from engine.conn import CLOSED, Transport
-from engine.http1 import HttpError, Request
+from engine.http1 import BodyReader, HttpError, Request
 from engine.serve import Timer
 from shared import log
 
@@ -94,8 +94,9 @@ class H2Limits:
     max_requests: int = 100          # streams per connection, then GOAWAY
     idle_timeout: float = 60.0       # no stream running (and header phase)
     send_timeout: float = 600.0      # a stream stalled on flow control -> RST CANCEL
-    max_resets: int = 100            # client resets of unanswered streams before ...
-    # ... GOAWAY, once they are also more than half of the streams opened
+    # Client resets of unanswered streams beyond which, once they are also
+    # more than half of the streams opened, the connection gets GOAWAY.
+    max_resets: int = 100
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_streams <= 2**31 - 1:
@@ -124,8 +125,9 @@ def is_preface(data: bytes) -> bool:
     return n > 0 and data[:n] == PREFACE[:n]
 
 
-class H2Stream:
-    """One request/response exchange; see the module docstring."""
+class H2Stream(BodyReader):
+    """One request/response exchange; see the module docstring
+    (read_body() comes from BodyReader, over receive_body() below)."""
 
     __slots__ = ("c", "id", "req", "error", "body", "ended", "closed", "answered",
                  "finished", "_wait", "requests")
@@ -165,19 +167,6 @@ class H2Stream:
                 raise StreamClosed("stream reset")
             self._wait = trio.Event()
             await self._wait.wait()
-
-    async def read_body(self, limit: int) -> bytes:
-        """The whole request body (at most `limit` bytes, else 413)."""
-        parts = []
-        size = 0
-        while True:
-            chunk = await self.receive_body()
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, "request body too large")
-            parts.append(chunk)
 
     # -- writing ---------------------------------------------------------------
     def _check(self) -> None:
@@ -332,6 +321,7 @@ class H2ServerConn:
         self.payload_in = 0
         self.last_id = hp.MAX_STREAM_ID  # streams above it are refused
         self.goaway_sent = False     # the final GOAWAY is out
+        self._pending_new = 0        # streams of this read not spawned yet
         self.closing = False         # no new streams: end once idle
         self.peer_eof = False
         self.error: str | None = None
@@ -579,8 +569,6 @@ class H2ServerConn:
             self._queue_goaway(sid, final=True)
             self.closing = True
         return s
-
-    _pending_new = 0
 
     def _refuse(self, sid: int) -> None:
         self.refused += 1
