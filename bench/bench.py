@@ -396,8 +396,40 @@ def parse_wrk(out: str) -> dict:
     return r
 
 
+def parse_h2load(out: str) -> dict:
+    """h2load's summary in parse_wrk()'s terms (no percentiles: h2load
+    prints none); failed/errored streams count as socket errors."""
+    r: dict = {"requests": 0, "bytes": 0.0, "rps": 0.0, "mibps": 0.0}
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s, ([\d.]+)(\w+)/s", out)
+    if m:
+        r["rps"] = float(m.group(1))
+        r["mibps"] = float(m.group(2)) * UNITS[m.group(3)] / MIB
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        r["requests"] = int(m.group(2))
+        r["errors"] = {"failed": int(m.group(3)), "errored": int(m.group(4)),
+                       "timeout": int(m.group(5))}
+    else:
+        r["errors"] = {}
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    r["non2xx"] = sum(int(x) for x in m.groups()[2:]) if m else 0
+    m = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if m:
+        r["p50_ms"] = to_ms(m.group(1))        # the mean: h2load has no median
+    return r
+
+
+def parse_out(case: "Case", out: str) -> dict:
+    return parse_h2load(out) if case.client == "h2load" else parse_wrk(out)
+
+
 def wrk_argv(case: "Case", url: str, duration: int, latency: bool = True) -> list[str]:
     topo = TOPO[case.topo]
+    if case.client == "h2load":
+        # HTTP/2: one client thread, 10 connections x 10 streams (ALPN h2 on https).
+        cmd = ["h2load", "-t1", "-c10", "-m10", "-D", str(duration), url]
+        return (["taskset", "-c", topo["wrk"]] if topo["wrk"] is not None else []) + cmd
     cmd = ["wrk", f"-t{topo['t']}", f"-c{topo['c']}", f"-d{duration}s"]
     cmd += ["--latency"] if latency else []
     cmd += list(case.headers) + [url]
@@ -480,7 +512,8 @@ class Case:
     headers: tuple = ()
     topo: str = "pin"
     workers: int = 1
-    variant: str = "plain"      # plain | tls | fcgi (which server config)
+    variant: str = "plain"      # plain | tls | h2 | fcgi (which server config)
+    client: str = "wrk"         # wrk | h2load (HTTP/2)
     backend: Callable | None = None  # (ctx, case) -> (procs, port or None)
     requires: list = field(default_factory=list)
     target: float | None = None
@@ -489,7 +522,7 @@ class Case:
 
     @property
     def scheme(self) -> str:
-        return "https" if self.variant == "tls" else "http"
+        return "https" if self.variant in ("tls", "h2") else "http"
 
 
 # -- prerequisites
@@ -528,7 +561,7 @@ def nginx_proc(ctx: Ctx, case: Case, cpus, role="sut", workers=1):
     port, tls_port = ctx.port(), ctx.port()
     conf = ctx.render("nginx.conf", dict(NAME=name, WORKERS=workers, PORT=port, TLS_PORT=tls_port), name)
     argv = ["nginx", "-p", str(ctx.tmp), "-e", str(ctx.tmp / "logs" / f"{name}-error.log"), "-c", conf]
-    use = tls_port if (role == "sut" and case.variant == "tls") else port
+    use = tls_port if (role == "sut" and case.variant in ("tls", "h2")) else port
     return Proc(name, argv, cpus, ("tcp", use), role), use
 
 
@@ -572,7 +605,7 @@ def tandem(daemon: str, template: Callable[[Case], str]) -> Peer:
 
 def httpd() -> Peer:
     return tandem("httpd", lambda c: {"plain": "httpd.conf", "tls": "httpd-tls.conf",
-                                      "fcgi": "httpd-fcgi.conf"}[c.variant])
+                                      "h2": "httpd-h2.conf", "fcgi": "httpd-fcgi.conf"}[c.variant])
 
 
 def relayd(kind: str) -> Peer:
@@ -643,6 +676,10 @@ def define_cases() -> list[Case]:
              variant="tls", target=0.90, note="TLS full handshakes/s, ECDSA P-256, no tickets"),
         Case("tls-ec-ka", "httpd", "/1k.bin", KIB, [nginx(), httpd(), ref_tls()], variant="tls",
              target=0.35),
+        Case("h2-tls-1k", "httpd", "/1k.bin", KIB, [nginx(), httpd()], variant="h2",
+             client="h2load", requires=[need_tool("h2load", "apt-get install -y nghttp2-client")],
+             note="HTTP/2 over TLS (ALPN h2), h2load -c 10 -m 10; floor: httpd >= 0.3x its own "
+                  "tls-ec-ka req/s in the same run"),
         Case("fcgi-php", "httpd", "/bench.php", PHP_BODY, [nginx(), httpd()], variant="fcgi",
              backend=php_backend, requires=[need_php], target=0.70,
              note="same php-fpm (pm static 4, chrooted) on core 1 with wrk"),
@@ -760,7 +797,7 @@ def measure(ctx: Ctx, case: Case, procs: list[Proc], url: str, args) -> dict:
         self_b = resource.getrusage(resource.RUSAGE_SELF)
         b, cb, tb = snapshot()
         dt = tb - ta
-        r = parse_wrk(out)
+        r = parse_out(case, out)
         mine: set[int] = set()
         ticks = {"sut": [0, 0], "backend": [0, 0]}
         for p in procs:

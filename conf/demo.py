@@ -49,6 +49,8 @@ def main() -> int:
         print("  httpd   http://127.0.0.1:8080/          (also http://[::1]:8080/)")
         print("          http://127.0.0.1:8080/files/    auto index")
         print("          curl -H 'Host: blog.example.test' http://127.0.0.1:8080/")
+        print("          http://127.0.0.1:8083/          HTTP/2 (`listen ... http2`): try")
+        print("          curl --http2-prior-knowledge -v http://127.0.0.1:8083/files/")
         print(f"          logs in {CONF / 'site' / 'logs'}")
     if "relayd" in names:
         print("  relayd  http://127.0.0.1:8090/          HTTP relay with header rules")

@@ -182,7 +182,27 @@ class _Failed:
         self.error = error
 
 
-class _Conn:
+class BodyReader:
+    """read_body() on top of a receive_body() (HTTP/1 connections here,
+    HTTP/2 streams in engine.http2: the same reading API)."""
+
+    __slots__ = ()
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole current body (at most `limit` bytes, else 413)."""
+        parts = []
+        size = 0
+        while True:
+            chunk = await self.receive_body()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, "request body too large")
+            parts.append(chunk)
+
+
+class _Conn(BodyReader):
     """What ServerConn and ClientConn share: feeding and the event queue."""
 
     def __init__(self, transport: Transport, max_head: int, passthrough: bool = False) -> None:
@@ -500,19 +520,6 @@ class _Conn:
                 if self.upgraded:
                     return b""
                 raise HttpError(400, "body truncated")
-
-    async def read_body(self, limit: int) -> bytes:
-        """The whole current body (at most `limit` bytes, else 413)."""
-        parts = []
-        size = 0
-        while True:
-            chunk = await self.receive_body()
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, "request body too large")
-            parts.append(chunk)
 
 
 def _parser_reason(e: Exception) -> str:

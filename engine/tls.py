@@ -136,6 +136,9 @@ class TlsOptions:
     ticket_lifetime: int | None = None   # None: no session tickets, no resumption
     cipher_server_preference: bool = False
     client_renegotiation: bool = False
+    # ALPN protocols offered, in preference order (e.g. ("h2", "http/1.1"));
+    # empty: no ALPN extension in the answer.
+    alpn: tuple[str, ...] = ()
 
 
 # -- the libssl shim ----------------------------------------------------------
@@ -516,6 +519,10 @@ def _apply(ctx: ssl.SSLContext, opts: TlsOptions, server: bool) -> None:
     lib.SSL_CTX_ctrl(p, SSL_CTRL_SET_SESS_CACHE_MODE, 0, None)
     if opts.client_ca:
         _verify_clients(ctx, opts)
+    if opts.alpn:
+        # On every context: an SNI callback switches contexts before the
+        # ALPN selection runs, which then uses the new context's list.
+        ctx.set_alpn_protocols(list(opts.alpn))
 
 
 def _verify_clients(ctx: ssl.SSLContext, opts: TlsOptions) -> None:
@@ -845,6 +852,16 @@ class TlsTransport(Transport):
 
     def cipher(self) -> tuple[str, str, int] | None:
         return self._o.cipher()
+
+    @property
+    def alpn(self) -> str | None:
+        """The ALPN protocol the handshake selected ("h2"), or None."""
+        return self._o.selected_alpn_protocol()
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The context serving the connection (after SNI picked one)."""
+        return self._o.context
 
     def peer_certificate(self) -> bytes | None:
         """The peer's certificate (DER), if it sent one."""

@@ -40,6 +40,7 @@ SERVER_REQUESTTIMEOUT = 60               # request timeout (s)
 # `tcp backlog` unset is None: engine.listen's default (511), not OpenBSD's
 # SERVER_BACKLOG 10, which drops connections under a burst on Linux.
 SERVER_MAX_CLIENTS = 1024                # clients per worker before accept pauses
+HTTP2_MAX_STREAMS = 100                  # SETTINGS_MAX_CONCURRENT_STREAMS (nginx 128, HAProxy 100)
 SERVER_MAXRANGES = 4                     # byte ranges per request before 416
 HEADER_NAME_MAX = 127                    # header set/add name length
 HEADER_VALUE_MAX = 511                   # header set/add value length
@@ -65,6 +66,7 @@ class Listen:
     addr: str            # IP literal, "0.0.0.0" or "::" for wildcards
     port: int
     tls: bool = False
+    http2: bool = False  # extension: ALPN h2 (tls) or h2 by prior knowledge
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Connection:
     max_requests: int = SERVER_MAXREQUESTS
     request_timeout: int = SERVER_REQUESTTIMEOUT
     timeout: int = SERVER_TIMEOUT
+    max_streams: int = HTTP2_MAX_STREAMS    # extension: HTTP/2 streams at once
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,14 @@ KEYWORDS = frozenset("""
     access add alias always authenticate auto backlog banner block body buffer
     ca certificate chroot ciphers client combined common connection crl default
     dhe directory drop ecdhe errdocs error fastcgi forwarded found gzip-static
-    header hsts include index ip key lifetime listen location log logdir match
+    header hsts http2 include index ip key lifetime listen location log logdir match
     max max-age no nodelay not ocsp on optional param pass port prefork preload
     protocols remove request requests return rewrite root sack server set
-    socket strip style subdomains syslog tcp ticket timeout tls type types with
+    socket streams strip style subdomains syslog tcp ticket timeout tls type types with
 """.split())
 
 TLS_TICKET_MAX = 24 * 3600               # longest `ticket lifetime` (OpenBSD)
+HTTP2_STREAMS_MAX = 65536                # `connection max streams` upper bound
 TIMEOUT_MAX = 2**31 - 1                  # connection timeouts, in seconds
 UNIX_PATH_MAX = 108                      # sun_path on Linux, NUL included
 TLS_PROTOCOL_NAMES = {                   # libtls tls_config_parse_protocols()
@@ -369,12 +370,13 @@ class HttpdParser(Parser):
         tls = self.accept("tls")
         self.expect("port")
         port = self.port()
+        http2 = self.accept("http2")      # extension (issue 14)
         try:
             addrs = addr.resolve_host(host)
         except addr.AddrError:
             raise self.error(f"invalid listen ip: {host}", t) from None
         for a in addrs:
-            listen = Listen(a, port, tls)
+            listen = Listen(a, port, tls, http2)
             if listen not in b.listens:
                 b.listens.append(listen)
 
@@ -509,6 +511,9 @@ class HttpdParser(Parser):
                 if self.accept("requests"):
                     b.connection["max_requests"] = self.number(
                         "max requests", 0)
+                elif self.accept("streams"):      # extension: HTTP/2
+                    b.connection["max_streams"] = self.number(
+                        "max streams", 1, HTTP2_STREAMS_MAX)
                 else:
                     self.expect("request")
                     self.expect("body")

@@ -19,12 +19,15 @@ import trio
 
 from engine import tls
 from engine.serve import Listener, Server
-from httpd import logger, server_http, server_tls
+from httpd import logger, server_h2, server_http, server_tls
 from httpd.config import SERVER_MAX_CLIENTS, HttpdConfig, ServerConfig
 from shared import log, proc
 from shared.imsg import Channel, Imsg
 
 SockKey = tuple[str, int]
+# ALPN offers of a TLS socket with and without `http2`.
+ALPN_H2 = ("h2", "http/1.1")
+ALPN_H1 = ("http/1.1",)
 
 
 def socket_groups(conf: HttpdConfig) -> dict[SockKey, list[ServerConfig]]:
@@ -80,8 +83,11 @@ class ServerProc:
         self.worker.logs.open_all(log_names(conf))
 
     def _ctx(self, conf: HttpdConfig, key: SockKey, servers: list[ServerConfig]):
-        tls = any(l.tls for s in servers for l in s.listens if (l.addr, l.port) == key)
-        return server_http.ListenCtx(gconf=conf, servers=servers, port=key[1], tls=tls)
+        mine = [l for s in servers for l in s.listens if (l.addr, l.port) == key]
+        tls = any(l.tls for l in mine)
+        # `http2` on any `listen` of the socket turns it on for the socket.
+        h2 = server_h2.limits(servers[0].connection) if any(l.http2 for l in mine) else None
+        return server_http.ListenCtx(gconf=conf, servers=servers, port=key[1], tls=tls, h2=h2)
 
     def _wrap(self, ctx: server_http.ListenCtx):
         """The TLS handshake hook of a TLS socket's Listener, else None."""
@@ -89,7 +95,10 @@ class ServerProc:
             return None
         files, keys = self.tls_files
         try:
-            return server_tls.ListenTls(ctx.servers, files, keys).accept
+            lt = server_tls.ListenTls(ctx.servers, files, keys,
+                                      alpn=ALPN_H2 if ctx.h2 is not None else ALPN_H1)
+            ctx.tls_contexts.update(lt.contexts)
+            return lt.accept
         except tls.TlsError as e:
             log.warn(f"server_tls_init: server {ctx.servers[0].name}: {e}")
             return _refuse
@@ -154,6 +163,8 @@ class ServerProc:
 
     def stop(self, drain: float | None = None) -> None:
         self.worker.draining = True
+        for conn in list(self.worker.h2conns):
+            conn.shutdown()          # two-step GOAWAY; streams in flight finish
         self.server.stop(drain)
 
 

@@ -757,27 +757,9 @@ class _Job:
         keep = x.keep
         if x.version != "HTTP/1.1":
             keep = False            # HTTP/1.0: no chunking, so no persistence
-        length: int | None = None
         chunked = False
         no_body = self.no_body
-        app: list[tuple[str, str]] = []
-        have_date = have_server = False
-        for k, v in head.headers:
-            low = k.lower()
-            if low in _HOP:
-                continue
-            if low == "content-length":
-                n = v.strip()
-                if not n.isdigit() or (length is not None and int(n) != length):
-                    raise BackendError(502, "malformed Content-Length header")
-                if length is not None:
-                    continue
-                length = int(n)
-            elif low == "date":
-                have_date = True
-            elif low == "server":
-                have_server = True
-            app.append((k, v))
+        app, length, have_date, have_server = _app_headers(head)
         hdrs: list[tuple[str, str]] = []
         if conf.banner and not have_server:
             hdrs.append(("Server", x.worker.server_name))
@@ -806,6 +788,118 @@ class _Job:
         # build_head() without its blank line: Date or "\r\n" follow.
         head_bytes = server_http.build_head(status, x.version, hdrs)[:-2]
         return conf, status, head_bytes, length, chunked, no_body, keep, have_date
+
+
+def _app_headers(head: fcgi.CgiHead) -> tuple[list[tuple[str, str]], int | None, bool, bool]:
+    """The application's response headers without the HTTP/1 connection
+    ones: (headers, its Content-Length, it sent Date, it sent Server)."""
+    length: int | None = None
+    app: list[tuple[str, str]] = []
+    have_date = have_server = False
+    for k, v in head.headers:
+        low = k.lower()
+        if low in _HOP:
+            continue
+        if low == "content-length":
+            n = v.strip()
+            if not n.isdigit() or (length is not None and int(n) != length):
+                raise BackendError(502, "malformed Content-Length header")
+            if length is not None:
+                continue
+            length = int(n)
+        elif low == "date":
+            have_date = True
+        elif low == "server":
+            have_server = True
+        app.append((k, v))
+    return app, length, have_date, have_server
+
+
+class _H2Job(_Job):
+    """A FastCGI request of an HTTP/2 stream: the body is read whole first
+    (at most `max request body`), so a malformed or truncated upload never
+    reaches the application and CONTENT_LENGTH is always exact; the head
+    and body go out as HEADERS and DATA frames."""
+
+    h2head: tuple | None = None
+
+    async def _exchange(self) -> None:
+        x = self.x
+        s = x.h2
+        req = x.req
+        body = b""
+        if not s.ended or s.body:
+            if req.hmap.get("expect", "").lower() == "100-continue":
+                await s.send_interim(100)
+            self.waiting_client = True
+            try:
+                body = await s.read_body(self.conf.connection.max_request_body)
+            except CLOSED:
+                raise _ClientGone("client closed") from None
+            self.waiting_client = False
+            if body or "content-length" in req.hmap:
+                req.hmap["content-length"] = str(len(body))
+                req.content_length = len(body)
+        self.sock = await connect(self.conf, x.worker)
+        self.phase = "backend"
+        request = _BEGIN + fcgi.pack_params(env_pairs(x, self.conf))
+        if body:
+            request += fcgi.stdin(body)
+        await self._send_backend(request + _STDIN_END)
+        data = await self._recv_backend(first=True)
+        if not await self._whole(data):
+            await self._relay(data)
+
+    def _start(self, body: bool, block: bytes | None = None) -> None:
+        x = self.x
+        conf = self.conf
+        if block is not None:
+            self.head = fcgi.parse_head(block)
+        head = self.head
+        status = head.status if head.status in REASONS else 200
+        app, length, have_date, have_server = _app_headers(head)
+        hdrs: list[tuple[str, str]] = []
+        if conf.banner and not have_server:
+            hdrs.append(("Server", x.worker.server_name))
+        if status in (204, 304):
+            self.no_body = True
+            app = [kv for kv in app if kv[0].lower() != "content-length"]
+            length = None
+        elif length is None and not body and x.req.method != "HEAD":
+            app.append(("Content-Length", "0"))
+            length = 0
+        hdrs += app
+        if conf.hsts is not None:
+            hdrs += server_http._hsts(x, conf)
+        if conf.headers:
+            hdrs = server_http._custom_headers(conf, hdrs, error=status >= 400)
+        if not have_date:
+            hdrs.append(("Date", http_date()))
+        x.status = status
+        self.length = length
+        self.h2head = (status, hdrs)
+        self.head_queued = True
+
+    async def _flush(self, final: bool) -> None:
+        s = self.x.h2
+        data = b""
+        if self.body:
+            data = b"".join(self.body)
+            self.body.clear()
+            if self.length is not None:
+                room = self.length - self.x.sent
+                data = data[:max(room, 0)]
+            self.x.sent += len(data)
+        try:
+            if self.head_queued and not self.head_sent:
+                self.head_sent = True
+                await s.send_head(*self.h2head, end=final and not data)
+                if final and not data:
+                    return
+            if data or final:
+                await s.send_data(data, final)
+        except CLOSED:
+            raise _ClientGone("client closed") from None
 
 
 # (CGI header block, conf, ...) -> what _Job._make_head() made of it.
@@ -837,7 +931,7 @@ async def serve(x, conf: ServerConfig) -> bool:
     Raises HttpError for a failure before the response head went out (the
     caller sends the error page); afterwards failures close the connection.
     """
-    job = _Job(x, conf)
+    job = (_Job if x.h2 is None else _H2Job)(x, conf)
     status = 0
     try:
         try:

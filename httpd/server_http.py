@@ -13,11 +13,13 @@ Does not bind, accept, or open log files: httpd.server gives it a Worker.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 import jinja2
 import trio
 
+from engine import http2
 from engine.conn import CLOSED, Transport
 from engine.http1 import (MAX_HEAD, REASONS, HttpError, Request,
                           ServerConn, http_date)
@@ -43,6 +45,10 @@ class ListenCtx:
     tls: bool = False
     # Host header -> server (route.find_server is pure): filled per request.
     hosts: dict = field(default_factory=dict, compare=False, repr=False)
+    # `listen ... http2` (extension): the socket's HTTP/2 limits, else None.
+    h2: http2.H2Limits | None = None
+    # Server id -> the TLS context serving its names (421 over HTTP/2).
+    tls_contexts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Worker:
     extra: dict = field(default_factory=dict)
     draining: bool = False             # stopping: answer, then close (no reset)
     exists: object = None              # `location found` test (see _exists)
+    h2conns: set = field(default_factory=set)   # HTTP/2 connections (GOAWAY on stop)
 
     def fs(self, path: str) -> str:
         """A config path (relative to the chroot) on the real file system."""
@@ -96,6 +103,10 @@ class Exchange:
         self.version: str | None = None
         self.close_msg: str | None = None  # why the connection closes, for the log
         self.orig_query: str | None = None  # query as requested (path: log_path)
+
+    # The HTTP/2 stream answering the request (H2Exchange); None over HTTP/1
+    # (a class attribute: no store per HTTP/1 request).
+    h2: http2.H2Stream | None = None
 
     # -- macros (server_expand_http) -------------------------------------
     def log_failed_line(self, line: tuple[str, str, str | None] | None) -> None:
@@ -146,6 +157,10 @@ SENDING = "send"
 
 async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     """Serve one connection until it closes (the engine's handler)."""
+    if ctx.h2 is not None:
+        if await _wants_h2(t, ctx):
+            await server_h2.serve_h2(t, ctx, worker)
+            return
     worker.next_id += 1
     worker.active += 1
     cid = worker.next_id
@@ -216,6 +231,34 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
             timer.close()
         worker.active -= 1
         _log_close(worker, srv_for_log, cid, t, reason, "".join(summary))
+
+
+async def _wants_h2(t: Transport, ctx: ListenCtx) -> bool:
+    """HTTP/2 for this connection: ALPN chose h2, or (clear text) the first
+    bytes are the client preface, peeked at so that HTTP/1.1 reads them as
+    ever (nginx's way)."""
+    if ctx.tls:
+        return getattr(t, "alpn", None) == "h2"
+    sock = getattr(t, "sock", None)
+    if sock is None:
+        return False
+    waited = 0
+    while True:
+        try:
+            data = sock.recv(len(http2.PREFACE), socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError:
+            return False
+        if len(data) >= len(http2.PREFACE) or not http2.is_preface(data):
+            return data == http2.PREFACE
+        # A preface cut short by the network: look again shortly (bounded
+        # by the request timeout, as a head read in pieces).
+        waited += 1
+        if waited > ctx.servers[0].connection.request_timeout * 100:
+            return False
+        await trio.sleep(0.01)
 
 
 def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
@@ -526,33 +569,40 @@ def _file_head(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse) ->
     return head.encode("latin-1", "replace")
 
 
+def file_headers(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse
+                 ) -> list[tuple[str, str]]:
+    """send_file()'s header list (`header` actions and HSTS applied)."""
+    hdrs: list[tuple[str, str]] = []
+    if conf.banner:
+        hdrs.append(("Server", x.worker.server_name))
+    hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
+    ctype = None
+    rest = []
+    for k, v in fr.headers:
+        if k == "Content-Type":
+            ctype = v
+        else:
+            rest.append((k, v))
+    if ctype is not None:
+        hdrs.append(("Content-Type", ctype))
+    if fr.length >= 0:
+        hdrs.append(("Content-Length", str(fr.length)))
+    hdrs.extend(rest)
+    hdrs.extend(_hsts(x, conf))
+    hdrs.append(("Date", http_date()))
+    return _custom_headers(conf, hdrs, error=False)
+
+
 async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
+    if x.h2 is not None:
+        return await server_h2.send_file(x, fr)
     conf = x.conf
     t = x.t
     try:
         if not conf.headers and (conf.hsts is None or not x.ctx.tls):
             head = _file_head(x, conf, fr)
         else:
-            hdrs: list[tuple[str, str]] = []
-            if conf.banner:
-                hdrs.append(("Server", x.worker.server_name))
-            hdrs.append(("Connection", "keep-alive" if x.keep else "close"))
-            ctype = None
-            rest = []
-            for k, v in fr.headers:
-                if k == "Content-Type":
-                    ctype = v
-                else:
-                    rest.append((k, v))
-            if ctype is not None:
-                hdrs.append(("Content-Type", ctype))
-            if fr.length >= 0:
-                hdrs.append(("Content-Length", str(fr.length)))
-            hdrs.extend(rest)
-            hdrs.extend(_hsts(x, conf))
-            hdrs.append(("Date", http_date()))
-            hdrs = _custom_headers(conf, hdrs, error=False)
-            head = build_head(fr.status, x.version, hdrs)
+            head = build_head(fr.status, x.version, file_headers(x, conf, fr))
         x.status = fr.status
         # Logged before sending, with the Content-Length as the size (also
         # for HEAD), as server_response_http() does.
@@ -678,9 +728,13 @@ async def abort_http(x: Exchange, status: int, msg: str | None = "",
     hdrs.extend(extra_h)
     hdrs.extend(_hsts(x, conf))
     hdrs = _custom_headers(conf, hdrs, error=True)
-    head = build_head(status, "HTTP/1.0", hdrs)
     if x.req is not None and x.req.method == "HEAD":
         body = b""
+    if x.h2 is not None:
+        await server_h2.send_page(x, status, hdrs, body)
+        access_log_safe(x)
+        return
+    head = build_head(status, "HTTP/1.0", hdrs)
     try:
         with trio.move_on_after(conf.connection.timeout):
             await x.t.send_all(head + body)
@@ -695,3 +749,6 @@ def access_log_safe(x: Exchange) -> None:
         access_log(x)
     except Exception as e:   # logging must never break a connection
         log.warn(f"access log: {e!r}")
+
+
+from httpd import server_h2  # noqa: E402  (it imports this module)

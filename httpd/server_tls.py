@@ -41,14 +41,17 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def options(tc: TlsConfig, files: ServerFiles | None) -> tls.TlsOptions:
-    """engine.tls options of a server's `tls {}` block."""
+def options(tc: TlsConfig, files: ServerFiles | None,
+            alpn: tuple[str, ...] = ()) -> tls.TlsOptions:
+    """engine.tls options of a server's `tls {}` block (`alpn`: the
+    protocols the socket offers)."""
     return tls.TlsOptions(
         protocols=parse.tls_protocols(tc.protocols), ciphers=tc.ciphers,
         ecdhe=tc.ecdhe, dhe=tc.dhe,
         client_ca=files.ca if files and tc.client_ca else None,
         crl=files.crl if files and tc.crl else None,
-        client_optional=tc.client_optional, ticket_lifetime=tc.ticket_lifetime)
+        client_optional=tc.client_optional, ticket_lifetime=tc.ticket_lifetime,
+        alpn=alpn)
 
 
 def read_files(conf: HttpdConfig) -> tuple[dict[int, ServerFiles], dict[int, bytes], list[str]]:
@@ -109,7 +112,7 @@ class ListenTls:
     """The TLS side of one listening socket in a server process."""
 
     def __init__(self, servers: list[ServerConfig], files: dict[int, ServerFiles],
-                 keys: dict[int, bytearray]) -> None:
+                 keys: dict[int, bytearray], alpn: tuple[str, ...] = ()) -> None:
         self.servers = [s for s in servers if s.tls is not None and s.id in files]
         if not self.servers:
             raise tls.TlsError("no keypair for this socket")
@@ -121,7 +124,8 @@ class ListenTls:
             ctx = made.get((f.cert, f.ocsp))
             if ctx is None:
                 key = keys.get(srv.id, bytearray())
-                ctx = tls.server_context(options(srv.tls, f), tls.Keypair(f.cert, key, f.ocsp))
+                ctx = tls.server_context(options(srv.tls, f, alpn),
+                                         tls.Keypair(f.cert, key, f.ocsp))
                 made[(f.cert, f.ocsp)] = ctx
             self.contexts[srv.id] = ctx
             names.append((list(f.names), ctx))

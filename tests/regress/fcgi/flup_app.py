@@ -17,6 +17,8 @@ What it does depends on the last component of DOCUMENT_URI:
     forever     64 KiB blocks without end; notes "aborted <n>" in MARKS-FILE
                 when the write fails or the generator is closed
 
+A request with an X-Mark header is noted as "seen <value>" in MARKS-FILE.
+
 flup's _sanitizeEnv() is disabled so SCRIPT_NAME/PATH_INFO/QUERY_STRING are
 reported exactly as httpd sent them.
 """
@@ -152,6 +154,10 @@ ROUTES = {f.__name__: f for f in (chunks, length, echo, stream, notfound, redire
 
 def app(environ, start_response):
     name = environ.get("DOCUMENT_URI", "").rsplit("/", 1)[-1]
+    if MARKS and "HTTP_X_MARK" in environ:
+        # What reached the application (the HTTP/2 malformed-request tests).
+        with open(MARKS, "a") as f:
+            f.write(f"seen {environ['HTTP_X_MARK']}\n")
     return ROUTES.get(name, env)(environ, start_response)
 
 
