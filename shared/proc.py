@@ -213,8 +213,9 @@ async def spawn(module: str, title: str, instance: int, generation: int,
     """Start `python -m module -P title -I instance -S fd args...`."""
     psock, csock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = csock.fileno()
+    from shared import pledge
     cmd = [sys.executable, "-m", module, "-P", title, "-I", str(instance),
-           "-S", str(fd), *args]
+           "-S", str(fd), *(["-U"] if not pledge.enabled else []), *args]
     try:
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(fd,))
     finally:
