@@ -89,14 +89,23 @@ def _set_caps(caps: list[int], inheritable: bool = False) -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _get_caps() -> int:
-    """The permitted capability set of this process (bit mask)."""
+def _capget(which: str) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     if libc.capget(ctypes.byref(hdr), data) != 0:
         return 0
-    return data[0].permitted | (data[1].permitted << 32)
+    return getattr(data[0], which) | (getattr(data[1], which) << 32)
+
+
+def _get_caps() -> int:
+    """The permitted capability set of this process (bit mask)."""
+    return _capget("permitted")
+
+
+def effective_caps() -> int:
+    """The effective capability set of this process (bit mask)."""
+    return _capget("effective")
 
 
 def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:

@@ -8,7 +8,8 @@ calls fail with an errno instead, where a library is known to probe them
 and cope (clone3 -> ENOSYS so glibc falls back to clone, whose flags can
 be checked; a read-only open without rpath -> EACCES).
 
-ctypes over libseccomp.so.2 (in every Debian: systemd and apt need it);
+ctypes over libseccomp.so.2 (in every Debian: systemd and apt need it),
+loaded when this module is imported;
 the names are resolved for the running architecture and those it lacks
 (e.g. `open` on arm64) are skipped, so whole families are listed.
 
@@ -19,7 +20,6 @@ shared.pledge), file and port rules (shared.landlock).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -152,26 +152,30 @@ class SeccompError(OSError):
     """libseccomp is missing or refused the filter."""
 
 
-_lib = None
+def _load():
+    # By its soname, now: this module is imported at start-up, before the
+    # chroot hides the library (find_library would run ldconfig).
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        return None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(Arg)]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+_lib = _load()
 
 
 def _libseccomp():
-    global _lib
     if _lib is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            raise SeccompError(errno.ENOENT, f"libseccomp: {e}") from None
-        lib.seccomp_init.restype = ctypes.c_void_p
-        lib.seccomp_init.argtypes = [ctypes.c_uint32]
-        lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
-        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-        lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                               ctypes.c_uint, ctypes.POINTER(Arg)]
-        lib.seccomp_load.argtypes = [ctypes.c_void_p]
-        lib.seccomp_release.argtypes = [ctypes.c_void_p]
-        _lib = lib
+        raise SeccompError(errno.ENOENT, "libseccomp.so.2 not found")
     return _lib
 
 

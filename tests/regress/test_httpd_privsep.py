@@ -132,6 +132,7 @@ def test_process_table_users_and_chroots(site_factory):
         assert os.readlink(f"/proc/{pid}/root") == str(site.dir)
         # At most the file-mode capabilities (temp dirs are 0700 root).
         assert int(st["CapEff"], 16) & ~0b110 == 0
+        assert st["Seccomp"] == "2"            # filtered (shared.pledge)
     assert site.get("/").body == b"root one\n"
 
 
