@@ -307,6 +307,53 @@ def test_killed_child_is_logged_and_restarted(site_factory, title):
     assert d.proc.poll() is None
 
 
+# -- syscall filters (shared.pledge) -------------------------------------------------
+# TANDEM_PLEDGE_PROBE=ACTION makes a pledged process do ACTION on SIGUSR2
+# (the filter is the production one; only the trigger is the test's).
+
+def probe_site(site_factory, monkeypatch, action: str, args=None):
+    monkeypatch.setenv("TANDEM_PLEDGE_PROBE", action)
+    site = site_factory("prefork 1\n" + SITE.format(port="{port}", root="/one"),
+                        setup=roots, args=args)
+    victim = wait_procs(site.daemon, 1)["server"][0]
+    # Answered: that server is serving, its SIGUSR2 handler is in place.
+    assert site.get("/").body == b"root one\n"
+    return site, victim
+
+
+@pytest.mark.parametrize("action", ["execve", "write", "netlink"])
+def test_forbidden_syscall_ends_server_and_parent_restarts_it(site_factory, monkeypatch,
+                                                              action):
+    site, victim = probe_site(site_factory, monkeypatch, action)
+    d = site.daemon
+    assert status(victim)["Seccomp"] == "2"
+    os.kill(victim, signal.SIGUSR2)
+    # SIGSYS: the seccomp filter ended it, before the call did anything.
+    wait_for(lambda: f"lost child: pid {victim} terminated; signal {signal.SIGSYS}"
+             in d.output(), what="lost child")
+    assert "pledge probe" not in d.output()
+    wait_procs(d, 1, exclude={victim})
+    assert site.get("/?after").body == b"root one\n"
+    assert not (site.dir / "pledge-probe").exists()
+
+
+def test_allowed_syscall_keeps_server(site_factory, monkeypatch):
+    site, victim = probe_site(site_factory, monkeypatch, "read")
+    os.kill(victim, signal.SIGUSR2)
+    site.daemon.wait_output("pledge probe read: survived (opened / read-only)")
+    assert wait_procs(site.daemon, 1)["server"] == [victim]
+
+
+@pytest.mark.parametrize("action", ["execve", "netlink"])
+def test_flag_U_turns_filters_off(site_factory, monkeypatch, action):
+    site, victim = probe_site(site_factory, monkeypatch, action, args=["-U"])
+    assert status(victim)["Seccomp"] == "0"
+    os.kill(victim, signal.SIGUSR2)
+    site.daemon.wait_output(f"pledge probe {action}: survived")
+    assert wait_procs(site.daemon, 1)["server"] == [victim]
+    assert "lost child" not in site.daemon.output()
+
+
 # -- systemd ---------------------------------------------------------------------------
 
 def test_sd_notify_ready_reloading_stopping(site_factory, tmp_path, monkeypatch):
