@@ -100,7 +100,8 @@ def _stdio(pid: int) -> list[Rule]:
         "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday",
         "time", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait",
         "sigaltstack", "getpid", "gettid", "getppid", "getuid", "geteuid", "getgid",
-        "getegid", "getgroups", "getresuid", "getresgid", "getrandom", "uname", "sysinfo",
+        "getegid", "getgroups", "getresuid", "getresgid", "capget", "getrandom", "uname",
+        "sysinfo",
         "getrusage", "getrlimit", "restart_syscall", "exit", "exit_group",
         # event loop and sockets already open
         "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, listen_backlog
+from tests.conftest import PYTHON, REPO, listen_backlog, probe_kills
 from tests.regress.httpd_helpers import (Conn, request, site_factory,  # noqa: F401
                                          wait_for)
 
@@ -325,14 +325,8 @@ def probe_site(site_factory, monkeypatch, action: str, args=None):
 def test_forbidden_syscall_ends_server_and_parent_restarts_it(site_factory, monkeypatch,
                                                               action):
     site, victim = probe_site(site_factory, monkeypatch, action)
-    d = site.daemon
-    assert status(victim)["Seccomp"] == "2"
-    os.kill(victim, signal.SIGUSR2)
-    # SIGSYS: the seccomp filter ended it, before the call did anything.
-    wait_for(lambda: f"lost child: pid {victim} terminated; signal {signal.SIGSYS}"
-             in d.output(), what="lost child")
-    assert "pledge probe" not in d.output()
-    wait_procs(d, 1, exclude={victim})
+    probe_kills(site.daemon, victim)
+    wait_procs(site.daemon, 1, exclude={victim})
     assert site.get("/?after").body == b"root one\n"
     assert not (site.dir / "pledge-probe").exists()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, Daemon, free_port, listen_backlog
+from tests.conftest import PYTHON, REPO, Daemon, free_port, listen_backlog, probe_kills
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")]
@@ -523,11 +523,7 @@ def test_forbidden_syscall_ends_child_and_parent_restarts_it(relayd, backend, tm
     d = relayd("prefork 2\n" + relay_conf(rport, b.port, sock=str(tmp_path / "ctl.sock")),
                env={**os.environ, "TANDEM_PLEDGE_PROBE": action})
     victim = wait_procs(d, 2)[title][0]
-    assert status(victim)["Seccomp"] == "2"
-    os.kill(victim, signal.SIGUSR2)
-    wait_for(lambda: f"lost child: pid {victim} terminated; signal {signal.SIGSYS}"
-             in d.output(), what="lost child")
-    assert "pledge probe" not in d.output()
+    probe_kills(d, victim)
     wait_procs(d, 2, exclude={victim})
     assert echo_once(rport) == b"ping"
     assert d.proc.poll() is None
