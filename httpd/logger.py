@@ -254,7 +254,7 @@ def logger_main(fd: int) -> int:
 
     import trio
 
-    from shared import proc
+    from shared import pledge, proc
     from shared.imsg import Channel, Imsg
 
     sock = proc.child_socket(fd)
@@ -264,6 +264,8 @@ def logger_main(fd: int) -> int:
     lsock = socket.socket(fileno=setup.fds(Imsg.CFG_LOGSOCK)[0].fd)
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     proc.drop_privileges(cfg.get("chroot"), user)
+    # OpenBSD: pledge("stdio recvfd"): it writes to descriptors it was given.
+    pledge.pledge("logger", ("stdio",), connect=())
 
     def write_batch(raw: bytes) -> None:
         # A datagram: a list of [name, line, use_syslog, pri] entries.  One

@@ -21,7 +21,7 @@ from engine import tls
 from engine.serve import Listener, Server
 from httpd import logger, server_h2, server_http, server_tls
 from httpd.config import SERVER_MAX_CLIENTS, HttpdConfig, ServerConfig
-from shared import log, proc
+from shared import log, pledge, proc
 from shared.imsg import Channel, Imsg
 
 SockKey = tuple[str, int]
@@ -185,6 +185,13 @@ def preload() -> None:
     trio.to_thread  # noqa: B018
 
 
+def fcgi_ports(conf: HttpdConfig) -> tuple[int, ...]:
+    """The TCP ports of `fastcgi socket tcp ...` (what a server may connect to)."""
+    fcgis = [c.fastcgi for srv in conf.servers
+             for c in (srv, *[loc.conf for loc in srv.locations if loc.conf])]
+    return tuple(sorted({f.port for f in fcgis if f is not None and f.socket is None}))
+
+
 def child_main(fd: int) -> int:
     """`httpd -P server`: take config and sockets, sandbox, serve."""
     sock = proc.child_socket(fd)
@@ -201,6 +208,10 @@ def child_main(fd: int) -> int:
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     chrooted = proc.drop_privileges(conf.chroot, user, keep_dac=cfg.get("keep_dac", False))
     logs = logger.LogSender(socket.socket(fileno=logfd))
+    # OpenBSD: pledge("stdio rpath inet unix recvfd"); the docroots (the
+    # chroot) read-only, TCP only to FastCGI ports.
+    pledge.pledge("server", ("stdio", "rpath", "inet", "unix", "sendfile"),
+                  read=("/",) if chrooted else (conf.chroot,), connect=fcgi_ports(conf))
 
     async def main() -> None:
         chan = Channel(sock, allow_pickle=True, reader=setup.reader)

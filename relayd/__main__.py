@@ -1,7 +1,8 @@
-"""relayd -- command line: `relayd [-dnv] [-D macro=value] [-f file]`.
+"""relayd -- command line: `relayd [-dnUv] [-D macro=value] [-f file]`.
 
 -d stays in the foreground and logs to stderr, -n only checks the
-configuration, -v is more verbose (repeatable), -D defines a macro that
+configuration, -U runs the children without syscall filter and Landlock
+(debugging; chroot and user change stay), -v is more verbose (repeatable), -D defines a macro that
 overrides the file's, -f names the configuration file (/etc/relayd.conf).
 """
 

@@ -57,7 +57,7 @@ import trio
 from relayd import check_http, check_icmp, check_script, check_tcp
 from relayd.check_tcp import HOST_DOWN, HOST_UNKNOWN, HOST_UP
 from relayd.config import InstanceHost, RelaydConfig, TableInstance
-from shared import log, proc
+from shared import log, pledge, proc
 from shared.imsg import Channel, Imsg
 
 # Extra time a check gets past its deadline before it is abandoned as
@@ -628,6 +628,10 @@ def child_main(fd: int) -> int:
     preload()
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     proc.drop_privileges(cfg.get("chroot"), user)
+    # OpenBSD: pledge("stdio recvfd inet"); the ICMP sockets are open
+    # already.  No port rule: a reload (CFG_RELOAD) may add check ports,
+    # and Landlock rules cannot be widened once in force.
+    pledge.pledge("hce", ("stdio", "inet"))
     status = [0]
 
     async def main() -> None:

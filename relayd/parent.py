@@ -8,7 +8,7 @@ from systemd (socket activation, shared.sd) -- and starts its children by
 re-executing relayd (shared.proc; the process table is in
 relayd.privsep): `pfe` (nftables, routes, demotion, the control socket,
 metrics; keeps CAP_NET_ADMIN only), `hce` (health checks) and `prefork`
-`relay` processes (default: one per core), the last two chrooted to
+`relay` processes (default: one per core), all three chrooted to
 /var/empty as `_relayd` (else `nobody`).  As non-root nothing is dropped;
 relayd says so once and runs.
 
@@ -212,7 +212,7 @@ class Parent:
             c = child.chan
             await c.send(Imsg.CFG_CONFIG, {
                 "conf": self.conf, "gen": self.generation, "user": self._user(),
-                "chroot": None, "states": dict(self.states.get(self.generation, {}))})
+                "chroot": self.chroot, "states": dict(self.states.get(self.generation, {}))})
             if self.control_sock is not None:
                 await c.send(Imsg.CFG_CONTROL, None, fd=self.control_sock.fileno())
             for key, s in self.metric_socks.items():

@@ -3,7 +3,8 @@
 OpenBSD's pfe keeps the pf anchors of the redirects and the routes of the
 routers in step with the host states hce reports.  Pfe does the same on
 Linux: redirects are nftables rules in table `inet relayd` (built by
-pfe_filter, applied with `nft -j -f -`, one transaction per change),
+pfe_filter, applied through libnftables (relayd.nft), one transaction per
+change),
 routers are kernel routes written with netlink (pfe_route), and `demote
 GROUP` writes keepalived track files (carp).  It needs CAP_NET_ADMIN; a
 process without it says so once at start and leaves all three alone (the
@@ -28,7 +29,7 @@ then pfe.notify(host_id, state) (a synchronous hce notify callback) and
 pfe.reload_soon(conf) queue work in order, and cancelling run() stops it.
 
 Failures: an nft transaction that fails changes nothing in the kernel; the
-error and the command it failed on (found with `nft -c` on prefixes of the
+error and the command it failed on (found with dry runs of prefixes of the
 transaction) are logged and the rules in force stay what they were (the
 next change tries again).  A failed route change is logged and the route
 is left as it was.
@@ -39,8 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import time
 from typing import Any
 
@@ -49,27 +48,24 @@ import trio
 from relayd import carp, pfe_filter, pfe_route
 from relayd.config import (RELAY_STATINTERVAL, RedirectConfig, RelaydConfig,
                            RouterConfig)
+from relayd.nft import Nft, NftError  # noqa: F401  (NftError: pfe's API)
 from relayd.pfe_filter import Pool
 from relayd.stats import Counters
-from shared import log
+from shared import log, proc
 
 CAP_NET_ADMIN = 12
 # Seconds between two reads of the nft counters by run().
 STATS_POLL = 5.0
-# Seconds an nft command may take.
-NFT_TIMEOUT = 10.0
 # First nft whose JSON parser keeps a ct timeout object's policy.
 NFT_JSON_CT_TIMEOUT = (1, 0, 9)
 
 
 def has_net_admin(status_text: str | None = None) -> bool:
-    """Is CAP_NET_ADMIN in this process's effective set?"""
+    """Is CAP_NET_ADMIN in this process's effective set?  (From
+    /proc/PID/status text when given; else capget(2), which works in a
+    chroot without /proc.)"""
     if status_text is None:
-        try:
-            with open("/proc/self/status") as f:
-                status_text = f.read()
-        except OSError:
-            return os.geteuid() == 0
+        return bool(proc.effective_caps() >> CAP_NET_ADMIN & 1)
     for line in status_text.splitlines():
         if line.startswith("CapEff:"):
             try:
@@ -90,100 +86,6 @@ def _state(up: Any) -> bool | None:
         s = str(up)
         return True if s == "up" else False if s == "down" else None
     return True if n > 0 else False if n < 0 else None
-
-
-class NftError(Exception):
-    """An nft transaction failed; `failed` is the command it failed on."""
-
-    def __init__(self, message: str, failed: dict | None = None) -> None:
-        super().__init__(message)
-        self.failed = failed
-
-
-class Nft:
-    """nft(8) as a subprocess: JSON transactions, text transactions, listings."""
-
-    def __init__(self, binary: str = "nft") -> None:
-        self.binary = binary
-
-    def available(self) -> bool:
-        return shutil.which(self.binary) is not None
-
-    async def version(self) -> tuple[int, ...]:
-        """nft's version ((0,) when unknown)."""
-        try:
-            proc = await self._run(["--version"])
-        except (OSError, trio.TooSlowError):
-            return (0,)
-        m = re.search(rb"v(\d+)\.(\d+)(?:\.(\d+))?", proc.stdout)
-        return tuple(int(x) for x in m.groups(default=b"0")) if m else (0,)
-
-    async def _run(self, args: list[str], data: bytes | None = None):
-        with trio.fail_after(NFT_TIMEOUT):
-            return await trio.run_process([self.binary, *args], stdin=data or b"",
-                                          capture_stdout=True, capture_stderr=True,
-                                          check=False)
-
-    @staticmethod
-    def _error(proc) -> str:
-        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines()
-                 if ln.strip()]
-        return "; ".join(lines) or f"nft exited with {proc.returncode}"
-
-    async def apply(self, cmds: list[dict]) -> None:
-        """Run `cmds` as one transaction; NftError names the failing command."""
-        if not cmds:
-            return
-        data = json.dumps(pfe_filter.document(cmds)).encode()
-        try:
-            proc = await self._run(["-j", "-f", "-"], data)
-        except (OSError, trio.TooSlowError) as e:
-            raise NftError(f"nft: {e}") from None
-        if proc.returncode == 0:
-            return
-        raise NftError(self._error(proc), await self.find_failing(cmds))
-
-    async def check(self, cmds: list[dict]) -> bool:
-        data = json.dumps(pfe_filter.document(cmds)).encode()
-        try:
-            proc = await self._run(["-c", "-j", "-f", "-"], data)
-        except (OSError, trio.TooSlowError):
-            return False
-        return proc.returncode == 0
-
-    async def find_failing(self, cmds: list[dict]) -> dict | None:
-        """The first command whose prefix of `cmds` does not pass `nft -c`."""
-        lo, hi = 1, len(cmds)
-        if await self.check(cmds):
-            return None
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if await self.check(cmds[:mid]):
-                lo = mid + 1
-            else:
-                hi = mid
-        return cmds[lo - 1]
-
-    async def apply_text(self, text: str) -> None:
-        try:
-            proc = await self._run(["-f", "-"], text.encode())
-        except (OSError, trio.TooSlowError) as e:
-            raise NftError(f"nft: {e}") from None
-        if proc.returncode != 0:
-            raise NftError(self._error(proc))
-
-    async def counters(self) -> dict[str, int]:
-        try:
-            proc = await self._run(["-j", "list", "counters", "table",
-                                    pfe_filter.FAMILY, pfe_filter.TABLE])
-        except (OSError, trio.TooSlowError):
-            return {}
-        if proc.returncode != 0:
-            return {}
-        try:
-            return pfe_filter.counters_from_listing(json.loads(proc.stdout))
-        except ValueError:
-            return {}
 
 
 class Pfe:
@@ -442,7 +344,7 @@ class Pfe:
             await self._init_routes(first)
         if self.capable and conf.redirects:
             if not self.nft.available():
-                self._warn_once("nft", f"pfe_init: {self.nft.binary} not found: "
+                self._warn_once("nft", f"pfe_init: {self.nft.error}: "
                                 "redirections are not installed")
             else:
                 self.nft_active = await self._load_table()

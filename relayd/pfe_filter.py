@@ -4,7 +4,8 @@ OpenBSD's pfe_filter.c loads one pf anchor per redirect with `rdr-to
 <table>` rules; here every redirect becomes rules in the nftables table
 `inet relayd`, which relayd owns: it replaces the table at start and
 deletes it at exit.  The commands are libnftables JSON objects
-(libnftables-json(5)), applied with `nft -j -f -` as one transaction.
+(libnftables-json(5)), applied through libnftables (relayd.nft) as one
+transaction.
 
 Layout of the table (all names are ids, so any redirect name is fine):
 
@@ -433,7 +434,7 @@ def ruleset(conf: RelaydConfig, pools: dict[int, Pool], *, reset: bool = True,
 
 
 def document(cmds: list[dict]) -> dict:
-    """The JSON document `nft -j -f -` reads."""
+    """The JSON document libnftables (and `nft -j -f -`) reads."""
     return {"nftables": cmds}
 
 

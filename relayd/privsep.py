@@ -5,7 +5,7 @@ OpenBSD's relayd split, on Linux (features.md 3.3):
   process  count      chroot / user              keeps            role
   parent   1          none / root                everything       config, sockets,
                                                                   scripts, message hub
-  pfe      1          none / _relayd (nobody)    CAP_NET_ADMIN    nftables redirects,
+  pfe      1          /var/empty / _relayd       CAP_NET_ADMIN    nftables redirects,
                                                                   routes, demotion, the
                                                                   control socket, metrics
   hce      1          /var/empty / _relayd       -                health checks
@@ -13,9 +13,11 @@ OpenBSD's relayd split, on Linux (features.md 3.3):
 
 Every child is `python -m relayd -P <title> -I <instance> -S <fd>`
 (shared.proc), reads its configuration and descriptors from the parent,
-then drops privileges (PR_SET_NO_NEW_PRIVS included).  pfe is not
-chrooted: it runs nft(8) (with CAP_NET_ADMIN made ambient for it) and
-writes keepalived track files through the parent.
+then drops privileges (PR_SET_NO_NEW_PRIVS included) and pledges
+(shared.pledge: seccomp and Landlock).  pfe drives nftables through
+libnftables (relayd.nft, its netlink socket opened before the chroot) and
+pyroute2, keeping CAP_NET_ADMIN for both; keepalived track files are
+written by the parent.
 
 Messages go through the parent, which never unpickles what a child sends
 (JSON up, pickle down):
@@ -46,7 +48,7 @@ import trio
 from engine.serve import Listener
 from relayd import carp, control, metrics
 from relayd import pfe as pfe_mod
-from shared import log, proc
+from shared import log, pledge, proc
 from shared.imsg import Channel, Imsg
 
 # Group names a DEMOTE may name (a file name in the demote directory).
@@ -80,7 +82,11 @@ def preload() -> dict:
     """Import (and open) before the drop what pfe would load lazily."""
     import encodings.idna  # noqa: F401
     import prometheus_client  # noqa: F401
-    out: dict = {}
+    out: dict = {"nft": pfe_mod.Nft()}
+    # The netlink socket of libnftables, opened now (seccomp keeps pfe from
+    # opening new ones of that family); asking the version warms it up.
+    if out["nft"].open():
+        out["nft"].version_now()
     try:
         from relayd import pfe_route
         out["routes"] = pfe_route.Routes()
@@ -102,8 +108,10 @@ def pfe_main(fd: int) -> int:
                     for m in setup.fds(Imsg.CFG_METRICS) if m.fd >= 0}
     extra = preload()
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
-    proc.drop_privileges(cfg.get("chroot"), user, keep_caps=(proc.CAP_NET_ADMIN,),
-                         ambient=True)
+    proc.drop_privileges(cfg.get("chroot"), user, keep_caps=(proc.CAP_NET_ADMIN,))
+    # OpenBSD: pledge("stdio recvfd unix pf"); pf is netlink here (routes and
+    # nftables), unix the control socket.
+    pledge.pledge("pfe", ("stdio", "unix", "route"), connect=())
     status = [0]
 
     async def main() -> None:
@@ -124,7 +132,7 @@ def pfe_main(fd: int) -> int:
             return await wait(timeout)
 
         pfe = pfe_mod.Pfe(conf, demote=RemoteDemote(lambda t, p: out_send.send_nowait((t, p))),
-                          routes=extra.get("routes"))
+                          routes=extra.get("routes"), nft=extra["nft"])
         for hid, st in (cfg.get("states") or {}).items():
             pfe.set_host(int(hid), st)
         backend = control.MessageBackend(conf, ask, pfe)

@@ -54,7 +54,7 @@ from relayd import relay_udp               # dns hook: UDP relays (dns protocol)
 from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
                            RelaydConfig, TableInstance)
-from shared import log, proc
+from shared import log, pledge, proc
 from shared.imsg import Channel, Imsg
 
 SockKey = tuple[str, int]
@@ -723,6 +723,18 @@ def apply_command(rp: RelayProc, cmd: dict):
     raise BadMessage(f"unknown command {what!r}")
 
 
+def backend_ports(conf: RelaydConfig) -> tuple[int, ...] | None:
+    """The TCP ports relays connect to; None (any) when a relay forwards
+    to the original destination (`destination`, `nat lookup`)."""
+    ports = set()
+    for rl in conf.relays:
+        for f in rl.forwards:
+            if f.port is None or f.kind not in ("table", "address"):
+                return None
+            ports.add(f.port)
+    return tuple(sorted(ports))
+
+
 def child_main(fd: int) -> int:
     """`relayd -P relay`: take config and sockets, sandbox, relay."""
     from relayd.relay_shm import Shared
@@ -752,6 +764,10 @@ def child_main(fd: int) -> int:
     transparent = any(rl.transparent for rl in conf.relays)
     proc.drop_privileges(cfg.get("chroot"), user,
                          keep_caps=(proc.CAP_NET_RAW,) if transparent else ())
+    # OpenBSD: pledge("stdio recvfd inet"); splice and sendfile for the
+    # pumps, bind for `transparent forward`; TCP only to backend ports.
+    pledge.pledge("relay", ("stdio", "inet", "splice") + (("bind",) if transparent else ()),
+                  connect=backend_ports(conf))
     status = [0]
 
     async def main() -> None:

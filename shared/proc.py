@@ -6,8 +6,9 @@ interpreter, nothing of the parent's memory), the child's end of a
 socketpair on fd `-S`.  A child imports everything it will ever need, takes
 its configuration and descriptors from the parent, then sandboxes itself:
 chroot, supplementary groups dropped, setresgid/setresuid to the
-unprivileged user, PR_SET_NO_NEW_PRIVS.  As non-root nothing can be
-dropped; the daemon still runs (for development) and says so once.
+unprivileged user, PR_SET_NO_NEW_PRIVS; then it pledges (shared.pledge).
+As non-root nothing can be dropped; the daemon still runs (for
+development) and says so once.
 
 This module knows no daemon: the daemons' parent modules declare which
 children exist and what they get.
@@ -75,7 +76,7 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _set_caps(caps: list[int], inheritable: bool = False) -> None:
+def _set_caps(caps: list[int]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
@@ -83,20 +84,27 @@ def _set_caps(caps: list[int], inheritable: bool = False) -> None:
     for c in caps:
         mask |= 1 << c
     data[0].effective = data[0].permitted = mask
-    if inheritable:
-        data[0].inheritable = mask
     if libc.capset(ctypes.byref(hdr), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _get_caps() -> int:
-    """The permitted capability set of this process (bit mask)."""
+def _capget(which: str) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     if libc.capget(ctypes.byref(hdr), data) != 0:
         return 0
-    return data[0].permitted | (data[1].permitted << 32)
+    return getattr(data[0], which) | (getattr(data[1], which) << 32)
+
+
+def _get_caps() -> int:
+    """The permitted capability set of this process (bit mask)."""
+    return _capget("permitted")
+
+
+def effective_caps() -> int:
+    """The effective capability set of this process (bit mask)."""
+    return _capget("effective")
 
 
 def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:
@@ -130,24 +138,19 @@ def can_reach(path: str, user: pwd.struct_passwd, write: bool = False) -> bool:
     return True
 
 
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
 CAP_NET_RAW = 13
 CAP_NET_ADMIN = 12
 
 
 def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
-                    keep_dac: bool = False, keep_caps: tuple[int, ...] = (),
-                    ambient: bool = False) -> bool:
+                    keep_dac: bool = False, keep_caps: tuple[int, ...] = ()) -> bool:
     """chroot + setgroups + setresgid/setresuid + no_new_privs.
 
     `keep_dac` keeps CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (only those)
     across the uid change: for files the configuration names that the
     unprivileged user's modes do not reach.  `keep_caps` keeps other
-    capabilities the same way (relayd's pfe: CAP_NET_ADMIN); `ambient`
-    also makes them ambient, so that programs the process runs (nft)
-    have them too.  Returns False (and changes nothing) when not running
-    as root."""
+    capabilities the same way (relayd's pfe: CAP_NET_ADMIN).  Returns
+    False (and changes nothing) when not running as root."""
     if os.geteuid() != 0:
         return False
     # Load what would otherwise be read from files after the chroot.
@@ -158,7 +161,6 @@ def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
     caps = ([CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] if keep_dac else []) + list(keep_caps)
     have = _get_caps()
     caps = [c for c in caps if have >> c & 1]     # e.g. a bounding set without it
-    keep_caps = tuple(c for c in keep_caps if c in caps)
     if user is not None:
         libc = ctypes.CDLL(None, use_errno=True)
         if caps:
@@ -166,12 +168,7 @@ def drop_privileges(chroot: str | None, user: pwd.struct_passwd | None,
         os.setgroups([user.pw_gid])
         os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
         os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
-        _set_caps(caps, inheritable=ambient)
-        if ambient:
-            for c in keep_caps:
-                if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0) != 0:
-                    log.warn(f"prctl(PR_CAP_AMBIENT_RAISE, {c}): "
-                             f"{os.strerror(ctypes.get_errno())}")
+        _set_caps(caps)
     no_new_privs()
     return True
 
@@ -213,8 +210,9 @@ async def spawn(module: str, title: str, instance: int, generation: int,
     """Start `python -m module -P title -I instance -S fd args...`."""
     psock, csock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd = csock.fileno()
+    from shared import pledge
     cmd = [sys.executable, "-m", module, "-P", title, "-I", str(instance),
-           "-S", str(fd), *args]
+           "-S", str(fd), *(["-U"] if not pledge.enabled else []), *args]
     try:
         proc = await trio.lowlevel.open_process(cmd, pass_fds=(fd,))
     finally:

@@ -107,6 +107,17 @@ class Daemon:
         return self.proc.returncode
 
 
+def probe_kills(d: Daemon, pid: int, timeout: float = 30.0) -> None:
+    """Fire the pledge probe (shared.pledge: TANDEM_PLEDGE_PROBE, SIGUSR2) in
+    child `pid` of daemon `d` and see it end by SIGSYS -- the seccomp
+    filter, before the call did anything -- and the parent log it."""
+    with open(f"/proc/{pid}/status") as f:
+        assert "\nSeccomp:\t2\n" in f.read()
+    os.kill(pid, signal.SIGUSR2)
+    d.wait_output(f"lost child: pid {pid} terminated; signal {signal.SIGSYS}", timeout)
+    assert "pledge probe" not in d.output()
+
+
 @pytest.fixture
 def daemons():
     """Factory: daemons(module, conf_path, ports=[...]) -> Daemon; all stopped at the end."""

@@ -133,7 +133,7 @@ def test_port_by_service_name(tmp_path):
 def test_usage(tmp_path):
     r = run_cmd("httpd", "-x")
     assert r.returncode == 1
-    assert "usage: httpd [-dnv] [-D macro=value] [-f file]" in r.stderr
+    assert "usage: httpd [-dnUv] [-D macro=value] [-f file]" in r.stderr
 
 
 def test_bad_cmdline_macro(tmp_path):

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, listen_backlog
+from tests.conftest import PYTHON, REPO, listen_backlog, probe_kills
 from tests.regress.httpd_helpers import (Conn, request, site_factory,  # noqa: F401
                                          wait_for)
 
@@ -132,6 +132,7 @@ def test_process_table_users_and_chroots(site_factory):
         assert os.readlink(f"/proc/{pid}/root") == str(site.dir)
         # At most the file-mode capabilities (temp dirs are 0700 root).
         assert int(st["CapEff"], 16) & ~0b110 == 0
+        assert st["Seccomp"] == "2"            # filtered (shared.pledge)
     assert site.get("/").body == b"root one\n"
 
 
@@ -304,6 +305,47 @@ def test_killed_child_is_logged_and_restarted(site_factory, title):
     assert site.get("/?after").body == b"root one\n"
     site.wait_log(r"\?after ")                     # the logger writes again
     assert d.proc.poll() is None
+
+
+# -- syscall filters (shared.pledge) -------------------------------------------------
+# TANDEM_PLEDGE_PROBE=ACTION makes a pledged process do ACTION on SIGUSR2
+# (the filter is the production one; only the trigger is the test's).
+
+def probe_site(site_factory, monkeypatch, action: str, args=None):
+    monkeypatch.setenv("TANDEM_PLEDGE_PROBE", action)
+    site = site_factory("prefork 1\n" + SITE.format(port="{port}", root="/one"),
+                        setup=roots, args=args)
+    victim = wait_procs(site.daemon, 1)["server"][0]
+    # Answered: that server is serving, its SIGUSR2 handler is in place.
+    assert site.get("/").body == b"root one\n"
+    return site, victim
+
+
+@pytest.mark.parametrize("action", ["execve", "write", "netlink"])
+def test_forbidden_syscall_ends_server_and_parent_restarts_it(site_factory, monkeypatch,
+                                                              action):
+    site, victim = probe_site(site_factory, monkeypatch, action)
+    probe_kills(site.daemon, victim)
+    wait_procs(site.daemon, 1, exclude={victim})
+    assert site.get("/?after").body == b"root one\n"
+    assert not (site.dir / "pledge-probe").exists()
+
+
+def test_allowed_syscall_keeps_server(site_factory, monkeypatch):
+    site, victim = probe_site(site_factory, monkeypatch, "read")
+    os.kill(victim, signal.SIGUSR2)
+    site.daemon.wait_output("pledge probe read: survived (opened / read-only)")
+    assert wait_procs(site.daemon, 1)["server"] == [victim]
+
+
+@pytest.mark.parametrize("action", ["execve", "netlink"])
+def test_flag_U_turns_filters_off(site_factory, monkeypatch, action):
+    site, victim = probe_site(site_factory, monkeypatch, action, args=["-U"])
+    assert status(victim)["Seccomp"] == "0"
+    os.kill(victim, signal.SIGUSR2)
+    site.daemon.wait_output(f"pledge probe {action}: survived")
+    assert wait_procs(site.daemon, 1)["server"] == [victim]
+    assert "lost child" not in site.daemon.output()
 
 
 # -- systemd ---------------------------------------------------------------------------

@@ -753,7 +753,7 @@ def test_configtest_unimplemented_feature(tmp_path):
 def test_usage(tmp_path):
     r = run_cmd("relayd", "-x")
     assert r.returncode == 1
-    assert r.stderr == "usage: relayd [-dnv] [-D macro=value] [-f file]\n"
+    assert r.stderr == "usage: relayd [-dnUv] [-D macro=value] [-f file]\n"
     assert run_cmd("relayd", "-n", "extra").returncode == 1
 
 
