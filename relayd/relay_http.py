@@ -55,7 +55,7 @@ from engine.http1 import (BAD_CONTENT_LENGTH, REASONS, ClientConn, HttpError, Re
 from engine.splice import relay as splice_relay
 from relayd import rules
 from relayd.config import HTTP_METHODS, RELAYD_SERVERNAME
-from relayd.relay import BackendError
+from relayd.errors import BackendError
 from shared import log
 
 # Headers about one connection: never forwarded as they came (RFC 9110 7.6.1);
@@ -110,15 +110,21 @@ class _Close(Exception):
         self.reason = reason
 
 
+def error_body(code: int, msg: str, label: str | None, style: str | None,
+               addr: str, port: int) -> bytes:
+    """relay_abort_http()'s HTML page."""
+    body = _page.render(code=f"{code:03d}", reason=REASONS.get(code, "Unknown Error"),
+                        style=style if style is not None else DEFAULT_STYLE,
+                        text="" if code == 500 else msg, label=label or "",
+                        server=RELAYD_SERVERNAME, addr=addr, port=port)
+    return body.encode("utf-8", "replace")
+
+
 def error_page(code: int, msg: str, label: str | None, style: str | None,
                addr: str, port: int) -> bytes:
     """relay_abort_http()'s response: HTTP/1.0 head and HTML body."""
     reason = REASONS.get(code, "Unknown Error")
-    body = _page.render(code=f"{code:03d}", reason=reason,
-                        style=style if style is not None else DEFAULT_STYLE,
-                        text="" if code == 500 else msg, label=label or "",
-                        server=RELAYD_SERVERNAME, addr=addr, port=port)
-    data = body.encode("utf-8", "replace")
+    data = error_body(code, msg, label, style, addr, port)
     head = (f"HTTP/1.0 {code:03d} {reason}\r\n"
             f"Date: {http_date()}\r\n"
             f"Server: {RELAYD_SERVERNAME}\r\n"
@@ -230,7 +236,92 @@ class _Upload:
         self.finished = trio.Event()
 
 
-class HttpRelay:
+class RequestFilter:
+    """What an HTTP/1 session (HttpRelay) and an HTTP/2 stream
+    (relay_h2) share: the checks of a request head and the filter rules on
+    request and response heads.  A subclass sets `s` (the session: tag,
+    label, log items), `proto`, `rules` and `resp_rules` (None: no rules
+    that way), `ctx`, `env` and `haslog`."""
+
+    def _filter_request(self, req: Request) -> tuple:
+        """Check a request head and run the request rules on it: (headers
+        to forward, their lookup by lower-case name, target, table, hash
+        input).  Raises _Abort."""
+        method = req.method
+        hmap = req.hmap
+        if method not in HTTP_METHODS:
+            raise _Abort(400, "malformed")
+        if req.headers and not _TOKEN.fullmatch("".join([k for k, _ in req.headers])):
+            raise _Abort(400, "malformed")
+        te = hmap.get("transfer-encoding")
+        if te is not None and (te.strip().lower() != "chunked" or req.version == "1.0"):
+            raise _Abort(400, "malformed")
+        if method in ("CONNECT", "TRACE") and (req.content_length is not None or req.chunked):
+            raise _Abort(400, "malformed")
+        host = hmap.get("host")
+        if host is not None and not _HOST_OK.fullmatch(host):
+            raise _Abort(400, "malformed host")
+        target = req.target
+        headers = req.headers
+        if not target.startswith("/") and method != "CONNECT" and target != "*":
+            # absolute-form: rules, log and backend get it as received, as
+            # OpenBSD's; its host has to be the Host header's.
+            m = _ABSOLUTE.fullmatch(target)
+            if m is None:
+                raise _Abort(400, "malformed")
+            if host is not None and m.group(2).lower() != host.lower():
+                raise _Abort(400, "malformed host")
+
+        s = self.s
+        table, hash_input = None, b""
+        if self.rules is not None:
+            msg = rules.Message.request(method, target, headers)
+            ctx = self.ctx
+            ctx.tag, ctx.label = s.tag, s.label
+            v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
+            if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+                s.tag, s.label = v.tag, v.label
+                if v.result == rules.RES_BAD:
+                    raise _Abort(400, "Bad Request", label=True)
+                raise _Abort(500, "Internal Server Error", label=True)
+            applied = rules.apply_actions(v, msg, self.env)
+            s.tag, s.label = v.tag, v.label
+            if applied.log:
+                s.log_items.extend(applied.log)
+                self.haslog = True
+            table = v.table
+            hash_input = b"".join(applied.hash)
+            s.log_items.append(" " + method)
+            if v.result == rules.RES_DROP:
+                raise _Abort(403, "Forbidden", label=True)
+            items, joined, target = msg.items(), msg.joined, msg.target
+        else:
+            s.log_items.append(" " + method)
+            items, joined = headers, hmap.get
+        return items, joined, target, table, hash_input
+
+    def _response_rules(self, msg: rules.Message) -> None:
+        s = self.s
+        ctx = self.ctx
+        ctx.tag, ctx.label = s.tag, s.label
+        v = rules.evaluate(self.resp_rules, rules.RESPONSE, msg, ctx)
+        if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+            s.tag, s.label = v.tag, v.label
+            raise _Abort(400 if v.result == rules.RES_BAD else 500,
+                         "Bad Request" if v.result == rules.RES_BAD
+                         else "Internal Server Error", label=True)
+        applied = rules.apply_actions(v, msg, self.env)
+        s.tag, s.label = v.tag, v.label
+        if applied.log:
+            s.log_items.extend(applied.log)
+            self.haslog = True
+        if self.haslog:
+            s.log_items.append(";")
+        if v.result == rules.RES_DROP:
+            raise _Abort(403, "Forbidden", label=True)
+
+
+class HttpRelay(RequestFilter):
     """One HTTP session; see the module docstring."""
 
     def __init__(self, session) -> None:
@@ -372,56 +463,7 @@ class HttpRelay:
         body (None, "chunked" or its length), WebSocket handshake, client
         keeps alive, table, hash input).  Raises _Abort."""
         method = req.method
-        hmap = req.hmap
-        if method not in HTTP_METHODS:
-            raise _Abort(400, "malformed")
-        if req.headers and not _TOKEN.fullmatch("".join([k for k, _ in req.headers])):
-            raise _Abort(400, "malformed")
-        te = hmap.get("transfer-encoding")
-        if te is not None and (te.strip().lower() != "chunked" or req.version == "1.0"):
-            raise _Abort(400, "malformed")
-        if method in ("CONNECT", "TRACE") and (req.content_length is not None or req.chunked):
-            raise _Abort(400, "malformed")
-        host = hmap.get("host")
-        if host is not None and not _HOST_OK.fullmatch(host):
-            raise _Abort(400, "malformed host")
-        target = req.target
-        headers = req.headers
-        if not target.startswith("/") and method != "CONNECT" and target != "*":
-            # absolute-form: rules, log and backend get it as received, as
-            # OpenBSD's; its host has to be the Host header's.
-            m = _ABSOLUTE.fullmatch(target)
-            if m is None:
-                raise _Abort(400, "malformed")
-            if host is not None and m.group(2).lower() != host.lower():
-                raise _Abort(400, "malformed host")
-
-        s = self.s
-        table, hash_input = None, b""
-        if self.rules is not None:
-            msg = rules.Message.request(method, target, headers)
-            ctx = self.ctx
-            ctx.tag, ctx.label = s.tag, s.label
-            v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
-            if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
-                s.tag, s.label = v.tag, v.label
-                if v.result == rules.RES_BAD:
-                    raise _Abort(400, "Bad Request", label=True)
-                raise _Abort(500, "Internal Server Error", label=True)
-            applied = rules.apply_actions(v, msg, self.env)
-            s.tag, s.label = v.tag, v.label
-            if applied.log:
-                s.log_items.extend(applied.log)
-                self.haslog = True
-            table = v.table
-            hash_input = b"".join(applied.hash)
-            s.log_items.append(" " + method)
-            if v.result == rules.RES_DROP:
-                raise _Abort(403, "Forbidden", label=True)
-            items, joined, target = msg.items(), msg.joined, msg.target
-        else:
-            s.log_items.append(" " + method)
-            items, joined = headers, hmap.get
+        items, joined, target, table, hash_input = self._filter_request(req)
 
         # WebSocket handshakes (after the rules, on the head they produced).
         conn_tokens = _tokens(joined("connection"))
@@ -738,26 +780,6 @@ class HttpRelay:
             await self.backend.send_all(head)
             if body is not None:
                 await self._pump(self.conn, self.backend, [])
-
-    def _response_rules(self, msg: rules.Message) -> None:
-        s = self.s
-        ctx = self.ctx
-        ctx.tag, ctx.label = s.tag, s.label
-        v = rules.evaluate(self.resp_rules, rules.RESPONSE, msg, ctx)
-        if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
-            s.tag, s.label = v.tag, v.label
-            raise _Abort(400 if v.result == rules.RES_BAD else 500,
-                         "Bad Request" if v.result == rules.RES_BAD
-                         else "Internal Server Error", label=True)
-        applied = rules.apply_actions(v, msg, self.env)
-        s.tag, s.label = v.tag, v.label
-        if applied.log:
-            s.log_items.extend(applied.log)
-            self.haslog = True
-        if self.haslog:
-            s.log_items.append(";")
-        if v.result == rules.RES_DROP:
-            raise _Abort(403, "Forbidden", label=True)
 
     # -- tunnels ----------------------------------------------------------------------
     async def _tunnel(self, client_pending: bytes, backend_pending: bytes) -> None:
