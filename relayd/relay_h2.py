@@ -36,6 +36,8 @@ Does not parse HTTP/2 (engine.http2 does) nor pick hosts (Session.connect).
 
 from __future__ import annotations
 
+import math
+
 import trio
 
 from engine import http2
@@ -171,7 +173,16 @@ class StreamRelay(RequestFilter):
         self.scope: trio.CancelScope | None = None
 
     def touch(self) -> None:
+        """Backend I/O happened or is next: the session timeout starts again."""
         self.scope.deadline = trio.current_time() + self.r.timeout
+
+    async def send(self, data) -> None:
+        """Body bytes to the client: no session timeout meanwhile, since
+        engine.http2 bounds a send stalled by flow control itself (RST
+        CANCEL after the send timeout, with its log line)."""
+        self.scope.deadline = math.inf
+        await self.st.send_data(data)
+        self.touch()
 
     async def run(self) -> str:
         st = self.st
@@ -414,8 +425,7 @@ class StreamRelay(RequestFilter):
                 data = b""
             if not data:
                 break
-            self.touch()
-            await st.send_data(data)
+            await self.send(data)
         await st.send_data(b"", True)
         return backend_keep
 
@@ -467,10 +477,12 @@ class H2Relay:
     async def handle(self, st: http2.H2Stream) -> None:
         ss = self.s.child()
         self.streams += 1
-        reason = "internal error"
+        # What stays if the connection ends meanwhile (its tasks cancelled).
+        reason = "done"
         try:
             reason = await StreamRelay(self, st, ss).run()
         except Exception:      # a bug ends this stream only (engine.http2 resets it)
+            reason = "internal error"
             log.warn_exc(f"relay_h2: session {ss.id}: internal error")
         finally:
             ss.close_log(reason)
