@@ -245,31 +245,22 @@ class StreamRelay(RequestFilter):
         head = _build_head(f"{method} {target} HTTP/1.1\r\n", fields, _NO_TOKENS, framing,
                            None, False, False)
         pool = self.r.pool
-        try:
-            b, reused = await pool.get(self.s, table, hash_input)
-        except BackendError as e:
-            raise _Abort(e.status, e.msg) from None
-        self.s.backend = b.addr
-        self.touch()
+        b, reused = await self._backend(table, hash_input)
         keep = False
         try:
             if body is None:
-                resp = await self._send_head(b, head, method)
+                resp = await self._send_head(b, head, req)
                 if resp is None and reused:
                     # The kept-alive backend went away meanwhile: once more, anew.
                     await pool.drop(b)
                     b = None
-                    try:
-                        b, _ = await pool.get(self.s, table, hash_input)
-                    except BackendError as e:
-                        raise _Abort(e.status, e.msg) from None
-                    self.s.backend = b.addr
-                    resp = await self._send_head(b, head, method)
+                    b, _ = await self._backend(table, hash_input)
+                    resp = await self._send_head(b, head, req)
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
                 keep = await self._response(b, resp, method)
             else:
-                keep = await self._with_upload(b, head, body, method)
+                keep = await self._with_upload(b, head, body, req)
         finally:
             if b is not None:
                 if keep:
@@ -277,6 +268,15 @@ class StreamRelay(RequestFilter):
                 else:
                     await pool.drop(b)
         return "done"
+
+    async def _backend(self, table: str | None, hash_input: bytes) -> tuple[_Backend, bool]:
+        try:
+            b, reused = await self.r.pool.get(self.s, table, hash_input)
+        except BackendError as e:
+            raise _Abort(e.status, e.msg) from None
+        self.s.backend = b.addr
+        self.touch()
+        return b, reused
 
     @staticmethod
     def _host(items) -> str | None:
@@ -287,38 +287,19 @@ class StreamRelay(RequestFilter):
                 return v
         return None
 
-    async def _send_head(self, b: _Backend, head: bytes, method: str) -> Response | None:
+    async def _send_head(self, b: _Backend, head: bytes, req: Request) -> Response | None:
         try:
             await b.t.send_all(head)
         except CLOSED:
             return None
-        return await self._response_head(b, method)
+        return await self._response_head(b.bc, req)
 
-    async def _response_head(self, b: _Backend, method: str) -> Response | None:
-        """The final response head; 100 Continue goes to the client as an
-        interim HEADERS, other 1xx are dropped."""
-        bc = b.bc
-        bc.expect(method)
-        while True:
-            try:
-                resp = await bc.read_response()
-            except HttpError:
-                raise _Abort(502, "Bad Gateway") from None
-            except CLOSED:
-                return None
-            if resp is None:
-                return None
-            self.touch()
-            st = resp.status
-            if 100 <= st < 200 and st != 101:
-                if resp.content_length:
-                    raise _Abort(502, "Bad Gateway")
-                if st == 100:
-                    await self.st.send_interim(100)
-                continue
-            return resp
+    async def _interim(self, resp: Response) -> None:
+        # 100 Continue as an interim HEADERS; other 1xx are not passed on.
+        if resp.status == 100:
+            await self.st.send_interim(100)
 
-    async def _with_upload(self, b: _Backend, head: bytes, body, method: str) -> bool:
+    async def _with_upload(self, b: _Backend, head: bytes, body, req: Request) -> bool:
         """Send head and body while the response comes back (a backend may
         answer early, or first send 100 Continue)."""
         done: list[bool] = []
@@ -338,10 +319,10 @@ class StreamRelay(RequestFilter):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
             try:
-                resp = await self._response_head(b, method)
+                resp = await self._response_head(b.bc, req)
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
-                keep = await self._response(b, resp, method)
+                keep = await self._response(b, resp, req.method)
             except (_Abort, _Close, http2.StreamClosed, *CLOSED) as e:
                 failure.append(e)
             nursery.cancel_scope.cancel()
@@ -389,14 +370,7 @@ class StreamRelay(RequestFilter):
         status = resp.status
         if status == 101 or (status == 204 and resp.content_length):
             raise _Abort(502, "Bad Gateway")
-        if self.resp_rules is not None:
-            msg = rules.Message.response(status, resp.headers)
-            self._response_rules(msg)
-            items, joined = msg.items(), msg.joined
-        else:
-            if self.haslog:
-                self.s.log_items.append(";")
-            items, joined = resp.headers, resp.hmap.get
+        items, joined = self._filter_response(resp)
         drop = _RESPONSE_DROP
         listed = _tokens(joined("connection")) - _CONN_WORDS
         if listed:

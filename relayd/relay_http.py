@@ -300,6 +300,17 @@ class RequestFilter:
             items, joined = headers, hmap.get
         return items, joined, target, table, hash_input
 
+    def _filter_response(self, resp: Response) -> tuple:
+        """A response head after the response rules: (headers to send,
+        their lookup by lower-case name).  Raises _Abort."""
+        if self.resp_rules is not None:
+            msg = rules.Message.response(resp.status, resp.headers)
+            self._response_rules(msg)
+            return msg.items(), msg.joined
+        if self.haslog:
+            self.s.log_items.append(";")
+        return resp.headers, resp.hmap.get
+
     def _response_rules(self, msg: rules.Message) -> None:
         s = self.s
         ctx = self.ctx
@@ -319,6 +330,29 @@ class RequestFilter:
             s.log_items.append(";")
         if v.result == rules.RES_DROP:
             raise _Abort(403, "Forbidden", label=True)
+
+    async def _response_head(self, bc: ClientConn, req: Request) -> Response | None:
+        """The final response head from `bc`, None if the backend closed
+        first; 1xx interim responses go to the client (_interim(), not to
+        HTTP/1.0 clients)."""
+        bc.expect(req.method)
+        while True:
+            try:
+                resp = await bc.read_response()
+            except HttpError:
+                raise _Abort(502, "Bad Gateway") from None
+            except CLOSED:
+                return None
+            if resp is None:
+                return None
+            st = resp.status
+            if 100 <= st < 200 and st != 101:
+                if resp.content_length:
+                    raise _Abort(502, "Bad Gateway")
+                if req.version != "1.0":
+                    await self._interim(resp)
+                continue
+            return resp
 
 
 class HttpRelay(RequestFilter):
@@ -552,33 +586,13 @@ class HttpRelay(RequestFilter):
             await self.backend.send_all(head)
         except CLOSED:
             return None
-        return await self._response_head(req)
+        return await self._response_head(self.bconn, req)
 
-    async def _response_head(self, req: Request) -> Response | None:
-        """The final response head; 1xx interim responses go to the client."""
-        bc = self.bconn
-        bc.expect(req.method)
-        while True:
-            try:
-                resp = await bc.read_response()
-            except HttpError:
-                raise _Abort(502, "Bad Gateway") from None
-            except CLOSED:
-                return None
-            if resp is None:
-                return None
-            st = resp.status
-            if 100 <= st < 200 and st != 101:
-                if resp.content_length:
-                    raise _Abort(502, "Bad Gateway")
-                if req.version != "1.0":
-                    lines = [f"HTTP/{resp.version} {st} {resp.reason}\r\n"]
-                    lines += [f"{k}: {v}\r\n" for k, v in resp.headers
-                              if k.lower() not in HOP_BY_HOP]
-                    lines.append("\r\n")
-                    await self.client.send_all("".join(lines).encode("latin-1", "replace"))
-                continue
-            return resp
+    async def _interim(self, resp: Response) -> None:
+        lines = [f"HTTP/{resp.version} {resp.status} {resp.reason}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
+        lines.append("\r\n")
+        await self.client.send_all("".join(lines).encode("latin-1", "replace"))
 
     async def _with_upload(self, req: Request, head: bytes, body, ws: bool,
                            client_keep: bool) -> bool:
@@ -603,7 +617,7 @@ class HttpRelay(RequestFilter):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upload)
             try:
-                resp = await self._response_head(req)
+                resp = await self._response_head(self.bconn, req)
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
                 result.append(await self._response(req, resp, ws, client_keep))
@@ -663,14 +677,7 @@ class HttpRelay(RequestFilter):
         st = resp.status
         if st == 204 and resp.content_length:
             raise _Abort(502, "Bad Gateway")
-        if self.resp_rules is not None:
-            msg = rules.Message.response(st, resp.headers)
-            self._response_rules(msg)
-            items, joined = msg.items(), msg.joined
-        else:
-            if self.haslog:
-                self.s.log_items.append(";")
-            items, joined = resp.headers, resp.hmap.get
+        items, joined = self._filter_response(resp)
         conn_tokens = _tokens(joined("connection"))
         if st == 101 and not (ws and "websocket" in _tokens(joined("upgrade"))
                               and "upgrade" in conn_tokens):
