@@ -197,6 +197,8 @@ class StreamRelay(RequestFilter):
                 return c.reason
             except http2.StreamClosed:
                 return "stream reset"
+            except CLOSED:
+                return "done"          # the backend went away mid-response
         st.reset(CANCEL)
         return "buffer event timeout"
 
@@ -249,13 +251,13 @@ class StreamRelay(RequestFilter):
         keep = False
         try:
             if body is None:
-                resp = await self._send_head(b, head, req)
+                resp = await self._send_head(b.t, b.bc, req, head)
                 if resp is None and reused:
                     # The kept-alive backend went away meanwhile: once more, anew.
                     await pool.drop(b)
                     b = None
                     b, _ = await self._backend(table, hash_input)
-                    resp = await self._send_head(b, head, req)
+                    resp = await self._send_head(b.t, b.bc, req, head)
                 if resp is None:
                     raise _Abort(502, "Bad Gateway")
                 keep = await self._response(b, resp, method)
@@ -287,13 +289,6 @@ class StreamRelay(RequestFilter):
                 return v
         return None
 
-    async def _send_head(self, b: _Backend, head: bytes, req: Request) -> Response | None:
-        try:
-            await b.t.send_all(head)
-        except CLOSED:
-            return None
-        return await self._response_head(b.bc, req)
-
     async def _interim(self, resp: Response) -> None:
         # 100 Continue as an interim HEADERS; other 1xx are not passed on.
         if resp.status == 100:
@@ -303,32 +298,26 @@ class StreamRelay(RequestFilter):
         """Send head and body while the response comes back (a backend may
         answer early, or first send 100 Continue)."""
         done: list[bool] = []
+        keep: list[bool] = []
         failure: list[BaseException] = []
 
-        async def upload() -> None:
+        async def upload(scope: trio.CancelScope) -> None:
             try:
                 await self._upload(b.t, head, body)
                 done.append(True)
             except (_Abort, _Close) as e:
                 failure.append(e)
-                nursery.cancel_scope.cancel()
-            except (http2.StreamClosed, *CLOSED):
+                scope.cancel()
+            except CLOSED:
                 pass        # the client reset, or the backend stopped reading
 
-        keep = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload)
-            try:
-                resp = await self._response_head(b.bc, req)
-                if resp is None:
-                    raise _Abort(502, "Bad Gateway")
-                keep = await self._response(b, resp, req.method)
-            except (_Abort, _Close, http2.StreamClosed, *CLOSED) as e:
-                failure.append(e)
-            nursery.cancel_scope.cancel()
+        async def respond(resp: Response) -> None:
+            keep.append(await self._response(b, resp, req.method))
+
+        await self._answer_during(upload, b.bc, req, respond, failure)
         if failure:
             raise failure[0]
-        return keep and bool(done)
+        return bool(keep and keep[0] and done)
 
     async def _upload(self, t: Transport, head: bytes, body) -> None:
         """The request body as DATA came: raw under Content-Length (held
@@ -424,27 +413,13 @@ def _h1_view(req: Request) -> None:
     req.headers = out
 
 
-class H2Relay:
-    """One HTTP/2 client connection of an HTTP relay."""
+class H2Relay(RequestFilter):
+    """One HTTP/2 client connection of an HTTP relay (its RequestFilter
+    part is what the streams share: compiled rules, context, macros)."""
 
     def __init__(self, session) -> None:
-        self.s = session
-        proto = session.proto
-        self.proto = proto
-        compiled = rules.compile_rules(proto.rules) if proto.rules else {}
-        self.rules = compiled if compiled.get(rules.REQUEST) else None
-        self.resp_rules = compiled if compiled.get(rules.RESPONSE) else None
-        client = session.client
-        self.ctx = rules.Ctx(client.peer[0], client.local[0])
-        listen = session.listen
-        addr = listen.addr
-        if addr in ("0.0.0.0", "::", ""):
-            addr = client.local[0]
-        self.addr = addr
-        self.port = listen.port
-        self.timeout = session.relay.session_timeout
-        self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
-        self.limits = limits(proto, self.timeout)
+        self._setup(session)
+        self.limits = limits(self.proto, self.timeout)
         self.pool = Pool(session, self.limits.max_streams)
         self.streams = 0
 

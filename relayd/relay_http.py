@@ -243,6 +243,27 @@ class RequestFilter:
     label, log items), `proto`, `rules` and `resp_rules` (None: no rules
     that way), `ctx`, `env` and `haslog`."""
 
+    def _setup(self, session) -> None:
+        """The per-connection part: compiled rules, rule context, macros."""
+        self.s = session
+        proto = session.proto
+        self.proto = proto
+        compiled = rules.compile_rules(proto.rules) if proto.rules else {}
+        # None when a direction has no rules: its heads pass untouched.
+        self.rules = compiled if compiled.get(rules.REQUEST) else None
+        self.resp_rules = compiled if compiled.get(rules.RESPONSE) else None
+        client = session.client
+        listen = getattr(session, "listen", None)
+        addr = listen.addr if listen is not None else client.local[0]
+        if addr in ("0.0.0.0", "::", ""):
+            addr = client.local[0]
+        self.addr = addr
+        self.port = listen.port if listen is not None else client.local[1]
+        self.timeout = session.relay.session_timeout
+        self.ctx = rules.Ctx(client.peer[0], client.local[0])
+        self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
+        self.haslog = False
+
     def _filter_request(self, req: Request) -> tuple:
         """Check a request head and run the request rules on it: (headers
         to forward, their lookup by lower-case name, target, table, hash
@@ -331,6 +352,35 @@ class RequestFilter:
         if v.result == rules.RES_DROP:
             raise _Abort(403, "Forbidden", label=True)
 
+    async def _answer_during(self, upload, bc: ClientConn, req: Request, respond,
+                             failure: list) -> None:
+        """Run `upload(scope)` (which cancels `scope` when it fails) while
+        the final response head comes from `bc` and `respond(resp)` passes
+        it on: a backend may answer early, or first send 100 Continue.
+        What the response side met goes to `failure`."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload, nursery.cancel_scope)
+            try:
+                resp = await self._response_head(bc, req)
+                if resp is None:
+                    raise _Abort(502, "Bad Gateway")
+                await respond(resp)
+            except (_Abort, _Close, *CLOSED) as e:
+                failure.append(e)
+            except HttpError:
+                failure.append(_Close("done"))
+            nursery.cancel_scope.cancel()
+
+    async def _send_head(self, t: Transport, bc: ClientConn, req: Request,
+                         head: bytes) -> Response | None:
+        """Send a bodiless request to backend `t`; its response head, None
+        if the backend closed first."""
+        try:
+            await t.send_all(head)
+        except CLOSED:
+            return None
+        return await self._response_head(bc, req)
+
     async def _response_head(self, bc: ClientConn, req: Request) -> Response | None:
         """The final response head from `bc`, None if the backend closed
         first; 1xx interim responses go to the client (_interim(), not to
@@ -359,30 +409,15 @@ class HttpRelay(RequestFilter):
     """One HTTP session; see the module docstring."""
 
     def __init__(self, session) -> None:
-        self.s = session
-        proto = session.proto
-        self.proto = proto
-        compiled = rules.compile_rules(proto.rules) if proto.rules else {}
-        # None when a direction has no rules: its heads pass untouched.
-        self.rules = compiled if compiled.get(rules.REQUEST) else None
-        self.resp_rules = compiled if compiled.get(rules.RESPONSE) else None
+        self._setup(session)
         client: Transport = session.client
         self.client = client
         # lenient: obs-fold continuation lines are joined (relayd.conf(5));
         # engine.http1 still refuses control characters in values, and
         # _exchange() checks the header names llhttp then lets through.
-        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True,
+        self.conn = ServerConn(client, max_head=self.proto.http.headerlen, lenient=True,
                                passthrough=True)
-        listen = getattr(session, "listen", None)
-        addr = listen.addr if listen is not None else client.local[0]
-        if addr in ("0.0.0.0", "::", ""):
-            addr = client.local[0]
-        self.addr = addr
-        self.port = listen.port if listen is not None else client.local[1]
-        self.timeout = session.relay.session_timeout
         self.step = min(1.0, self.timeout / 10)
-        self.ctx = rules.Ctx(client.peer[0], client.local[0])
-        self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
         self.backend: Transport | None = None
         self.bconn: ClientConn | None = None
         self.btable: str | None = None
@@ -481,12 +516,12 @@ class HttpRelay(RequestFilter):
         if method == "CONNECT":
             await self._connect_tunnel(req, head)      # raises _Close
         if body is None:
-            resp = await self._send_head(req, head)
+            resp = await self._send_head(self.backend, self.bconn, req, head)
             if resp is None and not fresh:
                 # The kept-alive backend went away meanwhile: once more, anew.
                 await self._drop_backend()
                 await self._connect(table, hash_input)
-                resp = await self._send_head(req, head)
+                resp = await self._send_head(self.backend, self.bconn, req, head)
             if resp is None:
                 raise _Abort(502, "Bad Gateway")
             return await self._response(req, resp, ws, client_keep)
@@ -579,15 +614,6 @@ class HttpRelay(RequestFilter):
                 except Exception:
                     pass
 
-    async def _send_head(self, req: Request, head: bytes) -> Response | None:
-        """Send a bodiless request; its response head, None if the backend
-        closed first."""
-        try:
-            await self.backend.send_all(head)
-        except CLOSED:
-            return None
-        return await self._response_head(self.bconn, req)
-
     async def _interim(self, resp: Response) -> None:
         lines = [f"HTTP/{resp.version} {resp.status} {resp.reason}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
@@ -602,30 +628,22 @@ class HttpRelay(RequestFilter):
         result: list = []
         failure: list[BaseException] = []
 
-        async def upload() -> None:
+        async def upload(scope: trio.CancelScope) -> None:
             try:
                 await self._pump(self.conn, self.backend, [head])
                 up.done = True
             except HttpError as e:
                 up.error = e
-                nursery.cancel_scope.cancel()
+                scope.cancel()
             except CLOSED:
                 pass        # the backend stopped reading; its response tells
             finally:
                 up.finished.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload)
-            try:
-                resp = await self._response_head(self.bconn, req)
-                if resp is None:
-                    raise _Abort(502, "Bad Gateway")
-                result.append(await self._response(req, resp, ws, client_keep))
-            except (_Abort, _Close, *CLOSED) as e:
-                failure.append(e)
-            except HttpError:
-                failure.append(_Close("done"))
-            nursery.cancel_scope.cancel()
+        async def respond(resp: Response) -> None:
+            result.append(await self._response(req, resp, ws, client_keep))
+
+        await self._answer_during(upload, self.bconn, req, respond, failure)
         self.upload = None
         if up.error is not None:
             st, reason = client_error(self.conn, up.error)

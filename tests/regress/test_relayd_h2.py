@@ -420,12 +420,18 @@ def _goaways(c: H2Client) -> list:
     return [e for e in c.events if isinstance(e, h2.events.ConnectionTerminated)]
 
 
+def _in_flight_then(own, c: H2Client, sig: int) -> int:
+    """A slow request the backend has begun; then signal `sig`; its stream id."""
+    mark = uniq("/slowhead")
+    sid = c.request(mark)
+    own.rec.find(mark)
+    own.relayd.signal(sig)
+    return sid
+
+
 def test_reload_two_step_goaway_in_flight_finishes(own) -> None:
     with H2Client(own.p["h2"]) as c:
-        slow = c.request(uniq("/slowhead"))
-        assert c.ping()
-        own.rec.find("/slowhead")
-        own.relayd.signal(signal.SIGHUP)
+        slow = _in_flight_then(own, c, signal.SIGHUP)
         assert c.wait(lambda: len(_goaways(c)) >= 2, 15), c.events
         first, last = _goaways(c)[:2]
         assert first.error_code == 0 and first.last_stream_id == 2**31 - 1
@@ -441,10 +447,7 @@ def test_reload_two_step_goaway_in_flight_finishes(own) -> None:
 
 def test_stop_goaway_in_flight_finishes(own) -> None:
     with H2Client(own.p["h2"]) as c:
-        slow = c.request(uniq("/slowhead"))
-        assert c.ping()
-        own.rec.find("/slowhead")
-        own.relayd.signal(signal.SIGTERM)
+        slow = _in_flight_then(own, c, signal.SIGTERM)
         assert c.wait(lambda: len(_goaways(c)) >= 1, 15)
         assert _goaways(c)[0].error_code == 0
         r = c.response(slow, timeout=15)
