@@ -158,7 +158,7 @@ class StreamRelay(RequestFilter):
     """One stream relayed to one backend exchange."""
 
     __slots__ = ("r", "st", "s", "proto", "rules", "resp_rules", "ctx", "env", "haslog",
-                 "scope")
+                 "scope", "deadline")
 
     def __init__(self, r: "H2Relay", st: http2.H2Stream, ss) -> None:
         self.r = r
@@ -171,18 +171,18 @@ class StreamRelay(RequestFilter):
         self.env = r.env
         self.haslog = False
         self.scope: trio.CancelScope | None = None
+        self.deadline = -math.inf
 
     def touch(self) -> None:
-        """Backend I/O happened or is next: the session timeout starts again."""
-        self.scope.deadline = trio.current_time() + self.r.timeout
-
-    async def send(self, data) -> None:
-        """Body bytes to the client: no session timeout meanwhile, since
-        engine.http2 bounds a send stalled by flow control itself (RST
-        CANCEL after the send timeout, with its log line)."""
-        self.scope.deadline = math.inf
-        await self.st.send_data(data)
-        self.touch()
+        """I/O happened or is next: the session timeout starts again.  As in
+        HttpRelay.touch(), the deadline moves in steps (moving one costs);
+        it lies 2 steps beyond the timeout so that a send stalled by the
+        client's window meets engine.http2's own send timeout first (RST
+        CANCEL with its log line)."""
+        r = self.r
+        deadline = trio.current_time() + r.timeout + 2 * r.step
+        if deadline - self.deadline >= r.step:
+            self.scope.deadline = self.deadline = deadline
 
     async def run(self) -> str:
         st = self.st
@@ -388,7 +388,8 @@ class StreamRelay(RequestFilter):
                 data = b""
             if not data:
                 break
-            await self.send(data)
+            self.touch()
+            await st.send_data(data)
         await st.send_data(b"", True)
         return backend_keep
 
@@ -420,6 +421,7 @@ class H2Relay(RequestFilter):
     def __init__(self, session) -> None:
         self._setup(session)
         self.limits = limits(self.proto, self.timeout)
+        self.step = min(1.0, self.timeout / 10)
         self.pool = Pool(session, self.limits.max_streams)
         self.streams = 0
 
