@@ -43,12 +43,12 @@ import trio
 from engine import http2
 from engine.conn import CLOSED, Transport
 from engine.http1 import REASONS, ClientConn, HttpError, Request, Response
-from relayd import relay_http, rules
+from relayd import relay_http
 from relayd.config import RELAYD_SERVERNAME
 from relayd.errors import BackendError
-from relayd.relay_http import (_NO_TOKENS, HOP_BY_HOP, NO_BODY_METHODS, RESPONSE_HEAD_MAX,
-                               RequestFilter, _Abort, _build_head, _Close, _keep_alive,
-                               _tokens, error_body)
+from relayd.relay_http import (_CONN_WORDS, _NO_TOKENS, HOP_BY_HOP, NO_BODY_METHODS,
+                               RESPONSE_HEAD_MAX, RequestFilter, _Abort, _build_head, _Close,
+                               _keep_alive, _tokens, error_body)
 from shared import log
 
 # RST_STREAM codes (RFC 9113 §7).
@@ -57,8 +57,6 @@ CANCEL = 8
 # Response fields never sent over HTTP/2 (RFC 9113 §8.2.2); Content-Length
 # stays when it describes the body.
 _RESPONSE_DROP = HOP_BY_HOP - {"content-length"}
-# Connection options that are not field names.
-_CONN_WORDS = frozenset({"close", "keep-alive", "upgrade"})
 # Bytes of HPACK overhead allowed per field beyond `http headerlen` (RFC
 # 9113 §6.5.2 counts 32 per field), for about this many fields.
 _HPACK_FIELDS = 100
