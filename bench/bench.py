@@ -573,10 +573,11 @@ def nginx() -> Peer:
 
 
 def haproxy(mode: str) -> Peer:
-    """mode: http | rules | tcp | splice (one frontend of conf/haproxy.cfg)."""
+    """mode: http | rules | h2 | tcp | splice (one frontend of conf/haproxy.cfg)."""
     def build(ctx, case, be):
         name = ctx.name("haproxy")
-        ports = {k: ctx.port() for k in ("HTTP_PORT", "RULES_PORT", "TCP_PORT", "SPLICE_PORT")}
+        ports = {k: ctx.port() for k in ("HTTP_PORT", "RULES_PORT", "H2_PORT", "TCP_PORT",
+                                         "SPLICE_PORT")}
         conf = ctx.render("haproxy.cfg", dict(BACKEND=be, **ports), name)
         port = ports[f"{mode.upper()}_PORT"]
         return [Proc(name, ["haproxy", "-db", "-f", conf], TOPO[case.topo]["server"], ("tcp", port))], port, ""
@@ -693,6 +694,11 @@ def define_cases() -> list[Case]:
         Case("http-1k-rules", "relayd", "/1k.bin", KIB, [haproxy("rules"), relayd("rules")],
              topo="proxy", backend=nginx_backend, requires=[ng],
              note="3 request header rules (relayd match ... set / haproxy http-request set-header)"),
+        Case("http-h2-1k", "relayd", "/1k.bin", KIB, [haproxy("h2"), relayd("h2")], topo="proxy",
+             variant="h2", client="h2load", backend=nginx_backend,
+             requires=[ng, need_tool("h2load", "apt-get install -y nghttp2-client")],
+             note="HTTP/2 over TLS to the proxy (ALPN h2), HTTP/1.1 to nginx; h2load -c 10 -m 10; "
+                  "anchor: haproxy bind ... alpn h2,http/1.1"),
         Case("http-1m", "relayd", "/1m.bin", MIB, [haproxy("http"), relayd("http"), ref_httpproxy()],
              topo="proxy", backend=nginx_backend, requires=[ng]),
         Case("tcp-1k", "relayd", "/1k.bin", KIB, [haproxy("tcp"), relayd("tcp"), ref_relay()],
@@ -732,6 +738,8 @@ def make_tmp(keep: bool) -> Path:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", tmp / "tls/ec.key", "-out", tmp / "tls/ec.crt", "-days", "30",
                     "-subj", "/CN=localhost"], check=True, capture_output=True)
+    # haproxy takes certificate and key from one file.
+    (tmp / "tls/ec.pem").write_bytes((tmp / "tls/ec.crt").read_bytes() + (tmp / "tls/ec.key").read_bytes())
     return tmp
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -123,6 +124,33 @@ def is_preface(data: bytes) -> bool:
     HTTP/2 client preface."""
     n = min(len(data), len(PREFACE))
     return n > 0 and data[:n] == PREFACE[:n]
+
+
+async def wants_h2(t: Transport, tls: bool, timeout: float) -> bool:
+    """HTTP/2 for a new connection: ALPN chose h2 (TLS), or (clear text)
+    the first bytes are the client preface, peeked at so that HTTP/1.1
+    reads them as ever (nginx's way); a preface cut short by the network
+    is looked at again for up to `timeout` seconds."""
+    if tls:
+        return getattr(t, "alpn", None) == "h2"
+    sock = getattr(t, "sock", None)
+    if sock is None:
+        return False
+    waited = 0
+    while True:
+        try:
+            data = sock.recv(len(PREFACE), socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError:
+            return False
+        if len(data) >= len(PREFACE) or not is_preface(data):
+            return data == PREFACE
+        waited += 1
+        if waited > timeout * 100:
+            return False
+        await trio.sleep(0.01)
 
 
 class H2Stream(BodyReader):

@@ -112,6 +112,20 @@ class Server:
             self.drain_timeout = drain_timeout
         self._stop.set()
 
+    def hold(self) -> bool:
+        """Take one more connection slot for a running handler (one that
+        opens extra outgoing connections, as relayd's HTTP/2 sessions do);
+        False when none is free.  Give it back with release()."""
+        if self.active >= self.max_clients:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a slot taken by hold()."""
+        self.active -= 1
+        self._slot.set()
+
     def add_listener(self, lis: Listener) -> None:
         assert self._listen_nursery is not None
         lis.scope = trio.CancelScope()

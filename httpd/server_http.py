@@ -13,7 +13,6 @@ Does not bind, accept, or open log files: httpd.server gives it a Worker.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, field
 
 import jinja2
@@ -234,31 +233,9 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
 
 
 async def _wants_h2(t: Transport, ctx: ListenCtx) -> bool:
-    """HTTP/2 for this connection: ALPN chose h2, or (clear text) the first
-    bytes are the client preface, peeked at so that HTTP/1.1 reads them as
-    ever (nginx's way)."""
-    if ctx.tls:
-        return getattr(t, "alpn", None) == "h2"
-    sock = getattr(t, "sock", None)
-    if sock is None:
-        return False
-    waited = 0
-    while True:
-        try:
-            data = sock.recv(len(http2.PREFACE), socket.MSG_PEEK)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-            continue
-        except OSError:
-            return False
-        if len(data) >= len(http2.PREFACE) or not http2.is_preface(data):
-            return data == http2.PREFACE
-        # A preface cut short by the network: look again shortly (bounded
-        # by the request timeout, as a head read in pieces).
-        waited += 1
-        if waited > ctx.servers[0].connection.request_timeout * 100:
-            return False
-        await trio.sleep(0.01)
+    """HTTP/2 for this connection (engine.http2.wants_h2: ALPN, or the
+    client preface on clear text within the request timeout)."""
+    return await http2.wants_h2(t, ctx.tls, ctx.servers[0].connection.request_timeout)
 
 
 def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,

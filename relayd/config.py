@@ -40,6 +40,8 @@ PREFORK_MAX = 32                         # `prefork` upper bound (PROC_MAX_INSTA
 RELAY_MAX_BACKLOG = 512                  # `tcp backlog` upper bound
 RELAY_DEFHEADERLENGTH = 8192             # `http headerlen` default (bytes)
 RELAY_MAXHEADERLENGTH = 131072           # `http headerlen` upper bound
+H2_MAX_STREAMS = 100                     # `http2 max-streams`: streams at once (SETTINGS)
+H2_MAX_REQUESTS = 1000                   # `http2 max-requests`: streams per connection, then GOAWAY
 RELAY_MAXLOOKUPLEVELS = 5                # url lookups: host/path levels tried
 RELAY_MAX_HASH_RETRIES = 5               # hash modes: candidates tried for an up host
 RELAY_STATINTERVAL = 60                  # statistics interval (s) for relayctl
@@ -268,6 +270,11 @@ class TlsOptions:
 class HttpOptions:
     headerlen: int = RELAY_DEFHEADERLENGTH  # header block limit (-> 413)
     websockets: bool = False
+    # `http2` (extension): HTTP/2 toward clients (ALPN h2 on TLS, prior
+    # knowledge on clear text); backends stay HTTP/1.1.
+    http2: bool = False
+    h2_max_streams: int = H2_MAX_STREAMS     # `http2 max-streams N`
+    h2_max_requests: int = H2_MAX_REQUESTS   # `http2 max-requests N`
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ KEYWORDS = frozenset("""
 agentx append backlog backup binary block buffer ca cache cert changes check
 checks ciphers client code connection context cookie demote destination digest
 disable ecdhe edh error errors expect external file forward from hash header
-headerlen host http icmp include inet inet6 interface interval ip key keypair
+headerlen host http http2 icmp include inet inet6 interface interval ip key keypair
 label least-states listen loadbalance log lookup match method mode nat no
 nodelay nothing on params parent pass password path pattern pflog pftag port prefork
 priority protocol query quick random real redirect relay remove request
@@ -1075,8 +1075,17 @@ class RelaydParser(Parser):
         elif self.accept("no"):
             self.expect("websockets")
             p.http["websockets"] = False
+        elif self.accept("http2"):
+            p.http["http2"] = True
+            # Extension knobs of the HTTP/2 limits (engine.http2.H2Limits).
+            while self.at("max-streams", "max-requests"):
+                word = self.next().value
+                n, nt = self._int(word)
+                if not 1 <= n <= 2**31 - 1:
+                    raise self.error(f"invalid {word}: {n}", nt)
+                p.http["h2_" + word.replace("-", "_")] = n
         else:
-            raise self.syntax_error('"headerlen" or "websockets"')
+            raise self.syntax_error('"headerlen", "http2" or "websockets"')
 
     # -- filter rules ----------------------------------------------------------
     def _rule(self) -> Rule:

@@ -54,6 +54,7 @@ from relayd import relay_udp               # dns hook: UDP relays (dns protocol)
 from relayd import stats as relay_stats   # control hook: relayctl counters
 from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig,
                            RelaydConfig, TableInstance)
+from relayd.errors import BackendError  # noqa: F401  (re-exported: relay_udp, tests)
 from shared import log, pledge, proc
 from shared.imsg import Channel, Imsg
 
@@ -68,16 +69,6 @@ DONE_REASONS = frozenset({"done", "last write (done)", "last read (done)"})
 FD_RESERVE = 64
 # Ceiling of concurrent sessions per process when the fd limit is huge.
 RELAY_MAX_SESSIONS = 65536
-
-
-class BackendError(Exception):
-    """No backend could be reached: 502 connect failed or refused, 503 no
-    host up, 504 connect timeout.  `msg` is the session's close reason."""
-
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
-        self.msg = msg
 
 
 class RelayState:
@@ -99,6 +90,8 @@ class RelayState:
         # Stopping (or an old generation after a reload): HTTP sessions
         # answer the request in progress with `Connection: close`.
         self.draining = False
+        # HTTP/2 client connections (relay_h2): GOAWAY when stopping.
+        self.h2conns: set = set()
         # Under privilege separation: the counters every relay process
         # shares (relay_shm.Shared); None in a single process.
         self.shared = None
@@ -204,6 +197,19 @@ class Session:
         self._logged = False
         self.tls: relay_tls.ListenTls | None = None   # tls hook: this listener's TLS
         self.preconnected: Transport | None = None    # tls hook: inspection's backend
+        # False: close_log() writes nothing (an HTTP/2 connection whose
+        # streams had their own lines and that ended normally).
+        self.log_close = True
+        # The engine.serve Server (Server.hold(): extra backend connections).
+        self.server = None
+
+    def child(self) -> "Session":
+        """A session of its own (id, tag, label, log items, backend, log
+        line) for one HTTP/2 stream of this client connection."""
+        c = Session(self.state, self.conf, self.relay, self.listen, self.proto, self.client)
+        c.tls = self.tls
+        c.server = self.server
+        return c
 
     @property
     def active(self) -> int:
@@ -385,7 +391,7 @@ class Session:
 
         `error` defaults to "reason is not a normal end"; `log connection
         errors` only logs those.  Only the first call writes."""
-        if self._logged:
+        if self._logged or not self.log_close:
             return
         self._logged = True
         mode = self.conf.log_connection
@@ -571,8 +577,13 @@ class RelayProc:
                 self.listeners[key] = lis
                 self.server.add_listener(lis)
 
+    def _goaway(self) -> None:
+        for conn in list(self.state.h2conns):
+            conn.shutdown()          # two-step GOAWAY; streams in flight finish
+
     def stop(self, drain: float | None = None) -> None:
         self.state.draining = True
+        self._goaway()
         self.server.stop(drain)
         for u in self.udp:      # dns hook
             u.stop(drain)
@@ -581,6 +592,7 @@ class RelayProc:
         """Stop accepting and close the listening descriptors (reload: the
         new generation accepts now); sessions go on."""
         self.state.draining = True
+        self._goaway()
         lst = list(self.listeners.values())
         self.listeners = {}
         for u in self.udp:      # dns hook: stop reading; answers still go out
@@ -626,8 +638,14 @@ class RelayProc:
                 log.debug(f"relay {session.name}, tls session {session.id} established "
                           f"({session.active} active)")
             if ctx.proto.type == "http":
-                from relayd import relay_http
-                reason = await relay_http.serve(session)
+                if ctx.proto.http.http2:
+                    # `http { http2 }`: HTTP/2 or HTTP/1, chosen once here.
+                    from relayd import relay_h2
+                    session.server = self.server
+                    reason = await relay_h2.serve(session)
+                else:
+                    from relayd import relay_http
+                    reason = await relay_http.serve(session)
             else:
                 reason = await self._serve_tcp(session)
             session.close_log(reason)
@@ -692,10 +710,12 @@ class RelayProc:
 HOST_STATES = {"up": True, "down": False, "unknown": None}
 
 
-def preload() -> None:
+def preload(conf: RelaydConfig | None = None) -> None:
     """Import now what would otherwise be imported lazily after the chroot."""
     import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
     from relayd import relay_http, rules  # noqa: F401
+    if conf is not None and any(p.type == "http" and p.http.http2 for p in conf.protocols):
+        from relayd import relay_h2  # noqa: F401
     trio.to_thread  # noqa: B018
 
 
@@ -755,7 +775,7 @@ def child_main(fd: int) -> int:
     if shm and shm[0].fd >= 0:
         s = cfg["shm"]
         shared = Shared(shm[0].fd, conf, s["names"], s["worker"], s["rr_base"])
-    preload()
+    preload(conf)
     socket_rlimit()
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     # `transparent forward` binds the client's address (IP_TRANSPARENT):

@@ -55,7 +55,7 @@ from engine.http1 import (BAD_CONTENT_LENGTH, REASONS, ClientConn, HttpError, Re
 from engine.splice import relay as splice_relay
 from relayd import rules
 from relayd.config import HTTP_METHODS, RELAYD_SERVERNAME
-from relayd.relay import BackendError
+from relayd.errors import BackendError
 from shared import log
 
 # Headers about one connection: never forwarded as they came (RFC 9110 7.6.1);
@@ -110,15 +110,21 @@ class _Close(Exception):
         self.reason = reason
 
 
+def error_body(code: int, msg: str, label: str | None, style: str | None,
+               addr: str, port: int) -> bytes:
+    """relay_abort_http()'s HTML page."""
+    body = _page.render(code=f"{code:03d}", reason=REASONS.get(code, "Unknown Error"),
+                        style=style if style is not None else DEFAULT_STYLE,
+                        text="" if code == 500 else msg, label=label or "",
+                        server=RELAYD_SERVERNAME, addr=addr, port=port)
+    return body.encode("utf-8", "replace")
+
+
 def error_page(code: int, msg: str, label: str | None, style: str | None,
                addr: str, port: int) -> bytes:
     """relay_abort_http()'s response: HTTP/1.0 head and HTML body."""
     reason = REASONS.get(code, "Unknown Error")
-    body = _page.render(code=f"{code:03d}", reason=reason,
-                        style=style if style is not None else DEFAULT_STYLE,
-                        text="" if code == 500 else msg, label=label or "",
-                        server=RELAYD_SERVERNAME, addr=addr, port=port)
-    data = body.encode("utf-8", "replace")
+    data = error_body(code, msg, label, style, addr, port)
     head = (f"HTTP/1.0 {code:03d} {reason}\r\n"
             f"Date: {http_date()}\r\n"
             f"Server: {RELAYD_SERVERNAME}\r\n"
@@ -230,10 +236,15 @@ class _Upload:
         self.finished = trio.Event()
 
 
-class HttpRelay:
-    """One HTTP session; see the module docstring."""
+class RequestFilter:
+    """What an HTTP/1 session (HttpRelay) and an HTTP/2 stream
+    (relay_h2) share: the checks of a request head and the filter rules on
+    request and response heads.  A subclass sets `s` (the session: tag,
+    label, log items), `proto`, `rules` and `resp_rules` (None: no rules
+    that way), `ctx`, `env` and `haslog`."""
 
-    def __init__(self, session) -> None:
+    def _setup(self, session) -> None:
+        """The per-connection part: compiled rules, rule context, macros."""
         self.s = session
         proto = session.proto
         self.proto = proto
@@ -241,13 +252,7 @@ class HttpRelay:
         # None when a direction has no rules: its heads pass untouched.
         self.rules = compiled if compiled.get(rules.REQUEST) else None
         self.resp_rules = compiled if compiled.get(rules.RESPONSE) else None
-        client: Transport = session.client
-        self.client = client
-        # lenient: obs-fold continuation lines are joined (relayd.conf(5));
-        # engine.http1 still refuses control characters in values, and
-        # _exchange() checks the header names llhttp then lets through.
-        self.conn = ServerConn(client, max_head=proto.http.headerlen, lenient=True,
-                               passthrough=True)
+        client = session.client
         listen = getattr(session, "listen", None)
         addr = listen.addr if listen is not None else client.local[0]
         if addr in ("0.0.0.0", "::", ""):
@@ -255,9 +260,164 @@ class HttpRelay:
         self.addr = addr
         self.port = listen.port if listen is not None else client.local[1]
         self.timeout = session.relay.session_timeout
-        self.step = min(1.0, self.timeout / 10)
         self.ctx = rules.Ctx(client.peer[0], client.local[0])
         self.env = rules.Env(client.peer[0], client.peer[1], addr, self.port, self.timeout)
+        self.haslog = False
+
+    def _filter_request(self, req: Request) -> tuple:
+        """Check a request head and run the request rules on it: (headers
+        to forward, their lookup by lower-case name, target, table, hash
+        input).  Raises _Abort."""
+        method = req.method
+        hmap = req.hmap
+        if method not in HTTP_METHODS:
+            raise _Abort(400, "malformed")
+        if req.headers and not _TOKEN.fullmatch("".join([k for k, _ in req.headers])):
+            raise _Abort(400, "malformed")
+        te = hmap.get("transfer-encoding")
+        if te is not None and (te.strip().lower() != "chunked" or req.version == "1.0"):
+            raise _Abort(400, "malformed")
+        if method in ("CONNECT", "TRACE") and (req.content_length is not None or req.chunked):
+            raise _Abort(400, "malformed")
+        host = hmap.get("host")
+        if host is not None and not _HOST_OK.fullmatch(host):
+            raise _Abort(400, "malformed host")
+        target = req.target
+        headers = req.headers
+        if not target.startswith("/") and method != "CONNECT" and target != "*":
+            # absolute-form: rules, log and backend get it as received, as
+            # OpenBSD's; its host has to be the Host header's.
+            m = _ABSOLUTE.fullmatch(target)
+            if m is None:
+                raise _Abort(400, "malformed")
+            if host is not None and m.group(2).lower() != host.lower():
+                raise _Abort(400, "malformed host")
+
+        s = self.s
+        table, hash_input = None, b""
+        if self.rules is not None:
+            msg = rules.Message.request(method, target, headers)
+            ctx = self.ctx
+            ctx.tag, ctx.label = s.tag, s.label
+            v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
+            if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+                s.tag, s.label = v.tag, v.label
+                if v.result == rules.RES_BAD:
+                    raise _Abort(400, "Bad Request", label=True)
+                raise _Abort(500, "Internal Server Error", label=True)
+            applied = rules.apply_actions(v, msg, self.env)
+            s.tag, s.label = v.tag, v.label
+            if applied.log:
+                s.log_items.extend(applied.log)
+                self.haslog = True
+            table = v.table
+            hash_input = b"".join(applied.hash)
+            s.log_items.append(" " + method)
+            if v.result == rules.RES_DROP:
+                raise _Abort(403, "Forbidden", label=True)
+            items, joined, target = msg.items(), msg.joined, msg.target
+        else:
+            s.log_items.append(" " + method)
+            items, joined = headers, hmap.get
+        return items, joined, target, table, hash_input
+
+    def _filter_response(self, resp: Response) -> tuple:
+        """A response head after the response rules: (headers to send,
+        their lookup by lower-case name).  Raises _Abort."""
+        if self.resp_rules is not None:
+            msg = rules.Message.response(resp.status, resp.headers)
+            self._response_rules(msg)
+            return msg.items(), msg.joined
+        if self.haslog:
+            self.s.log_items.append(";")
+        return resp.headers, resp.hmap.get
+
+    def _response_rules(self, msg: rules.Message) -> None:
+        s = self.s
+        ctx = self.ctx
+        ctx.tag, ctx.label = s.tag, s.label
+        v = rules.evaluate(self.resp_rules, rules.RESPONSE, msg, ctx)
+        if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
+            s.tag, s.label = v.tag, v.label
+            raise _Abort(400 if v.result == rules.RES_BAD else 500,
+                         "Bad Request" if v.result == rules.RES_BAD
+                         else "Internal Server Error", label=True)
+        applied = rules.apply_actions(v, msg, self.env)
+        s.tag, s.label = v.tag, v.label
+        if applied.log:
+            s.log_items.extend(applied.log)
+            self.haslog = True
+        if self.haslog:
+            s.log_items.append(";")
+        if v.result == rules.RES_DROP:
+            raise _Abort(403, "Forbidden", label=True)
+
+    async def _answer_during(self, upload, bc: ClientConn, req: Request, respond,
+                             failure: list) -> None:
+        """Run `upload(scope)` (which cancels `scope` when it fails) while
+        the final response head comes from `bc` and `respond(resp)` passes
+        it on: a backend may answer early, or first send 100 Continue.
+        What the response side met goes to `failure`."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload, nursery.cancel_scope)
+            try:
+                resp = await self._response_head(bc, req)
+                if resp is None:
+                    raise _Abort(502, "Bad Gateway")
+                await respond(resp)
+            except (_Abort, _Close, *CLOSED) as e:
+                failure.append(e)
+            except HttpError:
+                failure.append(_Close("done"))
+            nursery.cancel_scope.cancel()
+
+    async def _send_head(self, t: Transport, bc: ClientConn, req: Request,
+                         head: bytes) -> Response | None:
+        """Send a bodiless request to backend `t`; its response head, None
+        if the backend closed first."""
+        try:
+            await t.send_all(head)
+        except CLOSED:
+            return None
+        return await self._response_head(bc, req)
+
+    async def _response_head(self, bc: ClientConn, req: Request) -> Response | None:
+        """The final response head from `bc`, None if the backend closed
+        first; 1xx interim responses go to the client (_interim(), not to
+        HTTP/1.0 clients)."""
+        bc.expect(req.method)
+        while True:
+            try:
+                resp = await bc.read_response()
+            except HttpError:
+                raise _Abort(502, "Bad Gateway") from None
+            except CLOSED:
+                return None
+            if resp is None:
+                return None
+            st = resp.status
+            if 100 <= st < 200 and st != 101:
+                if resp.content_length:
+                    raise _Abort(502, "Bad Gateway")
+                if req.version != "1.0":
+                    await self._interim(resp)
+                continue
+            return resp
+
+
+class HttpRelay(RequestFilter):
+    """One HTTP session; see the module docstring."""
+
+    def __init__(self, session) -> None:
+        self._setup(session)
+        client: Transport = session.client
+        self.client = client
+        # lenient: obs-fold continuation lines are joined (relayd.conf(5));
+        # engine.http1 still refuses control characters in values, and
+        # _exchange() checks the header names llhttp then lets through.
+        self.conn = ServerConn(client, max_head=self.proto.http.headerlen, lenient=True,
+                               passthrough=True)
+        self.step = min(1.0, self.timeout / 10)
         self.backend: Transport | None = None
         self.bconn: ClientConn | None = None
         self.btable: str | None = None
@@ -356,12 +516,12 @@ class HttpRelay:
         if method == "CONNECT":
             await self._connect_tunnel(req, head)      # raises _Close
         if body is None:
-            resp = await self._send_head(req, head)
+            resp = await self._send_head(self.backend, self.bconn, req, head)
             if resp is None and not fresh:
                 # The kept-alive backend went away meanwhile: once more, anew.
                 await self._drop_backend()
                 await self._connect(table, hash_input)
-                resp = await self._send_head(req, head)
+                resp = await self._send_head(self.backend, self.bconn, req, head)
             if resp is None:
                 raise _Abort(502, "Bad Gateway")
             return await self._response(req, resp, ws, client_keep)
@@ -372,56 +532,7 @@ class HttpRelay:
         body (None, "chunked" or its length), WebSocket handshake, client
         keeps alive, table, hash input).  Raises _Abort."""
         method = req.method
-        hmap = req.hmap
-        if method not in HTTP_METHODS:
-            raise _Abort(400, "malformed")
-        if req.headers and not _TOKEN.fullmatch("".join([k for k, _ in req.headers])):
-            raise _Abort(400, "malformed")
-        te = hmap.get("transfer-encoding")
-        if te is not None and (te.strip().lower() != "chunked" or req.version == "1.0"):
-            raise _Abort(400, "malformed")
-        if method in ("CONNECT", "TRACE") and (req.content_length is not None or req.chunked):
-            raise _Abort(400, "malformed")
-        host = hmap.get("host")
-        if host is not None and not _HOST_OK.fullmatch(host):
-            raise _Abort(400, "malformed host")
-        target = req.target
-        headers = req.headers
-        if not target.startswith("/") and method != "CONNECT" and target != "*":
-            # absolute-form: rules, log and backend get it as received, as
-            # OpenBSD's; its host has to be the Host header's.
-            m = _ABSOLUTE.fullmatch(target)
-            if m is None:
-                raise _Abort(400, "malformed")
-            if host is not None and m.group(2).lower() != host.lower():
-                raise _Abort(400, "malformed host")
-
-        s = self.s
-        table, hash_input = None, b""
-        if self.rules is not None:
-            msg = rules.Message.request(method, target, headers)
-            ctx = self.ctx
-            ctx.tag, ctx.label = s.tag, s.label
-            v = rules.evaluate(self.rules, rules.REQUEST, msg, ctx)
-            if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
-                s.tag, s.label = v.tag, v.label
-                if v.result == rules.RES_BAD:
-                    raise _Abort(400, "Bad Request", label=True)
-                raise _Abort(500, "Internal Server Error", label=True)
-            applied = rules.apply_actions(v, msg, self.env)
-            s.tag, s.label = v.tag, v.label
-            if applied.log:
-                s.log_items.extend(applied.log)
-                self.haslog = True
-            table = v.table
-            hash_input = b"".join(applied.hash)
-            s.log_items.append(" " + method)
-            if v.result == rules.RES_DROP:
-                raise _Abort(403, "Forbidden", label=True)
-            items, joined, target = msg.items(), msg.joined, msg.target
-        else:
-            s.log_items.append(" " + method)
-            items, joined = headers, hmap.get
+        items, joined, target, table, hash_input = self._filter_request(req)
 
         # WebSocket handshakes (after the rules, on the head they produced).
         conn_tokens = _tokens(joined("connection"))
@@ -503,40 +614,11 @@ class HttpRelay:
                 except Exception:
                     pass
 
-    async def _send_head(self, req: Request, head: bytes) -> Response | None:
-        """Send a bodiless request; its response head, None if the backend
-        closed first."""
-        try:
-            await self.backend.send_all(head)
-        except CLOSED:
-            return None
-        return await self._response_head(req)
-
-    async def _response_head(self, req: Request) -> Response | None:
-        """The final response head; 1xx interim responses go to the client."""
-        bc = self.bconn
-        bc.expect(req.method)
-        while True:
-            try:
-                resp = await bc.read_response()
-            except HttpError:
-                raise _Abort(502, "Bad Gateway") from None
-            except CLOSED:
-                return None
-            if resp is None:
-                return None
-            st = resp.status
-            if 100 <= st < 200 and st != 101:
-                if resp.content_length:
-                    raise _Abort(502, "Bad Gateway")
-                if req.version != "1.0":
-                    lines = [f"HTTP/{resp.version} {st} {resp.reason}\r\n"]
-                    lines += [f"{k}: {v}\r\n" for k, v in resp.headers
-                              if k.lower() not in HOP_BY_HOP]
-                    lines.append("\r\n")
-                    await self.client.send_all("".join(lines).encode("latin-1", "replace"))
-                continue
-            return resp
+    async def _interim(self, resp: Response) -> None:
+        lines = [f"HTTP/{resp.version} {resp.status} {resp.reason}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in resp.headers if k.lower() not in HOP_BY_HOP]
+        lines.append("\r\n")
+        await self.client.send_all("".join(lines).encode("latin-1", "replace"))
 
     async def _with_upload(self, req: Request, head: bytes, body, ws: bool,
                            client_keep: bool) -> bool:
@@ -546,30 +628,22 @@ class HttpRelay:
         result: list = []
         failure: list[BaseException] = []
 
-        async def upload() -> None:
+        async def upload(scope: trio.CancelScope) -> None:
             try:
                 await self._pump(self.conn, self.backend, [head])
                 up.done = True
             except HttpError as e:
                 up.error = e
-                nursery.cancel_scope.cancel()
+                scope.cancel()
             except CLOSED:
                 pass        # the backend stopped reading; its response tells
             finally:
                 up.finished.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload)
-            try:
-                resp = await self._response_head(req)
-                if resp is None:
-                    raise _Abort(502, "Bad Gateway")
-                result.append(await self._response(req, resp, ws, client_keep))
-            except (_Abort, _Close, *CLOSED) as e:
-                failure.append(e)
-            except HttpError:
-                failure.append(_Close("done"))
-            nursery.cancel_scope.cancel()
+        async def respond(resp: Response) -> None:
+            result.append(await self._response(req, resp, ws, client_keep))
+
+        await self._answer_during(upload, self.bconn, req, respond, failure)
         self.upload = None
         if up.error is not None:
             st, reason = client_error(self.conn, up.error)
@@ -621,14 +695,7 @@ class HttpRelay:
         st = resp.status
         if st == 204 and resp.content_length:
             raise _Abort(502, "Bad Gateway")
-        if self.resp_rules is not None:
-            msg = rules.Message.response(st, resp.headers)
-            self._response_rules(msg)
-            items, joined = msg.items(), msg.joined
-        else:
-            if self.haslog:
-                self.s.log_items.append(";")
-            items, joined = resp.headers, resp.hmap.get
+        items, joined = self._filter_response(resp)
         conn_tokens = _tokens(joined("connection"))
         if st == 101 and not (ws and "websocket" in _tokens(joined("upgrade"))
                               and "upgrade" in conn_tokens):
@@ -738,26 +805,6 @@ class HttpRelay:
             await self.backend.send_all(head)
             if body is not None:
                 await self._pump(self.conn, self.backend, [])
-
-    def _response_rules(self, msg: rules.Message) -> None:
-        s = self.s
-        ctx = self.ctx
-        ctx.tag, ctx.label = s.tag, s.label
-        v = rules.evaluate(self.resp_rules, rules.RESPONSE, msg, ctx)
-        if v.result in (rules.RES_BAD, rules.RES_INTERNAL):
-            s.tag, s.label = v.tag, v.label
-            raise _Abort(400 if v.result == rules.RES_BAD else 500,
-                         "Bad Request" if v.result == rules.RES_BAD
-                         else "Internal Server Error", label=True)
-        applied = rules.apply_actions(v, msg, self.env)
-        s.tag, s.label = v.tag, v.label
-        if applied.log:
-            s.log_items.extend(applied.log)
-            self.haslog = True
-        if self.haslog:
-            s.log_items.append(";")
-        if v.result == rules.RES_DROP:
-            raise _Abort(403, "Forbidden", label=True)
 
     # -- tunnels ----------------------------------------------------------------------
     async def _tunnel(self, client_pending: bytes, backend_pending: bytes) -> None:

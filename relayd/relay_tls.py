@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import trio
 
 from engine import tls
-from relayd.config import TLS_CIPHERS, TLS_KEY_DIR, TLS_SSL_DIR, RelaydConfig
+from relayd.config import TLS_CIPHERS, TLS_KEY_DIR, TLS_SSL_DIR, ProtocolConfig, RelaydConfig
 from relayd.config import TlsOptions as ConfTls
 from shared import log
 
@@ -57,6 +57,9 @@ SockKey = tuple[str, int]
 TICKET_LIFETIME = 7200
 # Forged certificates kept per listening socket (TLS inspection).
 FORGED_CACHE = 256
+# ALPN offers of an HTTP relay's TLS listener, with and without `http2`.
+ALPN_H2 = ("h2", "http/1.1")
+ALPN_H1 = ("http/1.1",)
 # Handshake timeout ceiling (s); a relay's session timeout may be shorter.
 HANDSHAKE_TIMEOUT = 60.0
 
@@ -80,9 +83,18 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def options(t: ConfTls, client_ca: bytes | None = None) -> tls.TlsOptions:
+def alpn(proto: ProtocolConfig) -> tuple[str, ...]:
+    """What a TLS listener offers in ALPN: HTTP relays `http/1.1`, with
+    `http { http2 }` first `h2`; other relays nothing."""
+    if proto.type != "http":
+        return ()
+    return ALPN_H2 if proto.http.http2 else ALPN_H1
+
+
+def options(t: ConfTls, client_ca: bytes | None = None,
+            alpn: tuple[str, ...] = ()) -> tls.TlsOptions:
     """engine.tls options of a protocol's `tls {}` block."""
-    return tls.TlsOptions(
+    return tls.TlsOptions(alpn=alpn,
         protocols=frozenset(v for v in t.versions if v in tls.PROTOCOLS),
         ciphers="secure" if t.ciphers == TLS_CIPHERS else t.ciphers,
         ecdhe=t.ecdhe, dhe=t.edh, client_ca=client_ca,
@@ -295,9 +307,10 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
         rf: RelayFiles | None = relays.get(rl.id)
         if rf is None:
             continue
-        t = conf.protocol_of(rl).tls
+        proto = conf.protocol_of(rl)
+        t = proto.tls
         timeout = min(HANDSHAKE_TIMEOUT, float(rl.session_timeout or HANDSHAKE_TIMEOUT))
-        opts = options(t, rf.client_ca)
+        opts = options(t, rf.client_ca, alpn(proto))
         client = tls.client_context(options(t), ca=rf.ca_file) if rl.tls_client else None
         ca_key = keys.get(rf.ca_key_id) if rf.ca_key_id else None
         for lis in rl.listens:

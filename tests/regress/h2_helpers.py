@@ -200,3 +200,145 @@ def tls_client_context(ca_pem: bytes | None = None, alpn=("h2", "http/1.1")) -> 
 
 
 SETTINGS = h2.settings.SettingCodes
+
+
+# -- attack material shared by the httpd and relayd HTTP/2 tests -------------------------
+
+# RST_STREAM and GOAWAY codes (RFC 9113 §7).
+PROTOCOL_ERROR, FLOW_CONTROL_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 1, 3, 7, 8, 11
+
+
+def goaway_code(c: H2Client, timeout: float = 15) -> int | None:
+    """The error code of the server's GOAWAY (read until it comes)."""
+    c.wait(lambda: c.goaway is not None, timeout)
+    return c.goaway.error_code if c.goaway is not None else None
+
+
+def make_you_reset(c: H2Client, sids) -> bool:
+    """MadeYouReset: WINDOW_UPDATE overflows make the server reset these
+    streams itself (a stream error); True once all are reset so."""
+    from hyperframe.frame import WindowUpdateFrame
+    for sid in sids:
+        f = WindowUpdateFrame(sid)
+        f.window_increment = 2**31 - 1
+        c.send_raw(f.serialize())
+    return c.wait(lambda: all(c.responses[s].reset == FLOW_CONTROL_ERROR for s in sids))
+
+
+def max_requests_answers(c: H2Client, sids) -> tuple[list, list]:
+    """Read the answers to `sids`: (statuses, reset codes)."""
+    c.wait(lambda: all(c.responses[s].ended or c.responses[s].reset for s in sids))
+    return [c.responses[s].status for s in sids], [c.responses[s].reset for s in sids]
+
+
+def rapid_reset(c: H2Client, path: str, authority: str, n: int = 300) -> None:
+    """Rapid reset (CVE-2023-44487): HEADERS then RST_STREAM, n times, at once."""
+    for _ in range(n):
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                (":authority", authority)], end_stream=True)
+        c.h2.reset_stream(sid, CANCEL)
+    c.flush()
+
+
+def control_flood(kind: str, sid: int = 0, n: int = 3000) -> bytes:
+    """n control frames of one kind (ping, settings, window-update on the
+    connection, or empty DATA on stream `sid`: kind "empty-data")."""
+    from hyperframe.frame import DataFrame, PingFrame, SettingsFrame, WindowUpdateFrame
+    frames = []
+    for i in range(n):
+        if kind == "ping":
+            f = PingFrame(0)
+            f.opaque_data = i.to_bytes(8, "big")
+        elif kind == "settings":
+            f = SettingsFrame(0)
+        elif kind == "window-update":
+            f = WindowUpdateFrame(0)
+            f.window_increment = 1
+        else:
+            f = DataFrame(sid)
+        frames.append(f.serialize())
+    return b"".join(frames)
+
+
+def continuation_flood(n: int = 200) -> bytes:
+    """HEADERS without END_HEADERS, then n CONTINUATION frames that never end it."""
+    import hpack
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+    f = HeadersFrame(1)
+    f.data = hpack.Encoder().encode([(":method", "GET")])
+    data = [f.serialize()]
+    for _ in range(n):
+        cf = ContinuationFrame(1)
+        cf.data = b"\x40\x01a\x01b"        # literal x: y, never ending
+        data.append(cf.serialize())
+    return b"".join(data)
+
+
+# HPACK bomb: 4 KB once into the dynamic table, then referenced by index:
+# about 4 KB on the wire, 400 KB decoded.
+HPACK_BOMB = [("x-bomb", "a" * 4000)] * 100
+
+# Malformed requests (RFC 9113 §8.2, §8.3): extra fields of a request ...
+MALFORMED = {
+    "connection-header": [("connection", "keep-alive")],
+    "upper-case-name": [("X-Upper", "1")],
+    "cr-in-value": [("x-v", "a\rb")],
+    "lf-in-value": [("x-v", "a\nb")],
+    "nul-in-value": [("x-v", "a\x00b")],
+    "te-gzip": [("te", "gzip")],
+    "transfer-encoding": [("transfer-encoding", "chunked")],
+    "host-differs": [("host", "evil.example")],
+}
+# ... bodies that break their content-length ...
+MALFORMED_BODIES = {"content-length-mismatch": b"12345", "content-length-short": b"x" * 20}
+
+
+# ... and pseudo-header blocks (path: the request's; "h" the authority).
+def malformed_pseudo(kind: str, path: str, authority: str) -> list:
+    bad = {"no-path": [(":method", "GET"), (":scheme", "http")],
+           "relative-path": [(":method", "GET"), (":path", path.lstrip("/")),
+                             (":scheme", "http")],
+           "unknown-pseudo": [(":method", "GET"), (":path", path), (":scheme", "http"),
+                              (":foo", "x")],
+           "double-method": [(":method", "GET"), (":method", "POST"), (":path", path),
+                             (":scheme", "http")],
+           "pseudo-after-regular": [(":method", "GET"), ("x-a", "1"), (":path", path),
+                                    (":scheme", "http")],
+           "scheme-https-on-clear": [(":method", "GET"), (":path", path),
+                                     (":scheme", "https")],
+           "space-in-path": [(":method", "GET"), (":path", path + " x"), (":scheme", "http")],
+           "authority-userinfo": [(":method", "GET"), (":path", path), (":scheme", "http"),
+                                  (":authority", "u@" + authority)],
+           "bad-method": [(":method", "G T"), (":path", path), (":scheme", "http")],
+           }[kind]
+    if kind != "authority-userinfo":
+        bad.append((":authority", authority))
+    return bad
+
+
+MALFORMED_PSEUDO = ["no-path", "relative-path", "unknown-pseudo", "double-method",
+                    "pseudo-after-regular", "scheme-https-on-clear", "space-in-path",
+                    "authority-userinfo", "bad-method"]
+MALFORMED_KINDS = list(MALFORMED) + list(MALFORMED_BODIES) + MALFORMED_PSEUDO
+
+
+def send_malformed(c: H2Client, kind: str, path: str, authority: str,
+                   mark: list) -> tuple[int | None, int | None]:
+    """Send the malformed request `kind` (one of MALFORMED_KINDS) with the
+    fields `mark`; (RST code, GOAWAY code) once the server answered.
+    Raises AssertionError if it got a response."""
+    if kind in MALFORMED:
+        sid = c.request(path, authority=authority, headers=mark + MALFORMED[kind])
+    elif kind in MALFORMED_BODIES:
+        sid = c.request(path, authority=authority, method="POST", body=MALFORMED_BODIES[kind],
+                        headers=mark + [("content-length", "10")])
+    else:
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, malformed_pseudo(kind, path, authority) + mark, end_stream=True)
+        c.responses[sid] = H2Resp()
+        c.flush()
+    r = c.responses[sid]
+    c.wait(lambda: r.reset is not None or c.goaway is not None or r.ended, 10)
+    assert r.status == 0, f"{kind}: answered {r.status}"
+    return r.reset, (c.goaway.error_code if c.goaway is not None else None)

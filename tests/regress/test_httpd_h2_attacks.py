@@ -15,15 +15,16 @@ from types import SimpleNamespace
 
 import hpack
 import pytest
-from hyperframe.frame import (ContinuationFrame, DataFrame, HeadersFrame,
-                              PingFrame, SettingsFrame, WindowUpdateFrame)
+from hyperframe.frame import HeadersFrame
 
 from tests.conftest import free_port
 from tests.regress.fcgi import servers
-from tests.regress.h2_helpers import SETTINGS, H2Client, H2Resp
+from tests.regress.h2_helpers import (CANCEL, ENHANCE_YOUR_CALM, HPACK_BOMB, MALFORMED_KINDS,
+                                      PROTOCOL_ERROR, REFUSED_STREAM, SETTINGS, H2Client,
+                                      continuation_flood, control_flood, goaway_code,
+                                      make_you_reset, max_requests_answers, rapid_reset,
+                                      send_malformed)
 from tests.regress.httpd_helpers import module_site
-
-PROTOCOL_ERROR, FLOW_CONTROL_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 1, 3, 7, 8, 11
 
 CONF = """
 prefork 1
@@ -69,11 +70,6 @@ def served(site) -> bool:
         return c.get("/index.html").status == 200
 
 
-def goaway_code(c: H2Client) -> int | None:
-    c.wait(lambda: c.goaway is not None, 15)
-    return c.goaway.error_code if c.goaway is not None else None
-
-
 # -- limits ---------------------------------------------------------------------------
 
 def test_streams_beyond_max_refused_and_madeyoureset(site) -> None:
@@ -82,11 +78,7 @@ def test_streams_beyond_max_refused_and_madeyoureset(site) -> None:
         assert c.ping()        # the handlers run (a reset in the same read: never started)
         # MadeYouReset: make the server reset those streams itself (window
         # overflow, a stream error): their handlers still hold the slots.
-        for sid in slow:
-            f = WindowUpdateFrame(sid)
-            f.window_increment = 2**31 - 1
-            c.send_raw(f.serialize())
-        assert c.wait(lambda: all(c.responses[s].reset == FLOW_CONTROL_ERROR for s in slow))
+        assert make_you_reset(c, slow)
         extra = c.request("/index.html")
         r = c.response(extra)
         assert r.reset == REFUSED_STREAM
@@ -99,9 +91,8 @@ def test_streams_beyond_max_refused_and_madeyoureset(site) -> None:
 def test_max_requests_goaway(site) -> None:
     with H2Client(site.mrport) as c:
         sids = [c.request("/index.html") for _ in range(7)]
-        c.wait(lambda: all(c.responses[s].ended or c.responses[s].reset for s in sids))
-        assert [c.responses[s].status for s in sids[:5]] == [200] * 5
-        assert [c.responses[s].reset for s in sids[5:]] == [REFUSED_STREAM] * 2
+        statuses, resets = max_requests_answers(c, sids)
+        assert statuses[:5] == [200] * 5 and resets[5:] == [REFUSED_STREAM] * 2
         assert c.goaway is not None and c.goaway.error_code == 0
         assert c.goaway.last_stream_id == sids[4]
         assert c.closed()
@@ -133,13 +124,7 @@ def test_idle_and_header_phase_timeout(site) -> None:
 
 def test_rapid_reset(site) -> None:
     with H2Client(site.port) as c:
-        for _ in range(300):
-            sid = c.h2.get_next_available_stream_id()
-            c.h2.send_headers(sid, [(":method", "GET"), (":path", "/index.html"),
-                                    (":scheme", "http"), (":authority", "atk")],
-                              end_stream=True)
-            c.h2.reset_stream(sid, CANCEL)
-        c.flush()
+        rapid_reset(c, "/index.html", "atk")
         assert goaway_code(c) == ENHANCE_YOUR_CALM
         assert c.closed()
     site.site.daemon.wait_output("rapid reset, GOAWAY ENHANCE_YOUR_CALM")
@@ -150,20 +135,7 @@ def test_rapid_reset(site) -> None:
 def test_control_frame_floods(site, kind) -> None:
     with H2Client(site.port) as c:
         sid = c.request("/fcgi/sleep?s=1", end=False) if kind == "empty-data" else 0
-        frames = []
-        for i in range(3000):
-            if kind == "ping":
-                f = PingFrame(0)
-                f.opaque_data = i.to_bytes(8, "big")
-            elif kind == "settings":
-                f = SettingsFrame(0)
-            elif kind == "window-update":
-                f = WindowUpdateFrame(0)
-                f.window_increment = 1
-            else:
-                f = DataFrame(sid)
-            frames.append(f.serialize())
-        c.send_raw(b"".join(frames))
+        c.send_raw(control_flood(kind, sid))
         assert goaway_code(c) == ENHANCE_YOUR_CALM
         assert c.closed()
     site.site.daemon.wait_output("control frame flood")
@@ -172,14 +144,7 @@ def test_control_frame_floods(site, kind) -> None:
 
 def test_continuation_flood(site) -> None:
     with H2Client(site.port) as c:
-        f = HeadersFrame(1)
-        f.data = hpack.Encoder().encode([(":method", "GET")])
-        data = [f.serialize()]
-        for _ in range(200):
-            cf = ContinuationFrame(1)
-            cf.data = b"\x40\x01a\x01b"        # literal x: y, never ending
-            data.append(cf.serialize())
-        c.send_raw(b"".join(data))
+        c.send_raw(continuation_flood())
         assert goaway_code(c) in (PROTOCOL_ERROR, ENHANCE_YOUR_CALM)
         assert c.closed()
     assert served(site)
@@ -187,9 +152,7 @@ def test_continuation_flood(site) -> None:
 
 def test_hpack_bomb(site) -> None:
     with H2Client(site.port) as c:
-        # 4 KB once into the dynamic table, then referenced by index:
-        # about 4 KB on the wire, 400 KB decoded.
-        sid = c.request("/index.html", headers=[("x-bomb", "a" * 4000)] * 100)
+        sid = c.request("/index.html", headers=HPACK_BOMB)
         assert goaway_code(c) == ENHANCE_YOUR_CALM
         assert c.responses[sid].status == 0
         assert c.closed()
@@ -198,67 +161,13 @@ def test_hpack_bomb(site) -> None:
 
 # -- malformed requests (RFC 9113 §8.2, §8.3) ------------------------------------------
 
-MALFORMED = {
-    "connection-header": [("connection", "keep-alive")],
-    "upper-case-name": [("X-Upper", "1")],
-    "cr-in-value": [("x-v", "a\rb")],
-    "lf-in-value": [("x-v", "a\nb")],
-    "nul-in-value": [("x-v", "a\x00b")],
-    "te-gzip": [("te", "gzip")],
-    "transfer-encoding": [("transfer-encoding", "chunked")],
-    "host-differs": [("host", "evil.example")],
-}
-
-
 def _malformed(site, kind: str) -> tuple[int | None, int | None]:
     """Send the malformed request `kind`; (RST code, GOAWAY code)."""
     with H2Client(site.port) as c:
-        mark = [("x-mark", f"bad-{kind}")]
-        if kind in MALFORMED:
-            sid = c.request("/fcgi/env", headers=mark + MALFORMED[kind])
-        elif kind == "content-length-mismatch":
-            sid = c.request("/fcgi/env", method="POST", body=b"12345",
-                            headers=mark + [("content-length", "10")])
-        elif kind == "content-length-short":
-            sid = c.request("/fcgi/env", method="POST", body=b"x" * 20,
-                            headers=mark + [("content-length", "10")])
-        else:
-            hdrs = {"no-path": [(":method", "GET"), (":scheme", "http")],
-                    "relative-path": [(":method", "GET"), (":path", "fcgi/env"),
-                                      (":scheme", "http")],
-                    "unknown-pseudo": [(":method", "GET"), (":path", "/fcgi/env"),
-                                       (":scheme", "http"), (":foo", "x")],
-                    "double-method": [(":method", "GET"), (":method", "POST"),
-                                      (":path", "/fcgi/env"), (":scheme", "http")],
-                    "pseudo-after-regular": [(":method", "GET"), ("x-a", "1"),
-                                             (":path", "/fcgi/env"), (":scheme", "http")],
-                    "scheme-https-on-clear": [(":method", "GET"), (":path", "/fcgi/env"),
-                                              (":scheme", "https")],
-                    "space-in-path": [(":method", "GET"), (":path", "/fcgi/env x"),
-                                      (":scheme", "http")],
-                    "authority-userinfo": [(":method", "GET"), (":path", "/fcgi/env"),
-                                           (":scheme", "http"), (":authority", "u@atk")],
-                    "bad-method": [(":method", "G T"), (":path", "/fcgi/env"),
-                                   (":scheme", "http")],
-                    }[kind]
-            sid = c.h2.get_next_available_stream_id()
-            c.h2.send_headers(sid, hdrs + [(":authority", "atk")] * (kind not in (
-                "authority-userinfo",)) + mark, end_stream=True)
-            c.responses[sid] = H2Resp()
-            c.flush()
-        r = c.responses[sid]
-        c.wait(lambda: r.reset is not None or c.goaway is not None or r.ended, 10)
-        assert r.status == 0, f"{kind}: answered {r.status}"
-        return r.reset, (c.goaway.error_code if c.goaway is not None else None)
+        return send_malformed(c, kind, "/fcgi/env", "atk", [("x-mark", f"bad-{kind}")])
 
 
-KINDS = list(MALFORMED) + ["content-length-mismatch", "content-length-short", "no-path",
-                           "relative-path", "unknown-pseudo", "double-method",
-                           "pseudo-after-regular", "scheme-https-on-clear",
-                           "space-in-path", "authority-userinfo", "bad-method"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MALFORMED_KINDS)
 def test_malformed_never_reaches_fastcgi(site, kind) -> None:
     rst, goaway = _malformed(site, kind)
     assert rst == PROTOCOL_ERROR or goaway == PROTOCOL_ERROR, (rst, goaway)

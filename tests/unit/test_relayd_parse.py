@@ -386,6 +386,11 @@ def test_protocol_http_options_and_return_error():
     assert p.return_error and p.style == "b { }"
     p = proto_with("http headerlen 0\nhttp no websockets\nreturn error { style \"x\" }")
     assert p.http == C.HttpOptions(headerlen=0, websockets=False) and p.style == "x"
+    # extension: HTTP/2 toward clients, with its limit knobs
+    assert proto_with("http http2").http == C.HttpOptions(http2=True)
+    p = proto_with("http { http2 max-streams 10 max-requests 50, headerlen 4096 }")
+    assert p.http == C.HttpOptions(headerlen=4096, http2=True, h2_max_streams=10,
+                                   h2_max_requests=50)
     p = proto_with("return error")
     assert p.return_error and p.style is None
 
@@ -942,6 +947,10 @@ ERROR_CASES = [
     ("protocol p {\n\ttls edh params huge\n}\n", ["relayd.conf:2: tls edh params huge: invalid"]),
     ("http protocol p {\n\thttp headerlen 131073\n}\n",
      ["relayd.conf:2: invalid headerlen: 131073"]),
+    ("http protocol p {\n\thttp http2 max-streams 0\n}\n",
+     ["relayd.conf:2: invalid max-streams: 0"]),
+    ("protocol p {\n\thttp http2\n}\n",
+     ["relayd.conf:2: can set http options only for http protocol"]),
     # filter rules
     ("http protocol p {\n\tblock inet from ::1\n}\n", ["relayd.conf:2: address family mismatch"]),
     ("http protocol p {\n\tblock from 10.0.0.0/33\n}\n", ["relayd.conf:2: invalid prefixlen 33"]),
