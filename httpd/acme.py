@@ -136,9 +136,16 @@ class Acme:
             task_status.started()
             await trio.sleep_forever()
 
+    def stop(self) -> None:
+        """No more attempts (termination); a net process is killed."""
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
     def update(self, conf: HttpdConfig) -> None:
         """Follow a (re)loaded configuration: a renewer per domain; one
         whose domain or authority changed starts over."""
+        if self.nursery is None or self.nursery.cancel_scope.cancel_called:
+            return
         want = handles(conf)
         for handle, (key, scope) in list(self.renewers.items()):
             if want.get(handle) != key:

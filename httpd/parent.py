@@ -253,6 +253,7 @@ class Parent:
             else:
                 log.info(f"parent terminating, pid {os.getpid()}")
                 notify("STOPPING=1")
+                self.acme.stop()
                 self.sup.stopping = True
                 servers = [c for c in self.sup.children if c.title == "server"]
                 await self.sup.stop(servers, STOP_DRAIN)
