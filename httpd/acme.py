@@ -214,6 +214,7 @@ class Renewer:
         self.auth = auth
         self.failures = 0
         self.jitter: dict[int, float] = {}   # serial -> its random delay
+        self.waiting = False                 # logged that another instance holds the lock
 
     async def run(self) -> None:
         while True:
@@ -245,8 +246,11 @@ class Renewer:
         base = self.acme.base
         lock = try_lock(self.dom, self.handle)
         if lock is None:
-            log.info(f"certificate {self.handle}: another instance is renewing, waiting")
+            if not self.waiting:
+                log.info(f"certificate {self.handle}: another instance is renewing, waiting")
+            self.waiting = True
             return base
+        self.waiting = False
         try:
             # Under the lock, look again: the holder before us may have
             # just installed a new certificate.

@@ -450,10 +450,11 @@ def acme_answer(x: Exchange) -> server_file.FileResponse | None:
     if not x.path.startswith(ACME_PATH) or x.req.method not in ("GET", "HEAD"):
         return None
     entry = x.worker.acme_tokens.get(x.path[len(ACME_PATH):])
-    if entry is None or x.host is None:
+    host = x.req.hmap.get("host")      # as sent: x.host may be the local address
+    if entry is None or host is None:
         return None
     keyauth, names = entry
-    host = x.host.lower()
+    host = host.lower()
     if not host.startswith("["):
         host = host.partition(":")[0]
     if host.rstrip(".") not in names:

@@ -304,7 +304,10 @@ class AcmeHttpd:
             self.daemon.stop()
 
     def output(self) -> str:
-        return self.daemon.output()
+        """stderr so far (also after stop())."""
+        if not self.daemon.errfile.closed:
+            self.daemon.errfile.flush()
+        return self.daemon.errpath.read_text(errors="replace")
 
     def served(self, name: str | None = None) -> x509.Certificate:
         return served_cert(self.tls, name or self.dom.handle)
