@@ -115,7 +115,7 @@ def temporary_keypair(names: tuple[str, ...]) -> tuple[bytes, bytes]:
     if pair is None:
         from shared import acme_crypto
         pair = _temporary[names] = acme_crypto.self_signed(names)
-        log.info(f"server_tls: no certificate for {names[0]} yet, "
+        log.verbose(f"server_tls: no certificate for {names[0]} yet, "
                  "serving a temporary self-signed one")
     return pair
 
