@@ -306,3 +306,39 @@ def test_lock_held_elsewhere(tmp_path):
             h.stop()
     finally:
         pebble.stop()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")
+def test_net_process_sandboxed(tmp_path):
+    """While it talks to the CA (one that never answers), httpd's acme
+    process runs as nobody chrooted to /var/empty, without the keys; the
+    parent alone holds them."""
+    import pwd
+    import socket
+
+    import psutil
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(1)
+    stalled.settimeout(60)
+    import trustme
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    try:
+        dom = new_domain(tmp_path, f"https://127.0.0.1:{stalled.getsockname()[1]}/dir")
+        h = AcmeHttpd(tmp_path / "site", dom, tmp_path / "ca.pem", free_port()).start()
+        try:
+            conn, _ = stalled.accept()       # the acme process connected: sandboxed by now
+            procs = [p for p in psutil.Process(h.daemon.pid).children()
+                     if "acme" in " ".join(p.cmdline())]
+            assert len(procs) == 1
+            net = procs[0]
+            assert net.uids().effective == pwd.getpwnam("nobody").pw_uid
+            assert os.readlink(f"/proc/{net.pid}/root") == "/var/empty"
+            assert dom.key.exists() and dom.account_key.exists()
+            assert not any(str(dom.key) in f.path for f in net.open_files())
+            conn.close()
+        finally:
+            h.stop()
+    finally:
+        stalled.close()
