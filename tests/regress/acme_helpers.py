@@ -361,3 +361,11 @@ class ChallengeForwarder:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def net_facts(net, dom: Domain) -> tuple[int, int, str, bool]:
+    """(real uid, effective uid, root directory, holds the domain key
+    open) of a net process (a psutil.Process): what its sandbox is."""
+    uids = net.uids()
+    return (uids.real, uids.effective, os.readlink(f"/proc/{net.pid}/root"),
+            any(str(dom.key) in f.path for f in net.open_files()))
