@@ -43,6 +43,8 @@ netns: venv deps
 
 configtest: venv
 	$(VPY) -m httpd -n -f conf/httpd.conf
+	sed 's|"/etc/acme-client.conf"|"conf/acme-client.conf"|' conf/httpd-acme.conf > conf/.httpd-acme.test
+	$(VPY) -m httpd -n -f conf/.httpd-acme.test; rc=$$?; rm -f conf/.httpd-acme.test; exit $$rc
 	$(VPY) -m relayd -n -f conf/relayd.conf
 	$(VPY) -m acme_client -n -f conf/acme-client.conf
 

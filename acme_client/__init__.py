@@ -1,11 +1,12 @@
 """acme_client -- acme-client(1): get, renew and revoke certificates with ACME.
 
 The command (`acme-client [-Fnrv] [-f configfile] handle`) in __main__,
-the privileged main process in parent (config, keys, signing, CSR, files),
-the unprivileged chrooted net process in netproc (HTTPS to the CA), file
-writes in files.  The grammar and the protocol live in shared/ (acme_conf,
-acme, acme_crypto) so httpd can reuse them; nothing here is imported by a
-daemon.
+the privileged main process in parent (what to do, token files,
+revocation).  The rest lives in shared/ so httpd's built-in ACME reuses
+it: the grammar (acme_conf), the protocol (acme), keys and JWS
+(acme_crypto), the key holder's answers (acme_main), the unprivileged
+chrooted net process (acme_net) and file writes (acme_files).  Nothing
+here is imported by a daemon.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 revokes the certificate, -v logs each step (-vv more), -f names the
 configuration file (default /etc/acme-client.conf).  Exit status: 0 a
 certificate was issued, renewed or revoked; 2 nothing to do; 1 error.
-The hidden `-P net -S fd` starts the net process (acme_client.netproc).
+The hidden `-P net -S fd` starts the net process (shared.acme_net).
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def _child(flags: dict) -> int:
     if flags["-P"] != "net" or "-S" not in flags:
         sys.stderr.write(f"{PROG}: unknown process {flags['-P']}\n")
         return 1
-    from acme_client import netproc
-    return netproc.net_main(int(flags["-S"]))
+    from shared import acme_net
+    return acme_net.net_main(int(flags["-S"]))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def _child(args) -> int:
     # A terminal's Ctrl-C reaches the whole process group: the parent
     # decides how its children stop.
     return proc.child_entry("httpd", args, {"server": "httpd.server:child_main",
-                                            "logger": "httpd.logger:logger_main"},
+                                            "logger": "httpd.logger:logger_main",
+                                            "acme": "shared.acme_net:net_main"},
                             ignore=(signal.SIGINT,))
 
 

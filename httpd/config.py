@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.acme_conf import ACME_CONF, AcmeConfig
+
 # -- defaults (httpd.h and httpd.conf(5)) ---------------------------------
 HTTPD_CONF = "/etc/httpd.conf"           # -f default
 HTTPD_USER = "www"                       # chroot owner; its home is the default chroot
@@ -45,6 +47,16 @@ SERVER_MAXRANGES = 4                     # byte ranges per request before 416
 HEADER_NAME_MAX = 127                    # header set/add name length
 HEADER_VALUE_MAX = 511                   # header set/add value length
 LOG_STYLES = ("common", "combined", "forwarded", "connection")
+# Built-in ACME (extension, httpd.acme): `acme config` defaults to
+# shared.acme_conf.ACME_CONF.  After a failure the next attempt waits
+# ACME_BACKOFF_STEPS[n] x the base (60 s: 1 min, 10 min, 100 min, then
+# daily); the base is also how often the certificate files are checked for
+# another instance's renewal.  HTTPD_ACME_BASE (seconds, environment)
+# shortens it for tests.
+ACME_BASE = 60.0                         # seconds
+ACME_BACKOFF_STEPS = (1, 10, 100, 1440)  # x base; the last repeats
+ACME_JITTER = 0.1                        # renewal starts up to 10% of the window late
+ACME_LOCK_WAIT = 10                      # x base: another instance's lock is given up on after this
 
 # Built-in media types when no `types {}` block is given (httpd.conf(5)).
 DEFAULT_MEDIA_TYPES: dict[str, str] = {
@@ -145,6 +157,8 @@ class TlsConfig:
     crl: str | None = None
     client_optional: bool = False
     ticket_lifetime: int | None = None  # None: session tickets off
+    acme: str | None = None             # extension: `tls acme "HANDLE"` (certificate and key
+                                        # are then that acme-client.conf domain's files)
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,8 @@ class HttpdConfig:
     banner: bool = True
     media_types: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MEDIA_TYPES))
     servers: tuple[ServerConfig, ...] = ()
+    acme_config: str = ACME_CONF            # extension: `acme config "file"`
+    acme: AcmeConfig | None = None          # that file, when a server says `tls acme`
     # Features parsed but not implemented yet; -n reports each as an error.
     unimplemented: tuple[tuple[str, str], ...] = ()   # (where, feature)
 

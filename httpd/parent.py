@@ -32,7 +32,7 @@ import trio
 
 from engine import tls
 from engine.listen import bind_tcp, listen
-from httpd import parse, server_tls
+from httpd import acme, parse, server_tls
 from httpd.config import HttpdConfig
 from httpd.server import SockKey, log_names, logdir_of, socket_groups
 from shared import log, proc, sd
@@ -139,6 +139,10 @@ class Parent:
         self.tls_files: dict = {}
         self.tls_keys: dict[int, bytes] = {}
         self.ticket_keys: list[bytes] = []
+        # Built-in ACME (extension): the scheduler, and one reload at a time.
+        self.acme = acme.Acme(self)
+        self.reload_lock = trio.Lock()
+        self._serials: dict[bytes, int] = {}
 
     def child_args(self) -> list[str]:
         return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
@@ -157,7 +161,7 @@ class Parent:
             c = child.chan
             await c.send(Imsg.CFG_CONFIG, {"conf": conf, "keep_dac": keep_dac,
                                            "user": self.user.pw_name if self.user else None,
-                                           "tls": tls_files})
+                                           "tls": tls_files, "acme_tokens": self.acme.tokens})
             for key, sock in sockets.items():
                 await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
             await c.send(Imsg.CFG_LOGSOCK, None, fd=self.logsock[1].fileno())
@@ -219,7 +223,8 @@ class Parent:
             if os.geteuid() != 0:
                 proc.warn_not_sandboxed("httpd")
             async with trio.open_nursery() as nursery:
-                self.sup = proc.Supervisor("httpd", self.child_args(), nursery)
+                self.sup = proc.Supervisor("httpd", self.child_args(), nursery,
+                                           on_message=self.child_message)
                 logger = await self.sup.start("logger", 0, 0, self._logger_setup())
                 servers = await self.start_servers(self.conf, self.sockets,
                                                    self.tls_files, self.tls_keys)
@@ -227,6 +232,7 @@ class Parent:
                 if not await self.sup.wait_ready([logger, *servers], READY_TIMEOUT):
                     log.warn("parent: children did not start")
                 notify("READY=1")
+                await nursery.start(self.acme.run)
                 await self._signals(sigs)
                 nursery.cancel_scope.cancel()
         return 0
@@ -247,6 +253,7 @@ class Parent:
             else:
                 log.info(f"parent terminating, pid {os.getpid()}")
                 notify("STOPPING=1")
+                self.acme.stop()
                 self.sup.stopping = True
                 servers = [c for c in self.sup.children if c.title == "server"]
                 await self.sup.stop(servers, STOP_DRAIN)
@@ -277,12 +284,28 @@ class Parent:
                 log.warn(f"{where}: {what} is not implemented yet")
             log.warn("parent_reload: configuration failed, keeping the current one")
             return False
+        self.reloading = True
+        try:
+            async with self.reload_lock:
+                return await self.restart_servers(new, "configuration")
+        finally:
+            self.reloading = False
+
+    async def reload_certs(self) -> bool:
+        """Serve the certificate files as they are now (httpd.acme): the
+        reload path with the current configuration."""
+        async with self.reload_lock:
+            return await self.restart_servers(self.conf, "certificates")
+
+    async def restart_servers(self, new: HttpdConfig, what: str) -> bool:
+        """A new generation of servers for `new`; once it is ready the old
+        one stops accepting and drains.  False keeps the current one."""
         # Read again even if unchanged: renewed certificates take effect.
         tls_files, tls_keys, errors = server_tls.read_files(new)
         if errors:
             for line in errors:
                 log.warn(line)
-            log.warn("parent_reload: configuration failed, keeping the current one")
+            log.warn(f"parent_reload: {what} failed, keeping the current one")
             return False
         try:
             sockets = bind_all(new, self.sockets)
@@ -290,25 +313,22 @@ class Parent:
             log.warn(f"parent_reload: failed to bind: {e.strerror}; "
                      "keeping the current configuration")
             return False
-        self.reloading = True
-        try:
-            old_servers = self.sup.of("server")
-            fresh = await self.start_servers(new, sockets, tls_files, tls_keys)
-            if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
-                log.warn("parent_reload: new servers did not start, keeping the current configuration")
-                await self.sup.stop(fresh, 0)
-                for key, s in sockets.items():
-                    if self.sockets.get(key) is not s:
-                        s.close()
-                return False
-            old_sockets = self.sockets
-            self.sockets = sockets
-            self.conf = new
-            self.tls_files, self.tls_keys = tls_files, tls_keys
-            await self.reopen_logs()
-            log.info("parent_reload: configuration reloaded")
-        finally:
-            self.reloading = False
+        old_servers = self.sup.of("server")
+        fresh = await self.start_servers(new, sockets, tls_files, tls_keys)
+        if not await self.sup.wait_ready(fresh, READY_TIMEOUT):
+            log.warn("parent_reload: new servers did not start, keeping the current configuration")
+            await self.sup.stop(fresh, 0)
+            for key, s in sockets.items():
+                if self.sockets.get(key) is not s:
+                    s.close()
+            return False
+        old_sockets = self.sockets
+        self.sockets = sockets
+        self.conf = new
+        self.tls_files, self.tls_keys = tls_files, tls_keys
+        await self.reopen_logs()
+        log.info(f"parent_reload: {what} reloaded")
+        self.acme.update(new)
 
         async def retire() -> None:
             await self.sup.stop(old_servers, RELOAD_DRAIN)
@@ -317,6 +337,24 @@ class Parent:
                     s.close()
         self.sup.nursery.start_soon(retire)
         return True
+
+    def served_serial(self, handle: str) -> int | None:
+        """The serial of the certificate the servers have for `handle`."""
+        for srv in self.conf.servers:
+            f = self.tls_files.get(srv.id)
+            if f is not None and srv.tls is not None and srv.tls.acme == handle:
+                if f.cert not in self._serials:
+                    from shared import acme_crypto
+                    self._serials = {f.cert: acme_crypto.split_pem_chain(f.cert)[0].serial_number}
+                return self._serials[f.cert]
+        return None
+
+    async def child_message(self, child: proc.Child, msg) -> None:
+        """What a child may send up besides CTL_READY."""
+        if child.title == "server" and msg.type == Imsg.ACME_CHALLENGE_OK:
+            self.acme.acked(child.pid, int(msg.payload["seq"]))
+        else:
+            raise ValueError(f"unexpected message {msg.type}")
 
     async def _rekey_tickets(self) -> None:
         """parent_tls_ticket_rekey(): a new session-ticket key for every

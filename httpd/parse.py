@@ -31,14 +31,14 @@ from httpd.config import (HEADER_NAME_MAX, HEADER_VALUE_MAX,
                           HeaderAction, HstsConfig, HttpdConfig, Listen,
                           Location, LogConfig, NameMatch, ServerConfig,
                           TcpConfig, TlsConfig)
-from shared import addr
-from shared.lexer import EOF, NL, NUMBER, STRING, WORD, Token
+from shared import acme_conf, addr
+from shared.lexer import EOF, NL, NUMBER, STRING, WORD, ConfigError, Token
 from shared.parser import Parser
 
 # Reserved words (OpenBSD's keyword table plus `set` of `header set`).
 KEYWORDS = frozenset("""
-    access add alias always authenticate auto backlog banner block body buffer
-    ca certificate chroot ciphers client combined common connection crl default
+    access acme add alias always authenticate auto backlog banner block body buffer
+    ca certificate chroot ciphers client combined common config connection crl default
     dhe directory drop ecdhe errdocs error fastcgi forwarded found gzip-static
     header hsts http2 include index ip key lifetime listen location log logdir match
     max max-age no nodelay not ocsp on optional param pass port prefork preload
@@ -138,6 +138,7 @@ class _Block:
         self.tls: dict[str, Any] = {}
         self.tls_where: str | None = None
         self.tls_protocols: frozenset[str] | None = None
+        self.acme_where: str | None = None   # `tls acme` (extension)
         self.hsts: dict[str, Any] | None = None
         self.listens: list[Listen] = []
         self.aliases: list[NameMatch] = []
@@ -171,11 +172,13 @@ class HttpdParser(Parser):
         self.media_types: dict[str, str] | None = None   # None: no types {}
         self.servers: list[_Server] = []
         self.unimplemented: list[tuple[str, str]] = []
+        self.acme: acme_conf.AcmeConfig | None = None
 
     # -- driver -------------------------------------------------------------
     def parse(self) -> HttpdConfig:
         self.top_level(self.statement)
         end = self.where()
+        self.acme = self.load_acme()
         servers = self.build_servers()
         conf = HttpdConfig(
             path=self.path,
@@ -186,6 +189,8 @@ class HttpdParser(Parser):
             errdocs=self.globals.get("errdocs"),
             banner=self.globals.get("banner", True),
             servers=tuple(servers),
+            acme_config=self.globals.get("acme_config", acme_conf.ACME_CONF),
+            acme=self.acme,
             unimplemented=tuple(self.unimplemented),
             **({"media_types": self.media_types}
                if self.media_types is not None else {}))
@@ -258,6 +263,11 @@ class HttpdParser(Parser):
         elif kw == "chroot":
             self.next()
             self.globals["chroot"] = self.string("directory")
+        elif kw == "acme":
+            self.next()
+            self.expect("config")
+            self.globals["acme_config"] = self.string("file")
+            self.globals["acme_config_where"] = t.where()
         elif kw == "logdir":
             self.next()
             self.globals["logdir"] = self.string("directory")
@@ -707,6 +717,9 @@ class HttpdParser(Parser):
             elif self.accept("no"):
                 self.expect("ticket")
                 tls["ticket_lifetime"] = None
+            elif self.at("acme"):
+                b.acme_where = self.next().where()
+                tls["acme"] = self.string("acme-client.conf domain handle")
             else:
                 raise self.syntax_error("tls option")
         self.options(item)
@@ -738,6 +751,42 @@ class HttpdParser(Parser):
         "include": opt_include,
     }
 
+    # -- built-in ACME (extension) ---------------------------------------------
+    def load_acme(self) -> acme_conf.AcmeConfig | None:
+        """The acme-client.conf, read only when a server says `tls acme`."""
+        if not any(srv.block.acme_where for srv in self.servers):
+            return None
+        path = self.globals.get("acme_config", acme_conf.ACME_CONF)
+        try:
+            return acme_conf.load(path)
+        except ConfigError as e:
+            self.errors.lines.extend(e.lines)
+            return None
+
+    def acme_files(self, srv: _Server, tls: dict) -> None:
+        """A `tls acme` server's certificate and key: its domain's files;
+        every name of the server must be one of the domain's."""
+        b = srv.block
+        handle = tls["acme"]
+        if "certificate" in tls or "key" in tls:
+            self.errors.add(b.acme_where, f'server "{srv.name}": tls acme takes the '
+                            "certificate and key from the acme domain")
+        if self.acme is None:
+            return
+        dom = self.acme.domain(handle)
+        if dom is None:
+            self.errors.add(b.acme_where, f'server "{srv.name}": acme domain {handle} '
+                            f"not found in {self.acme.path}")
+            return
+        if self.acme.authority_for(dom) is None:
+            self.errors.add(b.acme_where, f"acme domain {handle}: no authority")
+        for name in [NameMatch(srv.name, srv.lua), *b.aliases]:
+            if name.lua or name.pattern.lower() not in (n.lower() for n in dom.names):
+                self.errors.add(b.acme_where, f'server "{srv.name}": name "{name.pattern}" '
+                                f"is not a name of acme domain {handle}")
+        tls["certificate"] = dom.fullchain or dom.cert
+        tls["key"] = dom.key
+
     # -- building the values --------------------------------------------------
     def build_servers(self) -> list[ServerConfig]:
         out = []
@@ -758,6 +807,8 @@ class HttpdParser(Parser):
         fields.setdefault("banner", self.globals.get("banner", True))
         tls = None
         if any(listen.tls for listen in b.listens):
+            if b.tls.get("acme"):
+                self.acme_files(srv, b.tls)
             tls = TlsConfig(**b.tls)
         return ServerConfig(
             id=sid, name=srv.name, where=b.where, name_lua=srv.lua,

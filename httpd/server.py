@@ -175,6 +175,15 @@ async def _refuse(sock, lis) -> None:
 
 # -- the server process (privilege separation) -------------------------------
 
+def set_acme_tokens(worker: server_http.Worker, change: dict) -> None:
+    """Apply an ACME_CHALLENGE change: {"add": {token: [keyauth, names]},
+    "del": [token]} (httpd.acme publishes them)."""
+    for token, (keyauth, names) in (change.get("add") or {}).items():
+        worker.acme_tokens[token] = (keyauth, frozenset(n.lower() for n in names))
+    for token in change.get("del") or ():
+        worker.acme_tokens.pop(token, None)
+
+
 def preload() -> None:
     """Import now what would otherwise be imported lazily after the chroot."""
     import encodings.idna  # noqa: F401  (socket.getaddrinfo on str hosts)
@@ -217,6 +226,7 @@ def child_main(fd: int) -> int:
         chan = Channel(sock, allow_pickle=True, reader=setup.reader)
         sp = ServerProc(conf, sockets, chrooted=chrooted, logs=logs,
                         tls_files=(cfg.get("tls") or {}, tls_keys))
+        set_acme_tokens(sp.worker, {"add": cfg.get("acme_tokens") or {}})
         async with trio.open_nursery() as nursery:
             await nursery.start(sp.run)
             nursery.start_soon(logs.flusher)
@@ -234,6 +244,9 @@ def child_main(fd: int) -> int:
                 elif msg.type == Imsg.TLS_TICKET_KEYS:
                     tls.set_ticket_keys(msg.payload["keys"])
                     log.debug("server_tls_ticket_rekey: new session ticket key")
+                elif msg.type == Imsg.ACME_CHALLENGE:
+                    set_acme_tokens(sp.worker, msg.payload)
+                    await chan.send(Imsg.ACME_CHALLENGE_OK, {"seq": msg.payload["seq"]})
             await sp.server.wait_stopped()
             nursery.cancel_scope.cancel()
 

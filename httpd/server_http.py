@@ -63,6 +63,9 @@ class Worker:
     draining: bool = False             # stopping: answer, then close (no reset)
     exists: object = None              # `location found` test (see _exists)
     h2conns: set = field(default_factory=set)   # HTTP/2 connections (GOAWAY on stop)
+    # Built-in ACME: http-01 answers the parent pushed, token -> (key
+    # authorization, the domain's names); see acme_answer().
+    acme_tokens: dict = field(default_factory=dict)
 
     def fs(self, path: str) -> str:
         """A config path (relative to the chroot) on the real file system."""
@@ -369,6 +372,10 @@ async def handle_request(x: Exchange) -> bool:
         x.srv = srv
         if x.conn.requests >= srv.connection.max_requests or x.worker.draining:
             x.keep = False
+        if x.worker.acme_tokens and not ctx.tls:
+            fr = acme_answer(x)
+            if fr is not None:
+                return await send_file(x, fr)
         if srv.locations:
             exists = _exists(x.worker)
             conf, loc, caps = route.find_location(srv, x.path, exists)
@@ -408,6 +415,31 @@ async def handle_request(x: Exchange) -> bool:
     except HttpError as e:
         await abort_http(x, e.status, e.msg, extra=e.headers)
         return False
+
+
+ACME_PATH = "/.well-known/acme-challenge/"   # RFC 8555 section 8.3
+
+
+def acme_answer(x: Exchange) -> server_file.FileResponse | None:
+    """The key authorization for `GET /.well-known/acme-challenge/TOKEN`
+    on a plain-HTTP socket, when the parent published TOKEN for a domain
+    that has the Host's name; None: route the request as usual."""
+    if not x.path.startswith(ACME_PATH) or x.req.method not in ("GET", "HEAD"):
+        return None
+    entry = x.worker.acme_tokens.get(x.path[len(ACME_PATH):])
+    host = x.req.hmap.get("host")      # as sent: x.host may be the local address
+    if entry is None or host is None:
+        return None
+    keyauth, names = entry
+    host = host.lower()
+    if not host.startswith("["):
+        host = host.partition(":")[0]
+    if host.rstrip(".") not in names:
+        return None
+    body = keyauth.encode()
+    x.conf = x.srv
+    return server_file.FileResponse(200, [("Content-Type", "text/plain")], len(body),
+                                    [body] if x.req.method == "GET" else [])
 
 
 async def dispatch(x: Exchange, conf: ServerConfig, index_dir: bool, depth: int = 0,

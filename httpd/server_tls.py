@@ -3,7 +3,9 @@
 The parent reads every TLS server's certificate, key, OCSP response,
 client CA and CRL with read_files() -- before any child chroots, and again
 on each reload, which is how renewed certificates get served -- and checks
-that OpenSSL takes them.  A server process builds one context per keypair
+that OpenSSL takes them.  A `tls acme` server whose files do not exist yet
+gets a temporary self-signed certificate for its domain's names (httpd.acme
+then obtains the real one).  A server process builds one context per keypair
 from those bytes (ListenTls, one per TLS socket); SNI picks the keypair of
 the server or alias of that name, else the one whose certificate names it,
 else the first server's.  ListenTls.accept() runs the handshake before
@@ -72,8 +74,10 @@ def read_files(conf: HttpdConfig) -> tuple[dict[int, ServerFiles], dict[int, byt
         try:
             cert, key = _read(tc.certificate), _read(tc.key)
         except OSError:
-            err("failed to load public/private keys")
-            continue
+            if tc.acme is None or conf.acme is None:
+                err("failed to load public/private keys")
+                continue
+            cert, key = temporary_keypair(conf.acme.domain(tc.acme).names)
         extra: dict[str, bytes | None] = {}
         for field, path, what in (("ocsp", tc.ocsp, "failed to load ocsp staple"),
                                   ("ca", tc.client_ca, "failed to load ca cert(s)"),
@@ -99,6 +103,21 @@ def read_files(conf: HttpdConfig) -> tuple[dict[int, ServerFiles], dict[int, byt
         files[srv.id] = f
         keys[srv.id] = key
     return files, keys, errors
+
+
+_temporary: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
+
+
+def temporary_keypair(names: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """A self-signed (certificate, key) for `names`, the same one for as
+    long as this process needs one (reloads do not make another)."""
+    pair = _temporary.get(names)
+    if pair is None:
+        from shared import acme_crypto
+        pair = _temporary[names] = acme_crypto.self_signed(names)
+        log.verbose(f"server_tls: no certificate for {names[0]} yet, "
+                 "serving a temporary self-signed one")
+    return pair
 
 
 def ticket_lifetime(conf: HttpdConfig) -> int | None:

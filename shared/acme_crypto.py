@@ -176,3 +176,24 @@ def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+TEMP_CERT_DAYS = 7                   # a stand-in certificate's lifetime
+
+
+def self_signed(names: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM): a throw-away self-signed ECDSA P-256
+    certificate for `names`, so a TLS listener can start before the CA
+    has issued the real one."""
+    import datetime
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=TEMP_CERT_DAYS))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert_pem(cert), key_to_pem(key)

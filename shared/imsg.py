@@ -241,6 +241,10 @@ class Imsg:
     ACME_CERT = 87       # net -> parent: {"pem": the chain as downloaded}: install it
     ACME_REVOKED = 88    # net -> parent: {}: the CA revoked the certificate
     ACME_OK = 89         # parent -> net: {"error": null or a message}
+    ACME_ERROR = 90      # net -> parent: {"error", "type", "retry_after"}: why it gives up
+    # httpd's built-in ACME: http-01 answers live in the server processes.
+    ACME_CHALLENGE = 91  # parent -> servers: {"seq", "add": {token: [keyauth, names]}, "del": [token]}
+    ACME_CHALLENGE_OK = 92  # server -> parent: {"seq"}: the answers above are served
 
 
 carries_fd(Imsg.CFG_SOCKET, Imsg.CFG_LOGSOCK, Imsg.LOG_FILE, Imsg.CFG_CONTROL,

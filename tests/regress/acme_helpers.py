@@ -4,7 +4,10 @@ Pebble (Debian's `pebble`) with `pebble-challtestsrv` as its DNS (every name
 is 127.0.0.1), its HTTPS certificate from a trustme CA the client trusts
 through SSL_CERT_FILE; a Tandem httpd serving the challenge directory on
 pebble's httpPort; `python -m acme_client` run to completion; a stub HTTPS
-proxy in front of pebble that can answer 429 rateLimited once.
+proxy in front of pebble that can answer 429 rateLimited; for httpd's
+built-in ACME, an httpd with `tls acme` (AcmeHttpd), the certificate a TLS
+port serves, and a forwarder that sends pebble's challenge requests to
+whichever of several httpd instances answers them.
 
 Nothing here asserts: the tests do.
 """
@@ -186,11 +189,12 @@ def acme_client(dom: Domain, *flags: str, ca: Path | None = None,
 
 
 class RateLimitProxy:
-    """An HTTPS proxy in front of pebble that answers the first newOrder
-    with 429 rateLimited and `Retry-After: 1`, and passes all else on
-    (Host unchanged, so pebble's URLs point at the proxy)."""
+    """An HTTPS proxy in front of pebble that answers the first `times`
+    newOrders with 429 rateLimited and `Retry-After: retry_after`, and
+    passes all else on (Host unchanged, so pebble's URLs point at the
+    proxy)."""
 
-    def __init__(self, pebble: Pebble) -> None:
+    def __init__(self, pebble: Pebble, retry_after: str = "1", times: int = 1) -> None:
         self.pebble = pebble
         self.hits: list[str] = []
         self.limited = 0
@@ -209,13 +213,13 @@ class RateLimitProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.hits.append(f"{self.command} {self.path}")
                 if self.command == "POST" and self.path.endswith("/order-plz") \
-                        and not proxy.limited:
+                        and proxy.limited < times:
                     proxy.limited += 1
                     doc = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
                                       "detail": "too many new orders", "status": 429}).encode()
                     self.send_response(429)
                     self.send_header("Content-Type", "application/problem+json")
-                    self.send_header("Retry-After", "1")
+                    self.send_header("Retry-After", retry_after)
                     self.send_header("Content-Length", str(len(doc)))
                     self.end_headers()
                     self.wfile.write(doc)
@@ -254,3 +258,114 @@ class RateLimitProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- httpd's built-in ACME ------------------------------------------------------------
+
+ACME_HTTPD = """
+acme config "{acmeconf}"
+server "{name}" {
+{aliases}	listen on 127.0.0.1 port {http}
+	listen on 127.0.0.1 tls port {tls}
+	tls acme "{handle}"
+}
+"""
+
+
+@dataclass
+class AcmeHttpd:
+    """An httpd whose server `tls acme`s `dom`, plain on `http` (pebble's
+    httpPort, or a port the ChallengeForwarder knows), TLS on `tls`.
+    `base`: HTTPD_ACME_BASE (back-off base and file-check interval)."""
+    dir: Path
+    dom: Domain
+    ca: Path
+    http: int
+    base: float = 0.3
+    tls: int = field(default_factory=free_port)
+    daemon: object = None
+
+    def start(self) -> "AcmeHttpd":
+        from tests.conftest import Daemon
+        site = make_site(self.dir)
+        (site.htdocs / "index.html").write_text("hello\n")
+        aliases = "".join(f'\talias "{a}"\n' for a in self.dom.alt)
+        site.write_conf(ACME_HTTPD.replace("{aliases}", aliases), acmeconf=self.dom.conf,
+                        name=self.dom.handle, handle=self.dom.handle, http=self.http,
+                        tls=self.tls)
+        self.site = site
+        env = {**os.environ, "SSL_CERT_FILE": str(self.ca), "HTTPD_ACME_BASE": str(self.base)}
+        self.daemon = Daemon("httpd", site.conf, ["-v"], env)
+        wait_port(self.tls, proc=self.daemon.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+
+    def output(self) -> str:
+        """stderr so far (also after stop())."""
+        if not self.daemon.errfile.closed:
+            self.daemon.errfile.flush()
+        return self.daemon.errpath.read_text(errors="replace")
+
+    def served(self, name: str | None = None) -> x509.Certificate:
+        return served_cert(self.tls, name or self.dom.handle)
+
+
+def served_cert(port: int, name: str) -> x509.Certificate:
+    """The leaf certificate 127.0.0.1:port presents for SNI `name`."""
+    import socket
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s, \
+            ctx.wrap_socket(s, server_hostname=name) as t:
+        return x509.load_der_x509_certificate(t.getpeercert(True))
+
+
+class ChallengeForwarder:
+    """Plain HTTP on `port` (pebble's httpPort): each request is asked of
+    every backend port in turn, the first 200 is the answer (else 404) --
+    what a relayd rule forwarding /.well-known/acme-challenge/ does for
+    instances that share certificates."""
+
+    def __init__(self, port: int, backends: list[int]) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                for b in backends:
+                    conn = http.client.HTTPConnection("127.0.0.1", b, timeout=10)
+                    try:
+                        conn.request("GET", self.path, headers={"Host": self.headers["Host"]})
+                        resp = conn.getresponse()
+                        body = resp.read()
+                    except OSError:
+                        continue
+                    finally:
+                        conn.close()
+                    if resp.status == 200:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                self.send_error(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def net_facts(net, dom: Domain) -> tuple[int, int, str, bool]:
+    """(real uid, effective uid, root directory, holds the domain key
+    open) of a net process (a psutil.Process): what its sandbox is."""
+    uids = net.uids()
+    return (uids.real, uids.effective, os.readlink(f"/proc/{net.pid}/root"),
+            any(str(dom.key) in f.path for f in net.open_files()))

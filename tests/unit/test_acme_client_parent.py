@@ -11,8 +11,9 @@ import pytest
 import trio
 import trustme
 
-from acme_client import files, parent
+from acme_client import parent
 from shared import acme_crypto
+from shared import acme_files as files
 from shared.acme_conf import AuthorityConfig, DomainConfig
 from shared.imsg import Imsg
 

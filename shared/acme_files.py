@@ -1,4 +1,4 @@
-"""acme_client.files -- every file the privileged process writes or removes.
+"""shared.acme_files -- every file an ACME key holder writes or removes.
 
 Keys (loaded, or created with mode 0600), the certificate files (installed
 as a set: every temp file written and fsynced first, then renamed, so a
@@ -6,7 +6,8 @@ failure before the renames changes nothing), http-01 token files in the
 challenge directory, and removal after revocation.  Each write is a temp
 file in the target's directory, fsync, rename, fsync of the directory.
 
-Never runs in the net process; knows no protocol.
+Never runs in the net process; knows no protocol.  Used by acme-client's
+main process and by httpd's parent (built-in ACME).
 """
 
 from __future__ import annotations

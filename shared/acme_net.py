@@ -1,13 +1,16 @@
-"""acme_client.netproc -- the unprivileged process that talks to the CA.
+"""shared.acme_net -- the unprivileged process that talks to the CA.
 
-Started by acme_client.parent as `python -m acme_client -P net -S fd`.  It
+Started by a key holder (shared.acme_main) as `python -m acme_client -P net
+-S fd` or, for httpd's built-in ACME, `python -m httpd -P acme -S fd`.  It
 reads its job (the directory URL, the names, the account's JWK thumbprint,
-issue or revoke), loads the trust store (SSL_CERT_FILE or the system's)
+issue or revoke, the prefix of its log lines), loads the trust store (SSL_CERT_FILE or the system's)
 and every module it will need, then chroots to an empty directory and
 becomes an unprivileged user.  After that it can reach the network and its
 parent, nothing else: it holds no key and opens no file.  Each JWS, host
 name lookup (OpenBSD's dnsproc), token file, CSR and the downloaded
-certificate is a request to the parent over the socketpair.
+certificate is a request to the parent over the socketpair.  A failure
+is reported (ACME_ERROR, with any Retry-After) before the process exits 1,
+so a scheduler can back off.
 
 The protocol is shared.acme's; this module is its I/O: httpx under trio.
 """
@@ -21,13 +24,22 @@ import ssl
 import httpx
 import trio
 
-from acme_client import dodbg, warnx
-from shared import acme, proc
+from shared import acme, log, proc
 from shared.acme_crypto import b64url_decode
 from shared.imsg import Channel, Imsg
 
 NET_USERS = ("_acme", "nobody")   # who the net process runs as
 NET_CHROOT = "/var/empty"         # an empty, root-owned directory
+
+_prefix = "acme-client"           # of every log line (the job's "prog")
+
+
+def warnx(msg: str) -> None:
+    log.warn(f"{_prefix}: {msg}")
+
+
+def dodbg(msg: str) -> None:
+    log.verbose(f"{_prefix}: {msg}")
 
 
 class ParentRefused(Exception):
@@ -124,9 +136,11 @@ def _reason(exc: BaseException) -> str:
 
 def net_main(fd: int) -> int:
     """The net process: sandbox, then run the job under trio."""
+    global _prefix
     sock = proc.child_socket(fd)
     setup = proc.recv_setup(sock)
     job = setup.config
+    _prefix = job.get("prog", _prefix)
     ctx = _ssl_context()
     _preload()
     if os.geteuid() == 0:
@@ -157,15 +171,23 @@ async def _run(sock: socket.socket, reader, job: dict, ctx: ssl.SSLContext) -> i
                 pem = await client.issue(tuple(job["names"]), job["thumbprint"], hooks)
                 await parent.call(Imsg.ACME_CERT, {"pem": pem})
         except acme.AcmeError as e:
-            warnx(str(e))
-            return 1
+            return await _failed(parent, str(e), e.short_type(), e.retry_after)
         except httpx.HTTPError as e:
             url = e.request.url if getattr(e, "_request", None) is not None else job["api_url"]
-            warnx(f"{url}: {_reason(e)}")
-            return 1
+            return await _failed(parent, f"{url}: {_reason(e)}")
         except ParentRefused:
             return 1                     # the parent said why
         except ValueError as e:          # JSON the CA sent that is not JSON
-            warnx(f"{job['api_url']}: bad answer: {e}")
-            return 1
+            return await _failed(parent, f"{job['api_url']}: bad answer: {e}")
     return 0
+
+
+async def _failed(parent: Parent, msg: str, kind: str = "",
+                  retry_after: float | None = None) -> int:
+    warnx(msg)
+    try:
+        await parent.call(Imsg.ACME_ERROR, {"error": msg, "type": kind,
+                                            "retry_after": retry_after})
+    except (ParentRefused, OSError, trio.BrokenResourceError):
+        pass
+    return 1
