@@ -50,7 +50,10 @@ def translate(pat: str) -> str:
                     if hi == "\\" and j + 3 < n:
                         hi = pat[j + 3]
                         j += 1
-                    items.append(re.escape(ch) + "-" + re.escape(hi))
+                    # fnmatch(3) tests lo <= c <= hi: a reversed range
+                    # matches nothing (and would not compile as a regex).
+                    if ch <= hi:
+                        items.append(re.escape(ch) + "-" + re.escape(hi))
                     j += 3
                 else:
                     items.append(re.escape(ch))
@@ -59,7 +62,10 @@ def translate(pat: str) -> str:
                 out.append(re.escape("["))
                 continue
             i = j + 1
-            out.append("[" + ("^" if neg else "") + "".join(items) + "]")
+            if items:
+                out.append("[" + ("^" if neg else "") + "".join(items) + "]")
+            else:                 # only reversed ranges: any or no character
+                out.append(r"[\s\S]" if neg else "(?!)")
         else:
             out.append(re.escape(c))
     return "".join(out)

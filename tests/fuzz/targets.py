@@ -22,6 +22,7 @@ properties checked beside "no other exception" are asserts:
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 
@@ -403,6 +404,13 @@ def _messages(evs: list[tuple]) -> list[tuple]:
     return done
 
 
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+
+def _no_keep_alive(evs: list[tuple]) -> list[tuple]:
+    return [e[:7] if e[0] == "req" else e for e in evs]
+
+
 def _reframe(evs: list[tuple]) -> bytes:
     # relayd writes a head and the body as read (framing included) onwards.
     out = []
@@ -434,6 +442,10 @@ def _http1_target(name: str, mode: str, seeds: list[bytes], weight: float) -> Ta
             msgs = _messages(whole)
             if msgs:
                 again = _messages(http1_events(mode, [_reframe(msgs)]))
+                if _OBS_FOLD.search(data):
+                    # llhttp reads Connection tokens before unfolding: a
+                    # folded "close" is not seen (the value keeps it).
+                    msgs, again = _no_keep_alive(msgs), _no_keep_alive(again)
                 assert again == msgs, f"re-framed {again!r} != {msgs!r}"
 
     return Target(name, fn, seeds, (), HTTP_TOKENS, weight=weight)
