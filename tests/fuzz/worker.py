@@ -43,8 +43,35 @@ def quiet() -> None:
     shared.log._emit = lambda *a: None
 
 
+def properties(crash_dir: str) -> engine.Result:
+    """The hypothesis properties (tests/fuzz/test_properties.py) as one
+    target: examples run, and the first failure."""
+    import time
+    import traceback
+    from tests.fuzz import test_properties as tp
+    res = engine.Result("properties")
+    t0 = time.monotonic()
+    for name in sorted(n for n in dir(tp) if n.startswith("test_")):
+        try:
+            getattr(tp, name)()
+        except Exception as e:           # noqa: BLE001 -- reported below
+            text = "".join(traceback.format_exception(e))
+            res.failure = f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            res.crash_file = os.path.join(crash_dir, f"properties-{name}.txt")
+            with open(res.crash_file, "w") as f:
+                f.write(text)
+            break
+    res.inputs = sum(tp.CALLS.values())
+    res.seconds = time.monotonic() - t0
+    return res
+
+
 def main(argv: list[str]) -> int:
     quiet()
+    if argv[0] == "properties":
+        os.makedirs(argv[4], exist_ok=True)
+        print(json.dumps(dataclasses.asdict(properties(argv[4]))))
+        return 0
     if argv[0] == "--replay":
         t, = targets.build([argv[1]])
         with open(argv[2], "rb") as f:
