@@ -68,3 +68,25 @@ def test_httpd_bare_lf_header_still_restored_across_reads() -> None:
         b"GET / HTTP/1.1\r\nHost: a\r\n", b"User-Agent: a\nb\r\n", b"\r\n"])
     assert evs[0][4] == (("Host", "a"), ("User-Agent", "a\nb"))
     assert isinstance(ServerConn, type)
+
+
+def test_httpd_leading_lf_of_a_read_is_bare_without_a_cr_before() -> None:
+    # A read starting with LF was taken for the end of a CR the last read
+    # ended with, even when it had not: that bare LF then ended the line.
+    head = b"GET / HTTP/1.1\r\nHost: a\nX: b\r\nY: c\r\n\r\n"
+    whole = targets.http1_events("httpd", [head])
+    assert whole[0][4] == (("Host", "a\nX: b"), ("Y", "c"))
+    i = head.index(b"\nX")
+    assert targets.http1_events("httpd", [head[:i], head[i:]]) == whole
+
+
+@pytest.mark.parametrize("mode", ["httpd", "relayd"])
+def test_whitespace_before_colon_refused(mode: str) -> None:
+    # llhttp's lenient mode framed "Transfer-Encoding : chunked" as chunked
+    # while the checks (and relayd's re-framing) saw another header: relayd
+    # sent the de-chunked body under a chunked head.  RFC 9112 5.1: 400.
+    evs = targets.http1_events(mode, [
+        b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"])
+    assert evs == [("error",)]
+    assert targets.http1_events(mode, [b"GET / HTTP/1.1\r\nHost\t: a\r\n\r\n"]) == [("error",)]
