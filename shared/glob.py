@@ -68,4 +68,17 @@ def translate(pat: str) -> str:
                 out.append(r"[\s\S]" if neg else "(?!)")
         else:
             out.append(re.escape(c))
-    return "".join(out)
+    if ".*" not in out:
+        return "".join(out)
+    # Every segment between stars matches a fixed number of characters, so
+    # each middle one can take its leftmost place for good (an atomic group,
+    # as CPython's fnmatch): "*a*a*a*b" on "aaaa..." stays linear instead of
+    # backtracking exponentially on a header value from the network.
+    segs = [[]]
+    for item in out:
+        if item == ".*":
+            segs.append([])
+        else:
+            segs[-1].append(item)
+    mid = "".join(f"(?>.*?{''.join(seg)})" for seg in segs[1:-1])
+    return "".join(segs[0]) + mid + ".*" + "".join(segs[-1])

@@ -622,7 +622,10 @@ def patterns() -> Target:
 
     return Target("patterns", fn, PATTERN_SEEDS, (),
                   [bytes([c]) for c in b"%^$()[].*+-?"] + [b"%b", b"%f[", b"%1", b"%a", b"%z",
-                                                          b"\x00"], weight=2.0)
+                                                          b"\x00"], weight=2.0,
+                  # A search may take MAXREPETITION (2**20) steps, as OpenBSD:
+                  # up to about a second here on a loaded machine.
+                  per_input=6.0)
 
 
 # -- relayd globs -------------------------------------------------------------------

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import mmap
 import os
+import signal
 import struct
 import sys
 
@@ -76,6 +77,7 @@ def main(argv: list[str]) -> int:
         t, = targets.build([argv[1]])
         with open(argv[2], "rb") as f:
             data = f.read()
+        signal.signal(signal.SIGALRM, engine._on_alarm)
         engine.run_one(t, data)
         print("ok")
         return 0
