@@ -32,7 +32,9 @@ def run_worker(name: str, inputs: int, seconds: float, seed: int, crash_dir: str
     cmd = [sys.executable, "-m", "tests.fuzz.worker", name, str(inputs), str(seconds),
            str(seed), crash_dir]
     log = os.path.join(crash_dir, f"{name}.log")
-    env = dict(os.environ, RUST_BACKTRACE="0", PYTHONHASHSEED="0")
+    # FUZZ_SCALE also sizes the hypothesis properties (test_properties.py).
+    env = dict(os.environ, RUST_BACKTRACE="0", PYTHONHASHSEED="0",
+               FUZZ_SCALE=os.environ.get("FUZZ_SCALE", "1"))
     t0 = time.monotonic()
     with open(log, "wb") as err:
         try:
@@ -80,7 +82,7 @@ def main() -> int:
     print()
     print(f"{'target':<14} {'inputs':>9} {'seconds':>8}  result")
     for r in results:
-        res = "ok" if not r["failure"] else f"FAILED: {r['failure'].splitlines()[0]}"
+        res = "ok" if not r["failure"] else f"FAILED: {r['failure'].splitlines()[0][:160]}"
         print(f"{r['name']:<14} {r['inputs']:>9} {r['seconds']:>8.1f}  {res}")
         if r["failure"]:
             print(f"{'':<14} input saved in {r['crash_file']}")
