@@ -628,11 +628,11 @@ class ServerConn(_Conn):
             i = data.rfind(target) if self._url_chunk else 0
             if b"\r\n" in data[max(i, 0):]:
                 self._line_seen = True
-                if self.httpd_rules and i >= 0 and self._url_chunk and \
-                        data.startswith(b"\r\n", i + len(target)):
+                if self.httpd_rules and self.parser.get_http_version() in ("0.0", "0.9"):
                     # `GET /` without a version: OpenBSD httpd answers 400
                     # at once (llhttp would take it for HTTP/0.9 and wait
-                    # for the end of a head).
+                    # for the end of a head).  llhttp's version, not the
+                    # bytes after `target`: those may be a header value's.
                     self.no_version = True
                     self.error = HttpError(400, "malformed")
                     raise self.error

@@ -102,3 +102,14 @@ def test_glob_stars_do_not_backtrack_exponentially() -> None:
     assert time.monotonic() - t0 < 1.0
     assert Glob("a*b*c")("abxbc") and not Glob("a*b*c")("acb")
     assert Glob("*[!a]*b")("cab") and not Glob("*[!a]*b")("aab")
+
+
+def test_httpd_header_value_ending_like_the_target_in_a_partial_head() -> None:
+    # A partial head whose last line ended with the target's text ("0: /"
+    # with target "/") was taken for a request line without a version: 400.
+    head = b"GET / HTTP/1.1\r\nHost: 0\r\nReferer: http://a/\r\n"
+    evs = targets.http1_events("httpd", [head, b"X: y\r\n\r\n"])
+    assert evs[0][:3] == ("req", "GET", "/") and evs[-1] == ("end",)
+    # What the check is for: no version, 400 at once.
+    assert targets.http1_events("httpd", [b"GET /\r\n"]) == [("error",)]
+    assert targets.http1_events("httpd", [b"GET /", b"\r\nHost: a\r\n"]) == [("error",)]
