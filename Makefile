@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 JOBS    ?= 2
 
-.PHONY: all venv deps run test unit regress netns bench bench-smoke configtest clean
+.PHONY: all venv deps run test unit regress netns fuzz bench bench-smoke configtest clean
 
 all: test
 
@@ -36,6 +36,12 @@ unit: venv
 
 regress: venv deps
 	$(VPY) -m pytest -q -n $(JOBS) tests/regress
+
+# Every parser that sees untrusted input, fuzzed at length (about 10
+# minutes; FUZZ_SCALE=0.1 for a quick one).  `make test` runs a short
+# version (tests/fuzz/test_fuzz.py, FUZZ_SECONDS per target).
+fuzz: venv
+	$(VPY) -m tests.fuzz
 
 # The network-namespace tests alone (root: nftables, routes, veth pairs).
 netns: venv deps

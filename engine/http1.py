@@ -266,6 +266,12 @@ class _Conn(BodyReader):
         # lower-cased once (bounded: names come from the peer).
         names = _names.get(name)
         if names is None:
+            if self.lenient and name[-1:] in (b" ", b"\t"):
+                # llhttp's lenient mode takes "Transfer-Encoding :" as a
+                # header it frames by, under a name the checks here do not
+                # know: a smuggling vector.  RFC 9112 5.1: 400.
+                self.error = HttpError(400, "malformed header")
+                raise self.error
             n = name.decode("latin-1")
             names = (n, n.lower())
             if len(_names) < NAMES_MAX:
@@ -591,20 +597,30 @@ class ServerConn(_Conn):
 
     def _feed(self, data: bytes) -> None:
         self._url_chunk = False
+        in_head = self.in_head and self.cur is not None
+        if self._head_escaped and not in_head:
+            self._head_escaped = False
         if self.httpd_rules and (self.cur is None or self.in_head) and \
-                data.count(b"\n") != data.count(b"\r\n"):
+                (data.count(b"\n") != data.count(b"\r\n") or self._head_escaped):
             escaped = self._escape_lf(data)
             if escaped is not None:
                 self._lf_escaped = True
                 try:
                     _Conn._parse(self, escaped)
+                    self._last = data
                 finally:
-                    self._lf_escaped = False
+                    # llhttp hands a header line over once the next line
+                    # starts (obs-fold): later reads of this head are
+                    # escaped too, and restored.
+                    self._head_escaped = self._lf_escaped = \
+                        self.in_head and self.cur is not None
                     # _escape_lf() found the request line's CRLF (after
                     # on_message_begin() reset this); failed_line() needs it
                     self._line_seen = True
                 return
         _Conn._parse(self, data)      # (no super(): called per read)
+        if self.httpd_rules:
+            self._last = data         # _escape_lf(): a blank line across reads
         cur = self.cur
         if self.in_head and cur is not None and cur.target and not self._line_seen:
             # A CRLF after the URL ends the request line.
@@ -612,16 +628,18 @@ class ServerConn(_Conn):
             i = data.rfind(target) if self._url_chunk else 0
             if b"\r\n" in data[max(i, 0):]:
                 self._line_seen = True
-                if self.httpd_rules and i >= 0 and self._url_chunk and \
-                        data.startswith(b"\r\n", i + len(target)):
+                if self.httpd_rules and self.parser.get_http_version() in ("0.0", "0.9"):
                     # `GET /` without a version: OpenBSD httpd answers 400
                     # at once (llhttp would take it for HTTP/0.9 and wait
-                    # for the end of a head).
+                    # for the end of a head).  llhttp's version, not the
+                    # bytes after `target`: those may be a header value's.
                     self.no_version = True
                     self.error = HttpError(400, "malformed")
                     raise self.error
 
     no_version = False      # the failed request line had no HTTP version
+    _last = b""             # httpd_rules: the previous read
+    _head_escaped = False   # httpd_rules: this head's earlier reads were escaped
 
     def _escape_lf(self, data: bytes) -> bytes | None:
         # OpenBSD httpd ends a line at CRLF only: a bare LF in a header line
@@ -633,15 +651,20 @@ class ServerConn(_Conn):
         if self.in_head and self._line_seen:
             # A leading LF ends the CR the last read ended with (llhttp
             # has that CR); taking it for bare would break the line.
-            start = 1 if data.startswith(b"\n") else 0
+            start = 1 if data[:1] == b"\n" and self._last[-1:] == b"\r" else 0
+            # The blank line ending the head may have begun in the last
+            # read: the body after it is not escaped.
+            tail = self._last[-3:]
+            end = (tail + data).find(b"\r\n\r\n")
+            end = len(data) if end < 0 else max(end + 2 - len(tail), start)
         else:
             start = data.find(b"\r\n") + 2
             if start < 2:
                 return None
-        end = data.find(b"\r\n\r\n", max(start - 2, 0))
-        end = len(data) if end < 0 else end + 2
+            end = data.find(b"\r\n\r\n", max(start - 2, 0))
+            end = len(data) if end < 0 else end + 2
         region = data[start:end]
-        if region.count(b"\n") == region.count(b"\r\n"):
+        if region.count(b"\n") == region.count(b"\r\n") and not self._head_escaped:
             return None
         region = _BARE_LF.sub(b"\x01n", region.replace(b"\x01", b"\x01\x01"))
         return data[:start] + region + data[end:]

@@ -451,7 +451,7 @@ class HttpdParser(Parser):
                 else:
                     pt = self.tok
                     path = self.string("socket path")
-                    if len(path.encode()) >= UNIX_PATH_MAX:
+                    if len(path.encode("utf-8", "surrogateescape")) >= UNIX_PATH_MAX:
                         raise self.error("socket path too long", pt)
                     b.fcgi.update(socket=path, host=None, port=HTTPD_FCGI_PORT)
             elif self.accept("param"):

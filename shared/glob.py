@@ -50,7 +50,10 @@ def translate(pat: str) -> str:
                     if hi == "\\" and j + 3 < n:
                         hi = pat[j + 3]
                         j += 1
-                    items.append(re.escape(ch) + "-" + re.escape(hi))
+                    # fnmatch(3) tests lo <= c <= hi: a reversed range
+                    # matches nothing (and would not compile as a regex).
+                    if ch <= hi:
+                        items.append(re.escape(ch) + "-" + re.escape(hi))
                     j += 3
                 else:
                     items.append(re.escape(ch))
@@ -59,7 +62,23 @@ def translate(pat: str) -> str:
                 out.append(re.escape("["))
                 continue
             i = j + 1
-            out.append("[" + ("^" if neg else "") + "".join(items) + "]")
+            if items:
+                out.append("[" + ("^" if neg else "") + "".join(items) + "]")
+            else:                 # only reversed ranges: any or no character
+                out.append(r"[\s\S]" if neg else "(?!)")
         else:
             out.append(re.escape(c))
-    return "".join(out)
+    if ".*" not in out:
+        return "".join(out)
+    # Every segment between stars matches a fixed number of characters, so
+    # each middle one can take its leftmost place for good (an atomic group,
+    # as CPython's fnmatch): "*a*a*a*b" on "aaaa..." stays linear instead of
+    # backtracking exponentially on a header value from the network.
+    segs = [[]]
+    for item in out:
+        if item == ".*":
+            segs.append([])
+        else:
+            segs[-1].append(item)
+    mid = "".join(f"(?>.*?{''.join(seg)})" for seg in segs[1:-1])
+    return "".join(segs[0]) + mid + ".*" + "".join(segs[-1])
