@@ -199,27 +199,19 @@ def ca_main(fd: int) -> int:
             for s, gen in peers:
                 nursery.start_soon(serve_relay, keys, s, gen)
             await chan.send(Imsg.CTL_READY)
-            while True:
-                msg = await chan.recv()
-                if msg is None or msg.type == Imsg.CTL_STOP:
-                    break
-                try:
-                    p = msg.payload
-                    if msg.type == Imsg.CFG_TLS_KEY:
-                        keys.add(int(p["gen"]), str(p["id"]), tls.key_from_fd(msg.fd))
-                    elif msg.type == Imsg.CFG_CA_SOCK:
-                        nursery.start_soon(serve_relay, keys, socket.socket(fileno=msg.fd),
-                                           int(p["gen"]))
-                    elif msg.type == Imsg.CA_FORGET:
-                        keys.forget(int(p["gen"]))
-                    elif msg.type == Imsg.CTL_VERBOSE:
-                        log.set_verbose(int(p.get("verbose", 0)))
-                    else:
-                        raise ValueError(f"unknown message type {msg.type}")
-                except (KeyError, TypeError, ValueError, OSError) as e:
-                    log.warn(f"ca: bad message from the parent: {e!r}")
-                    status[0] = 1
-                    break
+
+            def handle(msg) -> None:
+                p = msg.payload
+                if msg.type == Imsg.CFG_TLS_KEY:
+                    keys.add(int(p["gen"]), str(p["id"]), tls.key_from_fd(msg.fd))
+                elif msg.type == Imsg.CFG_CA_SOCK:
+                    nursery.start_soon(serve_relay, keys, socket.socket(fileno=msg.fd),
+                                       int(p["gen"]))
+                elif msg.type == Imsg.CA_FORGET:
+                    keys.forget(int(p["gen"]))
+                else:
+                    raise ValueError(f"unknown message type {msg.type}")
+            status[0] = await proc.parent_messages(chan, "ca", handle)
             nursery.cancel_scope.cancel()
 
     trio.run(main)

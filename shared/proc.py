@@ -411,6 +411,27 @@ def recv_setup(sock: socket.socket) -> Setup:
     return Setup(config, msgs, reader)
 
 
+async def parent_messages(chan: Channel, name: str, handle) -> int:
+    """A child's loop over what its parent sends, until CTL_STOP or the
+    parent is gone (0).  CTL_VERBOSE is applied here, any other message
+    goes to handle(msg), which raises ValueError (or KeyError, TypeError,
+    AttributeError, OSError) on an unknown or malformed one: logged, and
+    the loop ends (1)."""
+    from shared.imsg import Imsg
+    while True:
+        msg = await chan.recv()
+        if msg is None or msg.type == Imsg.CTL_STOP:
+            return 0
+        try:
+            if msg.type == Imsg.CTL_VERBOSE:
+                log.set_verbose(int(msg.payload.get("verbose", 0)))
+            else:
+                handle(msg)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+            log.warn(f"{name}: bad message from the parent: {e!r}")
+            return 1
+
+
 def recv_nowait(sock: socket.socket, reader) -> list:
     """Blocking-socket helper: the messages already waiting on `sock` (the
     reader's leftovers first), without waiting for more.  Returned

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import ssl
-import subprocess
 import sys
 
 import pytest
@@ -25,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import REPO, free_port
+from tests.conftest import Daemon, free_port
 from tests.regress.test_httpd_tls import _memory_has
 from tests.regress.test_relayd_privsep import procs
 from tests.regress.test_relayd_tls import (Backend, cert_and_reply, peer_cert, wait_for,
@@ -96,30 +95,15 @@ def site(tmp_path_factory):
     ports = {"term": free_port(), "inspect": free_port()}
     conf = d / "relayd.conf"
     conf.write_text(CONF.format(plain=plain.port, tlsb=tlsb.port, **ports))
-    env = {**os.environ, "RELAYD_SSL_DIR": str(d), "PYTHONPATH": str(REPO)}
-    errpath = d / "relayd.stderr"
-    errf = open(errpath, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "relayd", "-d", "-f", str(conf)],
-                            cwd=d, stdout=errf, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-
-    def output() -> str:
-        errf.flush()
-        return errpath.read_text(errors="replace")
+    daemon = Daemon("relayd", conf, env={**os.environ, "RELAYD_SSL_DIR": str(d)}, cwd=d)
     try:
-        wait_for(lambda: "startup" in output() or proc.poll() is not None, 30, "startup")
-        assert proc.poll() is None, output()
-        yield dict(dir=d, ca=ca, lca=lca, leaves=leaves, ports=ports, proc=proc,
-                   output=output)
+        wait_for(lambda: "startup" in daemon.output() or daemon.proc.poll() is not None, 30,
+                 "startup")
+        assert daemon.proc.poll() is None, daemon.output()
+        yield dict(dir=d, ca=ca, lca=lca, leaves=leaves, ports=ports, proc=daemon.proc,
+                   output=daemon.output)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        errf.close()
+        daemon.stop()
         plain.close()
         tlsb.close()
 
