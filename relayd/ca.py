@@ -30,7 +30,8 @@ answers by cookie; no answer fails that handshake only.
 
 Messages from the parent: CFG_CONFIG {"user", "chroot"}, CFG_TLS_KEY,
 CFG_CA_SOCK, CFG_DONE, then at any time CFG_TLS_KEY, CFG_CA_SOCK,
-CA_FORGET, CTL_VERBOSE, CTL_STOP.
+CA_FORGET, CTL_VERBOSE, CTL_STOP.  ca runs no trio loop: poll(2) over
+its sockets, an answer per request, in one thread.
 """
 
 from __future__ import annotations
@@ -41,11 +42,9 @@ import socket
 import struct
 import time
 
-import trio
-
 from engine import tls
 from shared import log, pledge, proc
-from shared.imsg import Channel, Imsg
+from shared.imsg import Imsg, send_blocking
 
 # Seconds a relay waits for ca's answer (OpenBSD: RELAY_TLS_PRIV_TIMEOUT).
 TIMEOUT = 1.0
@@ -68,14 +67,19 @@ class CaClient:
     """A relay's link to ca: signer(key id) makes engine.tls Signers."""
 
     def __init__(self, sock: socket.socket | None) -> None:
-        self.sock = sock
+        self.sock = None
         self._cookies = itertools.count(1)
+        self._poll = select.poll()
+        if sock is not None:
+            self.replace(sock)
 
     def replace(self, sock: socket.socket) -> None:
         """A new socket (ca was restarted)."""
         old, self.sock = self.sock, sock
         if old is not None:
+            self._poll.unregister(old)
             old.close()
+        self._poll.register(sock, select.POLLIN)
 
     def signer(self, key_id: str) -> tls.Signer:
         def sign(op: int, data: bytes, padding: int) -> bytes | None:
@@ -92,12 +96,10 @@ class CaClient:
         kid = key_id.encode()
         try:
             sock.send(_REQ.pack(cookie, op, padding, len(kid)) + kid + data)
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
             deadline = time.monotonic() + TIMEOUT
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not poller.poll(left * 1000):
+                if left <= 0 or not self._poll.poll(left * 1000):
                     log.warn(f"ca: no answer for key {key_id} in {TIMEOUT:g} s")
                     return None
                 ans = sock.recv(MAX_MESSAGE)
@@ -158,21 +160,78 @@ class Keys:
             return _ANS.pack(cookie, REFUSED)
 
 
-async def serve_relay(keys: Keys, sock: socket.socket, gen: int) -> None:
-    """Answer one relay until it closes its end."""
-    s = trio.socket.from_stdlib_socket(sock)
-    with s:
-        while True:
-            try:
-                req = await s.recv(MAX_MESSAGE)
-            except OSError:
+class Ca:
+    """The ca process's loop: one thread, poll(2) over the parent's socket
+    and the relays' sockets, each request answered as it comes (a trio
+    loop cost more per request than the signature itself)."""
+
+    def __init__(self, sock: socket.socket, reader, keys: Keys) -> None:
+        self.sock = sock
+        self.reader = reader
+        self.keys = keys
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self.relays: dict[int, tuple[socket.socket, int]] = {}    # fd -> (socket, generation)
+
+    def add(self, sock: socket.socket, gen: int) -> None:
+        # Non-blocking: a relay that does not read its answers loses them
+        # and holds up nobody else.
+        sock.setblocking(False)
+        self.relays[sock.fileno()] = (sock, gen)
+        self.poller.register(sock, select.POLLIN)
+
+    def _drop(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        self.relays.pop(fd)[0].close()
+
+    def _parent(self, msg) -> None:
+        p = msg.payload
+        if msg.type == Imsg.CFG_TLS_KEY:
+            self.keys.add(int(p["gen"]), str(p["id"]), tls.key_from_fd(msg.fd))
+        elif msg.type == Imsg.CFG_CA_SOCK:
+            self.add(socket.socket(fileno=msg.fd), int(p["gen"]))
+        elif msg.type == Imsg.CA_FORGET:
+            self.keys.forget(int(p["gen"]))
+        else:
+            raise ValueError(f"unknown message type {msg.type}")
+
+    def _from_parent(self, msgs: list) -> int | None:
+        for m in msgs:
+            status = proc.parent_message(m, "ca", self._parent)
+            if status is not None:
+                return status
+        return None
+
+    def _answer(self, fd: int, s: socket.socket, gen: int) -> None:
+        try:
+            req = s.recv(MAX_MESSAGE)
+            if req:
+                s.send(self.keys.answer(gen, req))
                 return
-            if not req:
-                return
-            try:
-                await s.send(keys.answer(gen, req))
-            except OSError:
-                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop(fd)       # the relay has exited
+
+    def run(self) -> int:
+        """Until CTL_STOP or the parent is gone: the exit status."""
+        parent = self.sock.fileno()
+        status = self._from_parent(self.reader.leftover)    # read along with CFG_DONE
+        self.reader.leftover.clear()
+        while status is None:
+            for fd, ev in self.poller.poll():
+                if fd == parent:
+                    msgs = proc.recv_nowait(self.sock, self.reader)
+                    if not msgs and ev & (select.POLLHUP | select.POLLERR):
+                        return 0
+                    status = self._from_parent(msgs)
+                    if status is not None:
+                        break
+                    continue
+                if fd in self.relays:
+                    self._answer(fd, *self.relays[fd])
+        return status
 
 
 def ca_main(fd: int) -> int:
@@ -180,39 +239,12 @@ def ca_main(fd: int) -> int:
     sock = proc.child_socket(fd)
     setup = proc.recv_setup(sock)
     cfg = setup.config
-    keys = Keys()
-    peers: list[tuple[socket.socket, int]] = []
+    ca = Ca(sock, setup.reader, Keys())
     for m in setup.msgs:
-        if m.type == Imsg.CFG_TLS_KEY:
-            keys.add(int(m.payload["gen"]), str(m.payload["id"]), tls.key_from_fd(m.fd))
-        elif m.type == Imsg.CFG_CA_SOCK:
-            peers.append((socket.socket(fileno=m.fd), int(m.payload["gen"])))
+        ca._parent(m)
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     proc.drop_privileges(cfg.get("chroot"), user)
     # OpenBSD: pledge("stdio recvfd"); recvmsg is in stdio here.
     pledge.pledge("ca", ("stdio",), connect=())
-    status = [0]
-
-    async def main() -> None:
-        chan = Channel(sock, allow_pickle=True, reader=setup.reader)
-        async with trio.open_nursery() as nursery:
-            for s, gen in peers:
-                nursery.start_soon(serve_relay, keys, s, gen)
-            await chan.send(Imsg.CTL_READY)
-
-            def handle(msg) -> None:
-                p = msg.payload
-                if msg.type == Imsg.CFG_TLS_KEY:
-                    keys.add(int(p["gen"]), str(p["id"]), tls.key_from_fd(msg.fd))
-                elif msg.type == Imsg.CFG_CA_SOCK:
-                    nursery.start_soon(serve_relay, keys, socket.socket(fileno=msg.fd),
-                                       int(p["gen"]))
-                elif msg.type == Imsg.CA_FORGET:
-                    keys.forget(int(p["gen"]))
-                else:
-                    raise ValueError(f"unknown message type {msg.type}")
-            status[0] = await proc.parent_messages(chan, "ca", handle)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    return status[0]
+    send_blocking(sock, Imsg.CTL_READY)
+    return ca.run()
