@@ -5,7 +5,10 @@ Contexts are built from the PEM/DER *bytes* the privileged parent read
 (workers are chrooted: they never open a key file).  The server side takes
 one context per keypair and picks one by SNI; the client side (relayd
 towards backends, TLS health checks) verifies against a CA bundle or not.
-forge_certificate() makes the certificates of TLS inspection.
+A server context can also be keyless: it holds the certificate only, and
+a Signer does its private operations (relayd's ca process; PrivateKey is
+the key holder's side).  forge_certificate() makes the certificates of
+TLS inspection, signed through a Signer.
 
 Data path.  OpenSSL reads and writes the connection's socket itself: the
 ssl module's C object (`SSLContext._wrap_socket`) is driven non-blocking
