@@ -746,7 +746,9 @@ def child_main(fd: int) -> int:
                for m in setup.fds(Imsg.CFG_SOCKET)}
     # tls hook: certificates in the config message; the keys stay in the ca
     # process, asked through our own socket to it.
-    ca_socks = setup.fds(Imsg.CFG_CA_SOCK)
+    ca_socks = setup.fds(Imsg.CFG_CA_SOCK)     # the last one: ca may have restarted meanwhile
+    for m in ca_socks[:-1]:
+        os.close(m.fd)
     ca = relay_tls.CaClient(socket.socket(fileno=ca_socks[-1].fd) if ca_socks else None)
     tls_listens = relay_tls.build(conf, cfg.get("tls"), ca)
     if any(lt.inspect for lt in tls_listens.values()):
