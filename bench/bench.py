@@ -573,11 +573,11 @@ def nginx() -> Peer:
 
 
 def haproxy(mode: str) -> Peer:
-    """mode: http | rules | h2 | tcp | splice (one frontend of conf/haproxy.cfg)."""
+    """mode: http | rules | h2 | tcp | splice | tls (one frontend of conf/haproxy.cfg)."""
     def build(ctx, case, be):
         name = ctx.name("haproxy")
         ports = {k: ctx.port() for k in ("HTTP_PORT", "RULES_PORT", "H2_PORT", "TCP_PORT",
-                                         "SPLICE_PORT")}
+                                         "SPLICE_PORT", "TLS_PORT")}
         conf = ctx.render("haproxy.cfg", dict(BACKEND=be, **ports), name)
         port = ports[f"{mode.upper()}_PORT"]
         return [Proc(name, ["haproxy", "-db", "-f", conf], TOPO[case.topo]["server"], ("tcp", port))], port, ""
@@ -701,6 +701,10 @@ def define_cases() -> list[Case]:
                   "anchor: haproxy bind ... alpn h2,http/1.1"),
         Case("http-1m", "relayd", "/1m.bin", MIB, [haproxy("http"), relayd("http"), ref_httpproxy()],
              topo="proxy", backend=nginx_backend, requires=[ng]),
+        Case("tls-1k-close", "relayd", "/1k.bin", KIB, [haproxy("tls"), relayd("tls")],
+             headers=CLOSE, variant="tls", topo="proxy", backend=nginx_backend, requires=[ng],
+             note="TLS termination, full handshakes/s (ECDSA P-256, no tickets); relayd signs "
+                  "in its ca process"),
         Case("tcp-1k", "relayd", "/1k.bin", KIB, [haproxy("tcp"), relayd("tcp"), ref_relay()],
              topo="proxy", backend=nginx_backend, requires=[ng]),
         Case("tcp-1m", "relayd", "/1m.bin", MIB, [haproxy("splice"), relayd("tcp"), ref_relay()],
@@ -738,8 +742,12 @@ def make_tmp(keep: bool) -> Path:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-keyout", tmp / "tls/ec.key", "-out", tmp / "tls/ec.crt", "-days", "30",
                     "-subj", "/CN=localhost"], check=True, capture_output=True)
-    # haproxy takes certificate and key from one file.
-    (tmp / "tls/ec.pem").write_bytes((tmp / "tls/ec.crt").read_bytes() + (tmp / "tls/ec.key").read_bytes())
+    # relayd's keypair "ec" (RELAYD_SSL_DIR/ec.crt, private/ec.key); haproxy's crt file.
+    (tmp / "tls" / "private").mkdir(mode=0o700)
+    key, crt = (tmp / "tls/ec.key").read_bytes(), (tmp / "tls/ec.crt").read_bytes()
+    (tmp / "tls/private/ec.key").write_bytes(key)
+    (tmp / "tls/ec.pem").write_bytes(crt + key)
+    os.environ["RELAYD_SSL_DIR"] = str(tmp / "tls")
     return tmp
 
 

@@ -5,7 +5,10 @@ Contexts are built from the PEM/DER *bytes* the privileged parent read
 (workers are chrooted: they never open a key file).  The server side takes
 one context per keypair and picks one by SNI; the client side (relayd
 towards backends, TLS health checks) verifies against a CA bundle or not.
-forge_certificate() makes the certificates of TLS inspection.
+A server context can also be keyless: it holds the certificate only, and
+a Signer does its private operations (relayd's ca process; PrivateKey is
+the key holder's side).  forge_certificate() makes the certificates of
+TLS inspection, signed through a Signer.
 
 Data path.  OpenSSL reads and writes the connection's socket itself: the
 ssl module's C object (`SSLContext._wrap_socket`) is driven non-blocking
@@ -50,6 +53,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import itertools
 import os
 import socket
@@ -117,9 +121,10 @@ class Keypair:
     """A certificate chain (PEM, leaf first), its private key (PEM) and an
     optional DER OCSP response to staple.  Contexts never wipe the key:
     one key may serve several sockets' contexts, so whoever holds it
-    wipes it (wipe()) once every context that needs it is built."""
+    wipes it (wipe()) once every context that needs it is built.  No key
+    (None): a keyless context, whose private operations a Signer does."""
     cert: bytes
-    key: bytes | bytearray
+    key: bytes | bytearray | None
     ocsp: bytes | None = None
 
 
@@ -231,6 +236,35 @@ class _Lib:
         self.EVP_EncryptInit_ex = _bind(c, "EVP_EncryptInit_ex", I, _P, _P, _P, _P, _P)
         self.EVP_DecryptInit_ex = _bind(c, "EVP_DecryptInit_ex", I, _P, _P, _P, _P, _P)
         self.EVP_MAC_CTX_set_params = _bind(c, "EVP_MAC_CTX_set_params", I, _P, _P)
+        # Keyless contexts (RSA and EC method hooks) and the key holder's
+        # side of them (PrivateKey); deprecated in OpenSSL 3, still exported.
+        self.X509_get_pubkey = _bind(c, "X509_get_pubkey", _P, _P)
+        self.EVP_PKEY_new = _bind(c, "EVP_PKEY_new", _P)
+        self.EVP_PKEY_assign = _bind(c, "EVP_PKEY_assign", I, _P, I, _P)
+        self.EVP_PKEY_get_base_id = (_bind(c, "EVP_PKEY_get_base_id", I, _P)
+                                     or _bind(c, "EVP_PKEY_base_id", I, _P))
+        self.EVP_PKEY_get1_RSA = _bind(c, "EVP_PKEY_get1_RSA", _P, _P)
+        self.EVP_PKEY_get1_EC_KEY = _bind(c, "EVP_PKEY_get1_EC_KEY", _P, _P)
+        self.RSA_get_default_method = _bind(c, "RSA_get_default_method", _P)
+        self.RSA_meth_dup = _bind(c, "RSA_meth_dup", _P, _P)
+        self.RSA_meth_set_priv_enc = _bind(c, "RSA_meth_set_priv_enc", I, _P, _P)
+        self.RSA_meth_set_priv_dec = _bind(c, "RSA_meth_set_priv_dec", I, _P, _P)
+        self.RSA_set_method = _bind(c, "RSA_set_method", I, _P, _P)
+        self.RSA_size = _bind(c, "RSA_size", I, _P)
+        self.RSA_free = _bind(c, "RSA_free", None, _P)
+        self.RSA_private_encrypt = _bind(c, "RSA_private_encrypt", I, I, _P, _P, _P, I)
+        self.RSA_private_decrypt = _bind(c, "RSA_private_decrypt", I, I, _P, _P, _P, I)
+        self.EC_KEY_OpenSSL = _bind(c, "EC_KEY_OpenSSL", _P)
+        self.EC_KEY_METHOD_new = _bind(c, "EC_KEY_METHOD_new", _P, _P)
+        self.EC_KEY_METHOD_get_sign = _bind(c, "EC_KEY_METHOD_get_sign", None, _P,
+                                            ctypes.POINTER(_P), ctypes.POINTER(_P),
+                                            ctypes.POINTER(_P))
+        self.EC_KEY_METHOD_set_sign = _bind(c, "EC_KEY_METHOD_set_sign", None, _P, _P, _P, _P)
+        self.EC_KEY_set_method = _bind(c, "EC_KEY_set_method", I, _P, _P)
+        self.EC_KEY_free = _bind(c, "EC_KEY_free", None, _P)
+        self.ECDSA_size = _bind(c, "ECDSA_size", I, _P)
+        self.ECDSA_sign = _bind(c, "ECDSA_sign", I, I, _P, I, _P,
+                                ctypes.POINTER(ctypes.c_uint), _P)
         self.tickets = None not in (self.SSL_CTX_set_tlsext_ticket_key_evp_cb,
                                     self.EVP_MAC_CTX_set_params, self.EVP_aes_256_cbc)
 
@@ -310,31 +344,221 @@ def _each_pem(lib: _Lib, data: bytes, read) -> list[int]:
     return out
 
 
-def _use_keypair(ctx: ssl.SSLContext, kp: Keypair) -> None:
+def _use_keypair(ctx: ssl.SSLContext, kp: Keypair, signer: Signer | None = None) -> None:
     lib = _need()
     p = _ctx_ptr(ctx)
     certs = _each_pem(lib, kp.cert, lib.PEM_read_bio_X509)
+    pkey = None
     try:
         if not certs or lib.SSL_CTX_use_certificate(p, certs[0]) != 1:
             raise TlsError("failed to load certificate")
         for x in certs[1:]:
             if lib.SSL_CTX_ctrl(p, SSL_CTRL_CHAIN_CERT, 1, x) != 1:
                 raise TlsError("failed to load certificate chain")
+        if signer is not None:
+            pkey, key = _keyless_pkey(lib, certs[0], signer)
+            weakref.finalize(ctx, _signers.pop, key, None)
     finally:
         for x in certs:
             lib.X509_free(x)
-    with _Bio(kp.key) as bio:
-        # An empty passphrase: an encrypted key fails instead of prompting.
-        pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, b"")
-    if not pkey:
-        lib.ERR_clear_error()
-        raise TlsError("failed to load private key")
+    if pkey is None:
+        pkey = _read_private_key(lib, kp.key or b"")
     try:
         if lib.SSL_CTX_use_PrivateKey(p, pkey) != 1 or lib.SSL_CTX_check_private_key(p) != 1:
             lib.ERR_clear_error()
             raise TlsError("private key does not match the certificate")
     finally:
         lib.EVP_PKEY_free(pkey)
+
+
+def _read_private_key(lib: _Lib, pem: bytes | bytearray) -> int:
+    with _Bio(pem) as bio:
+        # An empty passphrase: an encrypted key fails instead of prompting.
+        pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, b"")
+    if not pkey:
+        lib.ERR_clear_error()
+        raise TlsError("failed to load private key")
+    return pkey
+
+
+# -- keyless contexts: private key operations done elsewhere ----------------
+#
+# relayd's ca.c on Linux: the public key of the certificate gets an RSA or
+# EC method whose private operations call a Signer (relayd: a blocking
+# exchange with the process that holds the key).  OpenSSL 3 sees such a key
+# as "foreign" and takes the legacy path, which calls the hook: TLS 1.2 and
+# 1.3, RSA (PKCS#1 and PSS, the latter as a raw private "encrypt") and
+# ECDSA.  The event loop waits during the operation, as it does for a local
+# key.  PrivateKey is the other end: what the key holder runs.
+
+# Operations a Signer is asked for: (op, data, padding) -> result, None to fail.
+RSA_PRIV_ENC = 1     # RSA signature primitive: data is padded by `padding`
+RSA_PRIV_DEC = 2     # RSA decryption (TLS 1.2 RSA key exchange)
+ECDSA_SIGN = 3       # ECDSA signature of a digest; the answer is DER
+OPS = {RSA_PRIV_ENC: "rsa-sign", RSA_PRIV_DEC: "rsa-decrypt", ECDSA_SIGN: "ecdsa-sign"}
+RSA_PKCS1_PADDING = 1
+RSA_NO_PADDING = 3
+_RSA_PADDINGS = (RSA_PKCS1_PADDING, RSA_NO_PADDING)
+# Digest lengths ECDSA signs: SHA-1, SHA-224, -256, -384, -512.
+_DIGEST_SIZES = (20, 28, 32, 48, 64)
+_EVP_PKEY_RSA = 6
+_EVP_PKEY_EC = 408
+
+Signer = Callable[[int, bytes, int], "bytes | None"]
+
+_RSA_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int)
+_EC_SIGN_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P,
+                               ctypes.POINTER(ctypes.c_uint), _P, _P, _P)
+# RSA* / EC_KEY* of a keyless key -> its Signer (dropped with the context).
+_signers: dict[int, Signer] = {}
+_methods: dict[str, int] = {}
+
+
+def _ask(key: int, op: int, src: int, n: int, padding: int) -> bytes | None:
+    signer = _signers.get(key)
+    if signer is None or n < 0:
+        return None
+    return signer(op, ctypes.string_at(src, n), padding)
+
+
+def _rsa_op(op: int):
+    def cb(flen, src, to, rsa, padding):
+        try:
+            out = _ask(rsa, op, src, flen, padding)
+            if out is None or len(out) > _lib.RSA_size(rsa):
+                return -1
+            ctypes.memmove(to, out, len(out))
+            return len(out)
+        except Exception:       # noqa: BLE001 -- never raise into OpenSSL
+            return -1
+    return _RSA_CB(cb)
+
+
+_rsa_priv_enc = _rsa_op(RSA_PRIV_ENC)
+_rsa_priv_dec = _rsa_op(RSA_PRIV_DEC)
+
+
+@_EC_SIGN_CB
+def _ec_sign(type_, dgst, dlen, sig, siglen, kinv, r, eckey):
+    try:
+        out = _ask(eckey, ECDSA_SIGN, dgst, dlen, 0)
+        if out is None or len(out) > _lib.ECDSA_size(eckey):
+            return 0
+        ctypes.memmove(sig, out, len(out))
+        siglen[0] = len(out)
+        return 1
+    except Exception:           # noqa: BLE001
+        return 0
+
+
+def _method(lib: _Lib, kind: str) -> int:
+    """The process's hooked RSA or EC_KEY method, made once."""
+    meth = _methods.get(kind)
+    if meth:
+        return meth
+    if kind == "rsa":
+        meth = lib.RSA_meth_dup(lib.RSA_get_default_method())
+        if not meth or lib.RSA_meth_set_priv_enc(meth, ctypes.cast(_rsa_priv_enc, _P)) != 1 \
+                or lib.RSA_meth_set_priv_dec(meth, ctypes.cast(_rsa_priv_dec, _P)) != 1:
+            raise TlsError("cannot hook RSA keys")
+    else:
+        meth = lib.EC_KEY_METHOD_new(lib.EC_KEY_OpenSSL())
+        if not meth:
+            raise TlsError("cannot hook EC keys")
+        setup, sign_sig = _P(), _P()
+        lib.EC_KEY_METHOD_get_sign(meth, None, ctypes.byref(setup), ctypes.byref(sign_sig))
+        lib.EC_KEY_METHOD_set_sign(meth, ctypes.cast(_ec_sign, _P), setup, sign_sig)
+    _methods[kind] = meth
+    return meth
+
+
+def _keyless_pkey(lib: _Lib, x509: int, signer: Signer) -> tuple[int, int]:
+    """An EVP_PKEY of the certificate's public key whose private operations
+    call `signer` (RSA or EC keys), and its RSA* or EC_KEY*."""
+    if lib.EC_KEY_METHOD_set_sign is None or lib.RSA_meth_dup is None:
+        raise TlsError("the TLS library cannot hook private keys")
+    pub = lib.X509_get_pubkey(x509)
+    if not pub:
+        lib.ERR_clear_error()
+        raise TlsError("failed to read the certificate's public key")
+    try:
+        kind = lib.EVP_PKEY_get_base_id(pub)
+        if kind == _EVP_PKEY_RSA:
+            key, set_method, free = lib.EVP_PKEY_get1_RSA(pub), lib.RSA_set_method, lib.RSA_free
+        elif kind == _EVP_PKEY_EC:
+            key, set_method, free = (lib.EVP_PKEY_get1_EC_KEY(pub), lib.EC_KEY_set_method,
+                                     lib.EC_KEY_free)
+        else:
+            raise TlsError("keyless: only RSA and EC keys")
+    finally:
+        lib.EVP_PKEY_free(pub)
+    pkey = lib.EVP_PKEY_new() if key else None
+    if not pkey or set_method(key, _method(lib, "rsa" if kind == _EVP_PKEY_RSA else "ec")) != 1 \
+            or lib.EVP_PKEY_assign(pkey, kind, key) != 1:
+        lib.ERR_clear_error()
+        if key:
+            free(key)
+        if pkey:
+            lib.EVP_PKEY_free(pkey)
+        raise TlsError("failed to hook the certificate's public key")
+    _signers[key] = signer      # pkey owns key now
+    return pkey, key
+
+
+class PrivateKey:
+    """A private key (PEM) for keyless peers' operations: what the key
+    holder (relayd's ca) runs.  op() checks the sizes and the padding and
+    raises ValueError saying why it refuses."""
+
+    def __init__(self, pem: bytes | bytearray) -> None:
+        lib = _need()
+        self.lib = lib
+        pkey = _read_private_key(lib, pem)
+        try:
+            kind = lib.EVP_PKEY_get_base_id(pkey)
+            if kind == _EVP_PKEY_RSA:
+                self.rsa, self.ec = lib.EVP_PKEY_get1_RSA(pkey), None
+                self.size = lib.RSA_size(self.rsa) if self.rsa else 0
+            elif kind == _EVP_PKEY_EC:
+                self.rsa, self.ec = None, lib.EVP_PKEY_get1_EC_KEY(pkey)
+                self.size = lib.ECDSA_size(self.ec) if self.ec else 0
+            else:
+                raise TlsError("only RSA and EC keys")
+        finally:
+            lib.EVP_PKEY_free(pkey)
+        if not (self.rsa or self.ec):
+            raise TlsError("failed to load private key")
+        self.kind = "rsa" if self.rsa else "ec"
+
+    def op(self, op: int, data: bytes, padding: int) -> bytes:
+        lib, n = self.lib, len(data)
+        out = ctypes.create_string_buffer(max(self.size, 1))
+        if self.rsa and op in (RSA_PRIV_ENC, RSA_PRIV_DEC):
+            if padding not in _RSA_PADDINGS:
+                raise ValueError(f"padding {padding}")
+            if n != self.size if (padding == RSA_NO_PADDING or op == RSA_PRIV_DEC) \
+                    else not 0 < n <= self.size - 11:
+                raise ValueError(f"length {n}")
+            fn = lib.RSA_private_encrypt if op == RSA_PRIV_ENC else lib.RSA_private_decrypt
+            r = fn(n, data, out, self.rsa, padding)
+            if r < 0:
+                raise ValueError(lib.error())
+            return out.raw[:r]
+        if self.ec and op == ECDSA_SIGN:
+            if n not in _DIGEST_SIZES:
+                raise ValueError(f"length {n}")
+            siglen = ctypes.c_uint(0)
+            if lib.ECDSA_sign(0, data, n, out, ctypes.byref(siglen), self.ec) != 1:
+                raise ValueError(lib.error())
+            return out.raw[:siglen.value]
+        raise ValueError(f"operation {OPS.get(op, op)} on an {self.kind.upper()} key")
+
+    def close(self) -> None:
+        if self.rsa:
+            self.lib.RSA_free(self.rsa)
+        if self.ec:
+            self.lib.EC_KEY_free(self.ec)
+        self.rsa = self.ec = None
 
 
 # OCSP staples by token; the token is the status callback's argument.
@@ -557,13 +781,16 @@ def _read_ahead(ctx: ssl.SSLContext) -> None:
         _lib.SSL_CTX_ctrl(_ctx_ptr(ctx), SSL_CTRL_SET_READ_AHEAD, 1, None)
 
 
-def server_context(opts: TlsOptions, keypair: Keypair) -> ssl.SSLContext:
+def server_context(opts: TlsOptions, keypair: Keypair,
+                   signer: Signer | None = None) -> ssl.SSLContext:
     """A server context for one keypair; raises TlsError.
 
     The key is left as it is (see Keypair): a server with several TLS
-    sockets builds a context per socket from the same bytes."""
+    sockets builds a context per socket from the same bytes.  With a
+    `signer` the context is keyless: keypair.key is not used, `signer`
+    does the private operations on the certificate's key."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _use_keypair(ctx, keypair)
+    _use_keypair(ctx, keypair, signer)
     _apply(ctx, opts, server=True)
     if keypair.ocsp:
         _set_staple(ctx, keypair.ocsp)
@@ -986,34 +1213,76 @@ def describe_error(e: BaseException) -> str:
 
 # -- TLS inspection -----------------------------------------------------------
 
-def forge_certificate(orig_der: bytes, ca_cert_pem: bytes, ca_key_pem: bytes,
-                      key_pem: bytes, password: bytes | None = None) -> bytes:
-    """relayd's TLS inspection: a copy of the server's certificate with our
-    public key (from `key_pem`), issued and signed by the local CA (PEM).
-    Subject, serial, validity and extensions are kept, the key identifiers
-    rewritten."""
+# DigestInfo of SHA-256 (RFC 8017 9.2): what PKCS#1 v1.5 signs.
+_SHA256_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# Throwaway keys whose signature algorithm a forged certificate's TBS
+# names (replaced by the CA's signature): one per kind, made once.
+_stand_ins: dict[str, object] = {}
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    b = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(b)]) + b
+
+
+def _der_next(der: bytes, pos: int) -> int:
+    """The end of the DER element at `pos`."""
+    n = der[pos + 1]
+    if n < 0x80:
+        return pos + 2 + n
+    k = n & 0x7F
+    return pos + 2 + k + int.from_bytes(der[pos + 2:pos + 2 + k], "big")
+
+
+def forge_certificate(orig_der: bytes, ca_cert_pem: bytes, ca_sign: Signer,
+                      cert_pem: bytes) -> bytes:
+    """relayd's TLS inspection: a copy of the server's certificate with the
+    public key of `cert_pem` (our keypair's certificate), issued by the
+    local CA (PEM) and signed by `ca_sign` (an RSA or EC key's Signer: the
+    CA key need not be here).  Subject, serial, validity and extensions
+    are kept, the key identifiers rewritten.  SHA-256."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     orig = x509.load_der_x509_certificate(orig_der)
     ca = x509.load_pem_x509_certificate(ca_cert_pem)
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password)
-    key = serialization.load_pem_private_key(key_pem, None)
+    ca_pub = ca.public_key()
+    pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+    kind = "rsa" if isinstance(ca_pub, rsa.RSAPublicKey) else \
+        "ec" if isinstance(ca_pub, ec.EllipticCurvePublicKey) else None
+    if kind is None:
+        raise TlsError("tls inspection: the CA key must be RSA or EC")
     b = (x509.CertificateBuilder()
          .subject_name(orig.subject).issuer_name(ca.subject)
-         .public_key(key.public_key()).serial_number(orig.serial_number)
+         .public_key(pub).serial_number(orig.serial_number)
          .not_valid_before(orig.not_valid_before_utc)
          .not_valid_after(orig.not_valid_after_utc))
     skip = (x509.SubjectKeyIdentifier, x509.AuthorityKeyIdentifier)
     for ext in orig.extensions:
         if not isinstance(ext.value, (*skip, x509.UnrecognizedExtension)):
             b = b.add_extension(ext.value, ext.critical)
-    b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-    b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                        False)
-    algo = None if isinstance(ca_key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) \
-        else hashes.SHA256()
-    cert = b.sign(ca_key, algo)
+    b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), False)
+    b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_pub), False)
+    stand_in = _stand_ins.get(kind)
+    if stand_in is None:
+        stand_in = _stand_ins[kind] = (rsa.generate_private_key(65537, 1024) if kind == "rsa"
+                                       else ec.generate_private_key(ec.SECP256R1()))
+    draft = b.sign(stand_in, hashes.SHA256())
+    tbs = draft.tbs_certificate_bytes
+    der = draft.public_bytes(serialization.Encoding.DER)
+    # The outer SEQUENCE holds the TBS, the algorithm, the signature.
+    tbs_at = 2 + (der[1] & 0x7F if der[1] & 0x80 else 0)
+    algo_at = _der_next(der, tbs_at)
+    algo = der[algo_at:_der_next(der, algo_at)]
+    digest = hashlib.sha256(tbs).digest()
+    sig = (ca_sign(RSA_PRIV_ENC, _SHA256_INFO + digest, RSA_PKCS1_PADDING) if kind == "rsa"
+           else ca_sign(ECDSA_SIGN, digest, 0))
+    if not sig:
+        raise TlsError("tls inspection: the CA key did not sign")
+    bits = b"\x03" + _der_len(len(sig) + 1) + b"\x00" + sig
+    content = tbs + algo + bits
+    cert = x509.load_der_x509_certificate(b"\x30" + _der_len(len(content)) + content)
     return cert.public_bytes(serialization.Encoding.PEM)
-

@@ -73,7 +73,8 @@ def _child(args) -> int:
     # parent decides how its children stop and reload.
     return proc.child_entry("relayd", args, {"relay": "relayd.relay:child_main",
                                              "hce": "relayd.hce:child_main",
-                                             "pfe": "relayd.privsep:pfe_main"},
+                                             "pfe": "relayd.privsep:pfe_main",
+                                             "ca": "relayd.ca:ca_main"},
                             ignore=(signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
 
 

@@ -666,30 +666,22 @@ def child_main(fd: int) -> int:
             nursery.start_soon(sender)
             await nursery.start(engine.run)
             await chan.send(Imsg.CTL_READY)
-            while True:
-                msg = await chan.recv()
-                if msg is None or msg.type == Imsg.CTL_STOP:
-                    break
-                try:
-                    p = msg.payload
-                    if msg.type == Imsg.HCE_COMMAND:
-                        result = commands[0].run(p)
-                        if "seq" in p:
-                            out_send.send_nowait((Imsg.CTL_REPLY, {"seq": p["seq"],
-                                                                   "result": result}))
-                    elif msg.type == Imsg.CFG_RELOAD:
-                        gen[0] = int(p["gen"])
-                        engine.reload(p["conf"])
-                    elif msg.type == Imsg.SCRIPT_RESULT:
-                        pending.answer(p)
-                    elif msg.type == Imsg.CTL_VERBOSE:
-                        log.set_verbose(int(p.get("verbose", 0)))
-                    else:
-                        raise ValueError(f"unknown message type {msg.type}")
-                except (KeyError, TypeError, ValueError, AttributeError) as e:
-                    log.warn(f"hce: bad message from the parent: {e!r}")
-                    status[0] = 1
-                    break
+
+            def handle(msg) -> None:
+                p = msg.payload
+                if msg.type == Imsg.HCE_COMMAND:
+                    result = commands[0].run(p)
+                    if "seq" in p:
+                        out_send.send_nowait((Imsg.CTL_REPLY, {"seq": p["seq"],
+                                                               "result": result}))
+                elif msg.type == Imsg.CFG_RELOAD:
+                    gen[0] = int(p["gen"])
+                    engine.reload(p["conf"])
+                elif msg.type == Imsg.SCRIPT_RESULT:
+                    pending.answer(p)
+                else:
+                    raise ValueError(f"unknown message type {msg.type}")
+            status[0] = await proc.parent_messages(chan, "hce", handle)
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -47,7 +47,7 @@ import socket
 import trio
 
 from engine.listen import bind_tcp, listen, set_options, set_transparent
-from relayd import carp, check_script, control, hce, metrics, parse, privsep, protodebug
+from relayd import ca, carp, check_script, control, hce, metrics, parse, privsep, protodebug
 from relayd import relay_tls   # tls hook
 from relayd import relay_udp   # dns hook
 from relayd.config import RELAYD_SOCKET, RelaydConfig
@@ -228,6 +228,40 @@ class Parent:
             await child.chan.send(Imsg.CFG_DONE)
         return setup
 
+    def _ca_setup(self):
+        """ca: every generation's keys, and (when it is restarted) a new
+        socket to each relay."""
+        async def setup(child: proc.Child) -> None:
+            c = child.chan
+            await c.send(Imsg.CFG_CONFIG, {"user": self._user(), "chroot": self.chroot})
+            for gen, mat in sorted(self.tls.items()):
+                await self._send_keys(child, gen, mat)
+            for r in self._relays():
+                mine, theirs = ca.socketpair()
+                try:
+                    await c.send(Imsg.CFG_CA_SOCK, {"gen": r.generation}, fd=mine.fileno())
+                    await self.sup.send(r, Imsg.CFG_CA_SOCK, {}, fd=theirs.fileno())
+                finally:
+                    mine.close()
+                    theirs.close()
+            await c.send(Imsg.CFG_DONE)
+        return setup
+
+    @staticmethod
+    async def _send_keys(child: proc.Child, gen: int, mat: relay_tls.Material) -> None:
+        # Private keys go by memfd, never in a message a buffer keeps.
+        for kid, key in mat.keys.items():
+            fd = relay_tls.tls.key_to_fd(key)
+            try:
+                await child.chan.send(Imsg.CFG_TLS_KEY, {"id": kid, "gen": gen}, fd=fd)
+            finally:
+                os.close(fd)
+
+    async def _to_ca(self, mtype: int, payload: dict, fd: int = -1) -> None:
+        c = self._one("ca")
+        if c is not None:
+            await self.sup.send(c, mtype, payload, fd=fd)
+
     def _relay_setup(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket],
                      gen: int):
         rr_base = self.rr_base.setdefault(gen, self.slots.rr_block(conf))
@@ -246,13 +280,14 @@ class Parent:
                 "tls": mat.payload() if mat else None})     # tls hook
             for key, sock in sockets.items():
                 await c.send(Imsg.CFG_SOCKET, {"key": list(key)}, fd=sock.fileno())
-            # tls hook: private keys go by memfd, never in a message a buffer keeps.
-            for kid, key in (mat.keys if mat else {}).items():
-                fd = relay_tls.tls.key_to_fd(key)
-                try:
-                    await c.send(Imsg.CFG_TLS_KEY, {"id": kid}, fd=fd)
-                finally:
-                    os.close(fd)
+            # tls hook: no keys, a socket to ca (which has them).
+            mine, theirs = ca.socketpair()
+            try:
+                await self._to_ca(Imsg.CFG_CA_SOCK, {"gen": gen}, fd=mine.fileno())
+                await c.send(Imsg.CFG_CA_SOCK, {}, fd=theirs.fileno())
+            finally:
+                mine.close()
+                theirs.close()
             await c.send(Imsg.CFG_SHM, None, fd=self.slots.fd)
             await c.send(Imsg.CFG_DONE)
         return setup
@@ -331,9 +366,10 @@ class Parent:
                 return
             await self.sup.start("pfe", 0, 0, self._pfe_setup())
             await self.sup.start("hce", 0, 0, self._hce_setup())
+            await self.sup.start("ca", 0, 0, self._ca_setup())
             await self.start_relays(self.conf, self.sockets, self.generation)
             if not await self._wait_ready(self.generation, self.nrelays(self.conf),
-                                          READY_TIMEOUT, ("pfe", "hce")):
+                                          READY_TIMEOUT, ("pfe", "hce", "ca")):
                 log.warn("parent: children did not start")
             if self._stopping:
                 return
@@ -383,8 +419,10 @@ class Parent:
         # routes and demotions on the way out.
         async with trio.open_nursery() as n:
             n.start_soon(self.sup.stop, self._relays(), STOP_DRAIN)
-            n.start_soon(self.sup.stop, [c for c in self.sup.children if c.title != "relay"],
-                         8.0)
+            n.start_soon(self.sup.stop, [c for c in self.sup.children
+                                         if c.title not in ("relay", "ca")], 8.0)
+        # ca last: draining relays may still need it.
+        await self.sup.stop([c for c in self.sup.children if c.title == "ca"], 1.0)
         await self.sup.stop(list(self.sup.children), 1.0)     # started meanwhile
 
     # -- reload ----------------------------------------------------------------
@@ -429,7 +467,10 @@ class Parent:
         self.states[gen] = hce.carry_states(self.conf, new, self.states.get(old_gen, {}))
         self.switched[gen] = self._no_switches()
         old_relays = self._relays(old_gen)
-        self.tls[gen] = mat      # tls hook
+        self.tls[gen] = mat      # tls hook: the new keys to ca (only)
+        ca_child = self._one("ca")
+        if ca_child is not None:
+            await self._send_keys(ca_child, gen, mat)
         await self.start_relays(new, sockets, gen)
         if not await self._wait_ready(gen, self.nrelays(new), READY_TIMEOUT):
             log.warn("parent_reload: new relays did not start, keeping the current configuration")
@@ -484,7 +525,8 @@ class Parent:
         self.states.pop(gen, None)
         self.switched.pop(gen, None)
         self.rr_base.pop(gen, None)
-        self.tls.pop(gen, None)      # tls hook
+        if self.tls.pop(gen, None) is not None:      # tls hook: ca drops its keys
+            self.sup.nursery.start_soon(self._to_ca, Imsg.CA_FORGET, {"gen": gen})
 
     # -- messages --------------------------------------------------------------
     async def _on_message(self, child: proc.Child, msg) -> None:

@@ -48,7 +48,7 @@ import trio
 from engine.serve import Listener
 from relayd import carp, control, metrics
 from relayd import pfe as pfe_mod
-from shared import log, pledge, proc
+from shared import pledge, proc
 from shared.imsg import Channel, Imsg
 
 # Group names a DEMOTE may name (a file name in the demote directory).
@@ -161,46 +161,37 @@ def pfe_main(fd: int) -> int:
                     await inner.start(control.serve, control_sock, backend)
                 await inner.start(mserver.run, list(mlisteners.values()))
                 await chan.send(Imsg.CTL_READY)
-                while True:
-                    msg = await chan.recv()
-                    if msg is None or msg.type == Imsg.CTL_STOP:
-                        break
-                    try:
-                        p = msg.payload
-                        if msg.type == Imsg.CTL_REPLY:
-                            pending.answer(p)
-                        elif msg.type == Imsg.HOST_STATUS:
-                            if int(p["gen"]) == gen[0]:
-                                pfe.notify(int(p["id"]), p["state"])
-                                backend.host_status(int(p["id"]), str(p["state"]),
-                                                    str(p.get("name", "")),
-                                                    bool(p.get("quiet")))
-                        elif msg.type == Imsg.CFG_RELOAD:
-                            gen[0] = int(p["gen"])
-                            pfe.reload_soon(p["conf"])
-                            backend.configure(p["conf"])
-                            keep = {tuple(k) for k in p.get("metrics", [])}
-                            for k in list(mlisteners):
-                                if k not in keep:
-                                    lis = mlisteners.pop(k)
-                                    mserver.remove_listener(lis)
-                                    lis.tsock.close()
-                        elif msg.type == Imsg.CFG_METRICS:
-                            key = tuple(p["key"])
-                            s = socket.socket(fileno=msg.fd)
-                            if key in mlisteners:
-                                s.close()
-                            else:
-                                mlisteners[key] = Listener(s)
-                                mserver.add_listener(mlisteners[key])
-                        elif msg.type == Imsg.CTL_VERBOSE:
-                            log.set_verbose(int(p.get("verbose", 0)))
+
+                def handle(msg) -> None:
+                    p = msg.payload
+                    if msg.type == Imsg.CTL_REPLY:
+                        pending.answer(p)
+                    elif msg.type == Imsg.HOST_STATUS:
+                        if int(p["gen"]) == gen[0]:
+                            pfe.notify(int(p["id"]), p["state"])
+                            backend.host_status(int(p["id"]), str(p["state"]),
+                                                str(p.get("name", "")), bool(p.get("quiet")))
+                    elif msg.type == Imsg.CFG_RELOAD:
+                        gen[0] = int(p["gen"])
+                        pfe.reload_soon(p["conf"])
+                        backend.configure(p["conf"])
+                        keep = {tuple(k) for k in p.get("metrics", [])}
+                        for k in list(mlisteners):
+                            if k not in keep:
+                                lis = mlisteners.pop(k)
+                                mserver.remove_listener(lis)
+                                lis.tsock.close()
+                    elif msg.type == Imsg.CFG_METRICS:
+                        key = tuple(p["key"])
+                        s = socket.socket(fileno=msg.fd)
+                        if key in mlisteners:
+                            s.close()
                         else:
-                            raise ValueError(f"unknown message type {msg.type}")
-                    except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
-                        log.warn(f"pfe: bad message from the parent: {e!r}")
-                        status[0] = 1
-                        break
+                            mlisteners[key] = Listener(s)
+                            mserver.add_listener(mlisteners[key])
+                    else:
+                        raise ValueError(f"unknown message type {msg.type}")
+                status[0] = await proc.parent_messages(chan, "pfe", handle)
                 pending.fail_all()
                 # Cancelling pfe.run() deletes the nft table and the routes
                 # and undoes demotions (DEMOTE messages, sent below).

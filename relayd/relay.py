@@ -764,10 +764,13 @@ def child_main(fd: int) -> int:
     conf: RelaydConfig = cfg["conf"]
     sockets = {tuple(m.payload["key"]): socket.socket(fileno=m.fd)
                for m in setup.fds(Imsg.CFG_SOCKET)}
-    # tls hook: certificates in the config message, each key from its memfd.
-    tls_keys = {m.payload["id"]: relay_tls.tls.key_from_fd(m.fd)
-                for m in setup.fds(Imsg.CFG_TLS_KEY)}
-    tls_listens = relay_tls.build(conf, cfg.get("tls"), tls_keys)
+    # tls hook: certificates in the config message; the keys stay in the ca
+    # process, asked through our own socket to it.
+    ca_socks = setup.fds(Imsg.CFG_CA_SOCK)     # the last one: ca may have restarted meanwhile
+    for m in ca_socks[:-1]:
+        os.close(m.fd)
+    ca = relay_tls.CaClient(socket.socket(fileno=ca_socks[-1].fd) if ca_socks else None)
+    tls_listens = relay_tls.build(conf, cfg.get("tls"), ca)
     if any(lt.inspect for lt in tls_listens.values()):
         relay_tls.preload(tls_listens)
     shared = None
@@ -830,6 +833,8 @@ def child_main(fd: int) -> int:
                                                          "result": result})
                     elif msg.type == Imsg.CTL_VERBOSE:
                         log.set_verbose(int(msg.payload.get("verbose", 0)))
+                    elif msg.type == Imsg.CFG_CA_SOCK:      # tls hook: ca was restarted
+                        ca.replace(socket.socket(fileno=msg.fd))
                     elif msg.type == Imsg.CTL_STOP:
                         drain = float(msg.payload.get("drain", 0))
                         break

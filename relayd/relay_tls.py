@@ -22,15 +22,19 @@ variable RELAYD_SSL_DIR replaces /etc/ssl for keypairs (keys then come from
 $RELAYD_SSL_DIR/private).
 
 Certificates travel in the relay worker's CFG_CONFIG message (payload());
-private keys (keypairs and the inspection CA key) each in a sealed memfd
-(Imsg.CFG_TLS_KEY).  Workers never open a key file.
+private keys (keypairs and the inspection CA key) go to the ca process
+only (relayd.ca), each in a sealed memfd (Imsg.CFG_TLS_KEY).  Workers
+never open a key file and never hold a private key.
 
 Worker side (build()): a ListenTls per TLS listening socket: a TlsServer
 (SNI picks the keypair whose certificate names the requested host, else
-the first), the client context towards `forward with tls` backends, and
-the inspection state (forged certificates, cached by the backend
-certificate's digest).  A failed handshake ends the connection with one
-log line.
+the first) of keyless contexts whose private operations ca does (each
+key by its key id), the client context towards `forward with tls`
+backends, and the inspection state (forged certificates, cached by the
+backend certificate's digest: a copy of the backend's certificate with
+the public key of the listener's first keypair, so its key stays in ca
+too, and signed by ca with the CA key).  A failed handshake ends the
+connection with one log line.
 
 Defaults: TLS 1.2 + 1.3; the default cipher string (`HIGH:!aNULL`, not
 written in the file) is served as libtls' "secure" list, which passes
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 import trio
 
 from engine import tls
+from relayd.ca import CaClient
 from relayd.config import TLS_CIPHERS, TLS_KEY_DIR, TLS_SSL_DIR, ProtocolConfig, RelaydConfig
 from relayd.config import TlsOptions as ConfTls
 from shared import log
@@ -125,7 +130,7 @@ class RelayFiles:
 class Material:
     """What the parent read for one configuration generation."""
     relays: dict = field(default_factory=dict)      # relay id -> RelayFiles
-    keys: dict = field(default_factory=dict)        # key id -> PEM bytes
+    keys: dict = field(default_factory=dict)        # key id -> PEM bytes (for ca only)
     ticket_key: bytes | None = None
 
     def payload(self) -> dict:
@@ -226,7 +231,9 @@ class ListenTls:
         self.timeout = timeout
         self.server = server
         self.client = client            # towards `forward with tls` backends
-        self.inspect = inspect          # (ca_cert, ca_key, key, opts) for TLS inspection
+        # TLS inspection: (ca_cert, its Signer, the leaf certificate whose
+        # public key forged certificates get, its Signer, opts)
+        self.inspect = inspect
         self._forged: OrderedDict[bytes, tls.TlsServer] = OrderedDict()
 
     def _fail(self, peer, local, e: BaseException) -> None:
@@ -258,9 +265,9 @@ class ListenTls:
         if srv is not None:
             self._forged.move_to_end(digest)
             return srv
-        ca_cert, ca_key, key, opts = self.inspect
-        cert = tls.forge_certificate(der, ca_cert, ca_key, key)
-        srv = tls.TlsServer(tls.server_context(opts, tls.Keypair(cert, key)), None,
+        ca_cert, ca_sign, leaf, sign, opts = self.inspect
+        cert = tls.forge_certificate(der, ca_cert, ca_sign, leaf)
+        srv = tls.TlsServer(tls.server_context(opts, tls.Keypair(cert, None), sign), None,
                             self.timeout)
         self._forged[digest] = srv
         while len(self._forged) > FORGED_CACHE:
@@ -293,10 +300,10 @@ def _logged_select(relay: str, select):
     return sel
 
 
-def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
+def build(conf: RelaydConfig, payload: dict | None, ca: CaClient
           ) -> dict[SockKey, ListenTls]:
-    """The worker's ListenTls objects, from the parent's bytes (built
-    before the chroot).  Keys are wiped once loaded."""
+    """The worker's ListenTls objects, from the parent's certificates
+    (built before the chroot); `ca` does the private operations."""
     out: dict[SockKey, ListenTls] = {}
     if not payload:
         return out
@@ -312,7 +319,6 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
         timeout = min(HANDSHAKE_TIMEOUT, float(rl.session_timeout or HANDSHAKE_TIMEOUT))
         opts = options(t, rf.client_ca, alpn(proto))
         client = tls.client_context(options(t), ca=rf.ca_file) if rl.tls_client else None
-        ca_key = keys.get(rf.ca_key_id) if rf.ca_key_id else None
         for lis in rl.listens:
             key = (lis.addr, lis.port)
             lf: ListenFiles | None = rf.listens.get(key)
@@ -324,20 +330,21 @@ def build(conf: RelaydConfig, payload: dict | None, keys: dict[str, bytearray]
             pairs = []
             inspect = None
             for cert, ocsp, names, kid in zip(lf.certs, lf.ocsp, lf.names, lf.key_ids):
-                k = keys.get(kid, bytearray())
-                if inspect is None and ca_key is not None and rf.ca_cert:
-                    inspect = (rf.ca_cert, bytes(ca_key), bytes(k), opts)
-                pairs.append((list(names), tls.server_context(opts, tls.Keypair(cert, k, ocsp))))
+                sign = ca.signer(kid)
+                if inspect is None and rf.ca_key_id and rf.ca_cert:
+                    inspect = (rf.ca_cert, ca.signer(rf.ca_key_id), cert, sign, opts)
+                pairs.append((list(names),
+                              tls.server_context(opts, tls.Keypair(cert, None, ocsp), sign)))
             select = _logged_select(name, tls.select_by_names(pairs)) if len(pairs) > 1 else None
             server = tls.TlsServer(pairs[0][1], select, timeout)
             out.setdefault(key, ListenTls(name, timeout, server, client, inspect))
-    tls.wipe(keys.values())
     return out
 
 
 def preload(listens: dict[SockKey, ListenTls]) -> None:
     """What forging certificates needs, imported before the chroot: one
-    forgery of a throwaway certificate per inspecting listener."""
+    forgery per inspecting listener of a throwaway certificate, signed by
+    a throwaway CA of its CA's key type (ca is not asked)."""
     import datetime
 
     import cryptography.hazmat.backends  # noqa: F401
@@ -345,18 +352,27 @@ def preload(listens: dict[SockKey, ListenTls]) -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: F401
     from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "preload")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    der = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-           .public_key(key.public_key()).serial_number(1).not_valid_before(now)
-           .not_valid_after(now + datetime.timedelta(days=1))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName("preload")]), False)
-           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+    def throwaway(key) -> bytes:
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("preload")]), False)
+                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    pem = serialization.Encoding.PEM
     for lt in listens.values():
         if lt.inspect:
             try:
-                ca_cert, ca_key, k, opts = lt.inspect
-                tls.forge_certificate(der, ca_cert, ca_key, k)
+                ca_cert, _, leaf, _, _ = lt.inspect
+                rsa_ca = isinstance(x509.load_pem_x509_certificate(ca_cert).public_key(),
+                                    rsa.RSAPublicKey)
+                key = (rsa.generate_private_key(65537, 1024) if rsa_ca
+                       else ec.generate_private_key(ec.SECP256R1()))
+                holder = tls.PrivateKey(key.private_bytes(
+                    pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+                ca_pem = x509.load_der_x509_certificate(throwaway(key)).public_bytes(pem)
+                tls.forge_certificate(throwaway(key), ca_pem, holder.op, leaf)
             except Exception as e:      # noqa: BLE001 -- said again per session
                 log.warn(f"relay {lt.name}: tls inspection: {e}")

@@ -229,6 +229,8 @@ class Imsg:
     DEMOTE = 61          # pfe -> parent: {"group": g, "level": n} (carp track file)
     CFG_TLS_KEY = 70     # parent -> server: a private key (memfd) {"id": server id}
     TLS_TICKET_KEYS = 71  # parent -> servers: session-ticket keys, newest first (pickled)
+    CFG_CA_SOCK = 72     # parent -> relayd ca {"gen"} / relay {}: a ca<->relay socketpair end (fd)
+    CA_FORGET = 73       # parent -> relayd ca: drop the keys of {"gen": n}
     # ACME: the unprivileged net process asks the key-holding parent; every
     # request is answered (ACME_OK unless said otherwise) before the next.
     ACME_SIGN = 80       # net -> parent: {"url", "nonce", "payload", "kid"}; answer ACME_SIGNED
@@ -256,4 +258,4 @@ def type_names() -> dict[int, str]:
     return {v: k for k, v in vars(Imsg).items() if k.isupper() and isinstance(v, int)}
 
 
-carries_fd(Imsg.CFG_TLS_KEY)
+carries_fd(Imsg.CFG_TLS_KEY, Imsg.CFG_CA_SOCK)

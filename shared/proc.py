@@ -411,6 +411,36 @@ def recv_setup(sock: socket.socket) -> Setup:
     return Setup(config, msgs, reader)
 
 
+def parent_message(msg, name: str, handle) -> int | None:
+    """One message from a child's parent (None: the parent is gone).
+    CTL_VERBOSE is applied here, any other message but CTL_STOP goes to
+    handle(msg), which raises ValueError (or KeyError, TypeError,
+    AttributeError, OSError) on an unknown or malformed one (logged).
+    Returns None to go on, else the child's exit status: 0 (CTL_STOP, no
+    parent) or 1 (a bad message)."""
+    from shared.imsg import Imsg
+    if msg is None or msg.type == Imsg.CTL_STOP:
+        return 0
+    try:
+        if msg.type == Imsg.CTL_VERBOSE:
+            log.set_verbose(int(msg.payload.get("verbose", 0)))
+        else:
+            handle(msg)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:
+        log.warn(f"{name}: bad message from the parent: {e!r}")
+        return 1
+    return None
+
+
+async def parent_messages(chan: Channel, name: str, handle) -> int:
+    """A trio child's loop over what its parent sends (parent_message()
+    for each), until it ends; returns the exit status."""
+    while True:
+        status = parent_message(await chan.recv(), name, handle)
+        if status is not None:
+            return status
+
+
 def recv_nowait(sock: socket.socket, reader) -> list:
     """Blocking-socket helper: the messages already waiting on `sock` (the
     reader's leftovers first), without waiting for more.  Returned

@@ -1,7 +1,7 @@
 """relayd privilege separation, prefork and reload without interruption,
 black-box: `python -m relayd -d -f CONF` as root, looked at through /proc.
 
-Covers A02-A04 and R04/R87/R88: the process table (parent, pfe, hce,
+Covers A02-A04 and R04/R87/R88: the process table (parent, pfe, hce, ca,
 relay x prefork) with titles, users, NoNewPrivs and chroots; a relay
 worker's view of the file system; a privileged port served by
 unprivileged workers; reloads (SIGHUP) under a client loop without a
@@ -69,7 +69,7 @@ def status(pid: int) -> dict[str, str]:
 
 
 def procs(d) -> dict[str, list[int]]:
-    """The daemon's children by title ("relay", "hce", "pfe")."""
+    """The daemon's children by title ("relay", "hce", "pfe", "ca")."""
     out: dict[str, list[int]] = {}
     for c in children(d.pid):
         try:
@@ -83,14 +83,14 @@ def procs(d) -> dict[str, list[int]]:
 
 def wait_procs(d, relays: int, timeout: float = 30.0, exclude: set[int] = frozenset()
                ) -> dict[str, list[int]]:
-    """Wait until the daemon has pfe, hce and exactly `relays` relay processes
-    (none of `exclude`), each with its sandbox in place."""
+    """Wait until the daemon has pfe, hce, ca and exactly `relays` relay
+    processes (none of `exclude`), each with its sandbox in place."""
     deadline = time.monotonic() + timeout
     p: dict = {}
     while time.monotonic() < deadline:
         p = procs(d)
         rel = p.get("relay", [])
-        if (len(rel) == relays and len(p.get("hce", [])) == 1 and len(p.get("pfe", [])) == 1
+        if (len(rel) == relays and all(len(p.get(t, [])) == 1 for t in ("hce", "pfe", "ca"))
                 and not set(rel) & exclude and all(sandboxed(x) for x in rel)):
             return p
         time.sleep(0.1)
@@ -236,10 +236,10 @@ def test_process_table_users_and_chroots(relayd, backend, tmp_path):
     rport = free_port()
     d = relayd("prefork 3\n" + relay_conf(rport, b.port, sock=str(tmp_path / "ctl.sock")))
     p = wait_procs(d, 3)
-    assert sorted(p) == ["hce", "pfe", "relay"]
+    assert sorted(p) == ["ca", "hce", "pfe", "relay"]
     assert status(d.pid)["Uid"].split()[0] == "0"
     assert os.readlink(f"/proc/{d.pid}/root") == "/"
-    for title in ("relay", "hce", "pfe"):
+    for title in ("relay", "hce", "pfe", "ca"):
         for pid in p[title]:
             st = status(pid)
             assert all(u != 0 for u in ids(st, "Uid")), (title, st["Uid"])
@@ -249,7 +249,7 @@ def test_process_table_users_and_chroots(relayd, backend, tmp_path):
             # pfe too: nftables through libnftables, no nft(8) to run.
             assert os.readlink(f"/proc/{pid}/root") == "/var/empty", title
             assert st["Seccomp"] == "2", title      # filtered (shared.pledge)
-    for pid in p["relay"] + p["hce"]:
+    for pid in p["relay"] + p["hce"] + p["ca"]:
         assert int(status(pid)["CapEff"], 16) == 0
     # pfe keeps CAP_NET_ADMIN (12) only, and no ambient set (it runs nothing).
     pfe = status(p["pfe"][0])
@@ -266,7 +266,7 @@ def test_worker_sees_only_its_chroot(relayd, backend):
     rport = free_port()
     d = relayd(relay_conf(rport, b.port))
     p = wait_procs(d, os.cpu_count() or 1)
-    for pid in p["relay"] + p["hce"] + p["pfe"]:
+    for pid in p["relay"] + p["hce"] + p["pfe"] + p["ca"]:
         root = f"/proc/{pid}/root"
         assert not os.path.exists(f"{root}/etc/passwd")
         assert not os.path.exists(f"{root}{REPO}")
@@ -490,7 +490,7 @@ def test_reload_by_relayctl(relayd, backend, tmp_path):
 
 # -- children dying ------------------------------------------------------------------
 
-@pytest.mark.parametrize("title", ["relay", "hce", "pfe"])
+@pytest.mark.parametrize("title", ["relay", "hce", "pfe", "ca"])
 def test_killed_child_is_logged_and_restarted(relayd, backend, tmp_path, title):
     b = backend()
     rport = free_port()
@@ -515,7 +515,8 @@ def test_killed_child_is_logged_and_restarted(relayd, backend, tmp_path, title):
 # (the filter is the production one; only the trigger is the test's).
 
 @pytest.mark.parametrize("title,action", [("relay", "execve"), ("relay", "write"),
-                                          ("hce", "netlink"), ("pfe", "execve")])
+                                          ("hce", "netlink"), ("pfe", "execve"),
+                                          ("ca", "write"), ("ca", "netlink")])
 def test_forbidden_syscall_ends_child_and_parent_restarts_it(relayd, backend, tmp_path,
                                                              title, action):
     b = backend()

@@ -372,26 +372,91 @@ def test_key_through_fd():
         os.fstat(fd)
 
 
-def test_forge_certificate(ca):
+@pytest.mark.parametrize("kind", [trustme.KeyType.RSA, trustme.KeyType.ECDSA])
+def test_forge_certificate(ca, kind):
     origin = trustme.CA().issue_cert("origin.test")
-    local_ca = trustme.CA()
-    ours = trustme.CA().issue_cert("ignored.test")   # just a key
+    local_ca = trustme.CA(key_type=kind)
+    ours = trustme.CA().issue_cert("ignored.test", key_type=kind)   # our keypair
     der = x509.load_pem_x509_certificate(origin.cert_chain_pems[0].bytes()).public_bytes(
         serialization.Encoding.DER)
-    pem = tls.forge_certificate(der, local_ca.cert_pem.bytes(),
-                                local_ca.private_key_pem.bytes(), ours.private_key_pem.bytes())
+    ca_key = tls.PrivateKey(local_ca.private_key_pem.bytes())
+    pem = tls.forge_certificate(der, local_ca.cert_pem.bytes(), ca_key.op,
+                                ours.cert_chain_pems[0].bytes())
     forged = x509.load_pem_x509_certificate(pem)
     orig = x509.load_pem_x509_certificate(origin.cert_chain_pems[0].bytes())
     assert forged.subject == orig.subject and forged.serial_number == orig.serial_number
     assert forged.issuer == x509.load_pem_x509_certificate(local_ca.cert_pem.bytes()).subject
     assert tls.cert_names(pem) == ["origin.test"]
-    # It serves, and a client trusting the local CA accepts it for the name.
+    # It serves (keyless: our key signs through a Signer), and a client
+    # trusting the local CA accepts it for the name.
     server = tls.TlsServer(tls.server_context(
-        TlsOptions(), Keypair(pem, ours.private_key_pem.bytes())))
+        TlsOptions(), Keypair(pem, None), signer=tls.PrivateKey(ours.private_key_pem.bytes()).op))
     cctx = client_ctx(local_ca)
     cctx.check_hostname = True
     c, _ = exchange(server, cctx, name="origin.test")
     assert c["data"] == b"<PING"
+
+
+# -- keyless contexts (relayd's ca) ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [trustme.KeyType.RSA, trustme.KeyType.ECDSA])
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_keyless_handshake(kind, version):
+    """Private operations go through the signer, once per full handshake;
+    the context holds the certificate only."""
+    local_ca = trustme.CA(key_type=kind)
+    leaf = local_ca.issue_cert("k.test", key_type=kind)
+    holder = tls.PrivateKey(leaf.private_key_pem.bytes())
+    calls = []
+
+    def signer(op, data, padding):
+        calls.append(op)
+        return holder.op(op, data, padding)
+    tls.set_ticket_keys([tls.new_ticket_key()])
+    server = tls.TlsServer(tls.server_context(
+        TlsOptions(ticket_lifetime=300), Keypair(leaf.cert_chain_pems[0].bytes(), None),
+        signer=signer))
+    v = getattr(ssl.TLSVersion, version)
+    cctx = client_ctx(local_ca, minimum_version=v, maximum_version=v)
+    c, s = exchange(server, cctx)
+    assert c["data"] == b"<PING" and c["version"] == version.replace("_", ".")
+    assert calls == [tls.ECDSA_SIGN if kind == trustme.KeyType.ECDSA else tls.RSA_PRIV_ENC]
+    # A resumed handshake signs nothing.
+    c2, _ = exchange(server, cctx, session=c["session"])
+    assert c2["reused"] and len(calls) == 1
+
+
+def test_keyless_signer_fails():
+    """A signer that refuses (None) or raises fails the handshake, nothing more."""
+    local_ca = trustme.CA()
+    leaf = local_ca.issue_cert("k.test")
+
+    def boom(op, data, padding):
+        raise RuntimeError("no")
+    for signer in (lambda *a: None, boom):
+        server = tls.TlsServer(tls.server_context(
+            TlsOptions(), Keypair(leaf.cert_chain_pems[0].bytes(), None), signer=signer))
+        c, s = exchange(server, client_ctx(local_ca))
+        assert isinstance(s, ssl.SSLError)
+
+
+def test_private_key_checks():
+    """The key holder's side checks operation, length and padding."""
+    rsa_key = tls.PrivateKey(trustme.CA(key_type=trustme.KeyType.RSA).private_key_pem.bytes())
+    ec_key = tls.PrivateKey(trustme.CA(key_type=trustme.KeyType.ECDSA).private_key_pem.bytes())
+    n = rsa_key.size
+    assert len(rsa_key.op(tls.RSA_PRIV_ENC, b"\x00" + b"x" * (n - 1), tls.RSA_NO_PADDING)) == n
+    assert len(rsa_key.op(tls.RSA_PRIV_ENC, b"x" * 51, tls.RSA_PKCS1_PADDING)) == n
+    assert ec_key.op(tls.ECDSA_SIGN, b"d" * 32, 0)[0] == 0x30
+    for key, op, data, pad in [(rsa_key, tls.RSA_PRIV_ENC, b"x" * (n - 1), tls.RSA_NO_PADDING),
+                               (rsa_key, tls.RSA_PRIV_ENC, b"x" * (n - 10), tls.RSA_PKCS1_PADDING),
+                               (rsa_key, tls.RSA_PRIV_ENC, b"x" * n, 4),      # OAEP
+                               (rsa_key, tls.ECDSA_SIGN, b"d" * 32, 0),
+                               (ec_key, tls.ECDSA_SIGN, b"d" * 31, 0),
+                               (ec_key, tls.RSA_PRIV_DEC, b"d" * 32, 1),
+                               (ec_key, 99, b"d" * 32, 0)]:
+        with pytest.raises(ValueError):
+            key.op(op, data, pad)
 
 
 def test_cert_names():
