@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import pwd
-import sys
 from typing import Any, Callable
 
 from shared import patterns
@@ -75,14 +74,7 @@ def load(path: str, macros: dict[str, str] | None = None, verbose: int = 0,
     `file:line: message`; warnings (unused macros with `verbose`) go to
     stderr.
     """
-    p = HttpdParser(path, macros, text=text, verbose=verbose)
-    try:
-        conf = p.parse()
-        p.finish()
-    finally:
-        for line in p.errors.warnings:
-            print(line, file=sys.stderr)
-    return conf
+    return HttpdParser.load_config(path, macros, verbose=verbose, text=text)
 
 
 def default_chroot() -> str:
