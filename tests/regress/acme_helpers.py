@@ -31,9 +31,11 @@ from cryptography import x509
 from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_port
 from tests.regress.httpd_helpers import make_site, start_site
 
-needs_pebble = pytest.mark.skipif(shutil.which("pebble") is None or
-                                  shutil.which("pebble-challtestsrv") is None,
-                                  reason="pebble not installed (.ci/install-deps)")
+# Outside CI a developer without pebble may skip these; in CI a missing
+# pebble is a missing install step and the tests fail instead.
+needs_pebble = pytest.mark.skipif(not os.environ.get("CI") and (
+    shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None),
+    reason="pebble not installed (.ci/install-deps)")
 
 CHALLENGE_SERVER = """
 server "acme" {

@@ -21,6 +21,7 @@ import subprocess
 import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import trustme
 
@@ -247,7 +248,6 @@ def test_bodies_content_length_and_chunked(env) -> None:
 
 
 def test_httpx_http2(env) -> None:
-    httpx = pytest.importorskip("httpx")
     path = uniq("/httpx")
     with httpx.Client(http1=False, http2=True) as c:
         r = c.post(f"http://127.0.0.1:{env.p['h2']}{path}/echo", content=b"from httpx")
