@@ -172,19 +172,6 @@ _END = None   # event: end of the current message's body
 _ABSOLUTE_FORM = re.compile(r"(?i)https?://")
 
 
-def _whole_message(data: bytes, end: int) -> bool:
-    # Whether `data` is one head (ending at `end`) with exactly its
-    # Content-Length body.  Only the usual spelling is looked for; llhttp
-    # reads the same header (and the framing checks refuse a second one or
-    # a Transfer-Encoding beside it), so a miss only takes the slower way.
-    i = data.find(b"\r\nContent-Length: ", 0, end)
-    if i < 0:
-        return False
-    j = data.find(b"\r\n", i + 18, end)
-    v = data[i + 18:j]
-    return v.isdigit() and end + int(v) == len(data)
-
-
 class _Failed:
     """Event: the input broke here (passthrough mode).  What was parsed
     before it is still served; reaching it raises the error."""
@@ -313,7 +300,6 @@ class _Conn(BodyReader):
             head.chunked = True
 
     crlf_wait = False     # see ServerConn(httpd_rules=True)
-    head_request = False  # see ClientConn.expect()
     _lf_escaped = False   # the head being fed carries escaped bare LFs (httpd)
     _replace = False      # see ClientConn.expect()
     stalled = -1          # bytes seen since the head stalled on a bare LF
@@ -358,11 +344,6 @@ class _Conn(BodyReader):
                 if end == len(data):
                     self._parse(data)
                     data = b""
-                elif not self.head_request and _whole_message(data, end):
-                    # The head and all of its Content-Length body, as most
-                    # answers come: llhttp takes it in one call.
-                    self._parse(data)
-                    return
                 else:
                     self._parse(data[:end])
                     data = data[end:]
