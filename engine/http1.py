@@ -297,12 +297,17 @@ class _Conn(BodyReader):
             last = te.rsplit(",", 1)[-1].strip().lower()
             if last != "chunked":
                 raise HttpError(400, "malformed header")
+            if self._direct:
+                # _split(): a chunked body comes out through ChunkedReader
+                raise HttpError(400, "chunked")
             head.chunked = True
 
     crlf_wait = False     # see ServerConn(httpd_rules=True)
     _lf_escaped = False   # the head being fed carries escaped bare LFs (httpd)
     _replace = False      # see ClientConn.expect()
     stalled = -1          # bytes seen since the head stalled on a bare LF
+    _direct = False       # _split(): this read goes to llhttp in one call
+    head_request = False  # see ClientConn.expect()
 
     def _parse(self, data: bytes) -> None:
         if self.stalled >= 0:
@@ -335,35 +340,47 @@ class _Conn(BodyReader):
         # Passthrough: llhttp gets each head up to its blank line (bare LFs
         # made CRLF) and Content-Length bodies; a chunked body goes to a
         # ChunkedReader, and llhttp (still expecting chunks) is replaced.
-        if self._body is None and not self._tail:
-            # The common read: one CRLF-only head (equal CR and LF counts: a
-            # lone CR llhttp refuses anyway), maybe with its body.
-            end = data.find(b"\r\n\r\n") + 4
-            if end > 3 and data.count(b"\r", 0, end) == data.count(b"\n", 0, end):
-                self._head_done = None
-                if end == len(data):
-                    self._parse(data)
-                    data = b""
-                else:
-                    self._parse(data[:end])
-                    data = data[end:]
-                head = self._head_done
-                if head is not None and self.cur is not None and not self.upgraded \
-                        and not self._replace and not head.chunked:
-                    cl = head.content_length
-                    if cl and len(data) <= cl:
-                        if data:
-                            self._parse(data)
-                        self._body = cl - len(data) or None
-                        return
-                if not data and (head is None or self.cur is None) and not self.upgraded \
-                        and not self._replace:
-                    return
-                # Anything else: the general way, from the head just parsed.
-                if self.upgraded:
-                    self.rest += data
-                    return
-                self._after_head(head)
+        if self._body is None and self.cur is None and not self._tail \
+                and not self.head_request:
+            # The common read, at a message boundary: whole CRLF-only
+            # messages (or a head and the start of its Content-Length body)
+            # go to llhttp in one call, as in the strict mode.  What llhttp
+            # cannot do here raises (a bare LF: llhttp refuses it without
+            # lenient_optional_cr_before_lf; a chunked head: _check_framing)
+            # and the read is done again the exact way, from this boundary.
+            events = self.events
+            n = len(events)
+            self._direct = True
+            try:
+                self.parser.feed_data(data)       # (_parse(), inline)
+            except httptools.HttpParserUpgrade as e:
+                self.upgraded = True
+                self.rest = data[e.args[0] if e.args else len(data):]
+            except httptools.HttpParserError:
+                while len(events) > n:
+                    events.pop()
+                self.error = self.cur = None
+                self.in_head = False
+                self._new_parser()
+                self._direct = False
+                self._split_loop(data)
+                return
+            self._direct = False
+            cur = self.cur
+            if cur is not None and not self.upgraded:
+                if self.in_head:                   # a head across reads
+                    self._tail = data[-2:]
+                else:                              # a Content-Length body
+                    cl = cur.content_length
+                    if cl is None:
+                        self._body = -1            # until the close
+                    else:
+                        for ev in reversed(events):
+                            if ev is cur:
+                                break
+                            cl -= len(ev)
+                        self._body = cl
+            return
         self._split_loop(data)
 
     def _after_head(self, head) -> None:
