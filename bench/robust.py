@@ -99,6 +99,7 @@ def parse_slowhttptest_csv(text: str) -> dict:
 
 def parse_slowhttptest_out(text: str) -> dict:
     """The summary slowhttptest prints at exit: its exit status line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)       # its colours
     m = re.findall(r"Exit status:\s*(.+)", text)
     return {"exit_status": m[-1].strip() if m else ""}
 
