@@ -17,10 +17,15 @@ Processes: each one is started in its own session (so its own process group)
 and stopped by that PID/group, plus any descendant that left the group,
 checked by start time. Nothing is ever killed by name.
 
+After the cases, the robustness section (bench/robust.py): reloads under
+load, slowloris, idle keep-alive connections; `--no-robust` skips it,
+`--robust-only` runs only it.
+
 usage: bench.py [--rounds 3] [--duration 8] [--cases GLOB ...] [--smoke]
-                [--no-ref] [--list] [--keep]
-exit: 0 ok; 1 a run failed (start/sanity) or, with --smoke, socket errors or
-non-2xx responses; 2 missing tools; 130 interrupted (SIGINT/SIGTERM).
+                [--no-ref] [--no-robust | --robust-only] [--list] [--keep]
+exit: 0 ok; 1 a run failed (start/sanity), a robustness test failed or, with
+--smoke, socket errors or non-2xx responses; 2 missing tools; 130
+interrupted (SIGINT/SIGTERM).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402  (bench/report.py)
+import robust  # noqa: E402  (bench/robust.py; takes this module as a handle, never imports it)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,7 +69,7 @@ REF_DIR = Path(os.environ.get("TANDEM_BENCH_REF",
 HZ = os.sysconf("SC_CLK_TCK")
 H = "127.0.0.1"
 PORTS = range(28000, 29000)
-APT = "apt-get install -y nginx-light haproxy wrk"
+APT = "apt-get install -y nginx-light haproxy wrk slowhttptest"
 CLOSE = ("-H", "Connection: close")
 KIB, MIB = 1024, 1 << 20
 PHP_BODY = 1024
@@ -932,18 +938,23 @@ def main() -> int:
     ap.add_argument("--out", help="JSONL file (default: bench/results/<time>.jsonl)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    rob = ap.add_mutually_exclusive_group()
+    rob.add_argument("--no-robust", action="store_true",
+                     help="skip the robustness section (reloads, slowloris, idle connections)")
+    rob.add_argument("--robust-only", action="store_true",
+                     help="run only the robustness section")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.duration, args.warmup, args.retries, args.quiet_wait = 1, 2, 0, 0, 0
 
-    cases = [c for c in define_cases()
-             if any(fnmatch.fnmatch(c.name, g) or fnmatch.fnmatch(c.group, g) for g in args.cases)]
+    cases = [c for c in define_cases() if not args.robust_only
+             and any(fnmatch.fnmatch(c.name, g) or fnmatch.fnmatch(c.group, g) for g in args.cases)]
     if args.list:
         for c in cases:
             print(f"{c.name:14} {c.group:7} {c.topo:6} target {c.target or '-'}  "
                   f"peers: {', '.join(p.label for p in c.peers)}  {c.note}")
         return 0
-    if not cases:
+    if not cases and not args.robust_only:
         print(f"bench: no case matches {args.cases}", file=sys.stderr)
         return 2
     check_tools()
@@ -1018,6 +1029,8 @@ def main() -> int:
                         if p.kind == "ours" and c.target:
                             line += f" (target ≥ {c.target:.2f})"
                     print(line, flush=True)
+        if not args.no_robust:
+            robust.run(sys.modules[__name__], ctx, args, emit)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         interrupted = True
@@ -1028,7 +1041,8 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    md = report.render(records)
+    md = "" if args.robust_only else report.render(records)
+    md += "" if args.no_robust else ("\n" if md else "") + robust.table(records)
     md_path = out.with_suffix(".md")
     md_path.write_text(md)
     print("\n" + md)
@@ -1039,7 +1053,10 @@ def main() -> int:
     for r in bad:
         why = r.get("error") or f"{sum(r['errors'].values())} socket errors, {r['non2xx']} non-2xx"
         print(f"bench: FAIL {r['case']} {r['peer']} round {r['round']}: {why}", file=sys.stderr)
-    return 130 if interrupted else 1 if bad else 0
+    rbad = robust.failures(records)
+    for line in rbad:
+        print(f"bench: FAIL {line}", file=sys.stderr)
+    return 130 if interrupted else 1 if bad or rbad else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import heapq
 import math
+import select
 import socket
 from time import perf_counter
 from typing import Any, Awaitable, Callable
@@ -31,6 +32,10 @@ CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENO
 ACCEPT_PAUSE = 0.1
 # Default time connections get to finish on stop or reload.
 DRAIN_TIMEOUT = 30.0
+# While a Server with an on_full hook is at max_clients and on_full() freed
+# nothing: how often it looks again whether a client waits in the accept
+# queue (see Server).
+FULL_POLL = 0.5
 # Connections accepted in one go before the accept loop yields.  Draining the
 # kernel's accept queue at once matters with small backlogs (an explicit
 # `tcp backlog 10`, OpenBSD's default): with one accept per scheduler pass,
@@ -69,11 +74,20 @@ Handler = Callable[[Transport, Listener], Awaitable[None]]
 
 
 class Server:
-    """Accepts on a changing set of listeners; see the module docstring."""
+    """Accepts on a changing set of listeners; see the module docstring.
 
-    def __init__(self, handler: Handler, max_clients: int = 1024) -> None:
+    At `max_clients` connections accepting pauses.  With `on_full`, the
+    paused loop looks whether a client waits in the listener's accept
+    queue (again each time a slot frees, else every FULL_POLL s) and then
+    calls on_full(), which may end a connection of its choice to make room
+    (httpd: the one waiting longest for a request head, so slow-header
+    clients cannot hold every slot)."""
+
+    def __init__(self, handler: Handler, max_clients: int = 1024,
+                 on_full: Callable[[], Any] | None = None) -> None:
         self.handler = handler
         self.max_clients = max_clients
+        self.on_full = on_full
         self.active = 0
         self.listeners: list[Listener] = []
         self._slot = trio.Event()
@@ -146,7 +160,15 @@ class Server:
             while True:
                 while self.active >= self.max_clients:
                     self._slot = trio.Event()
-                    await self._slot.wait()
+                    if self.on_full is None:
+                        await self._slot.wait()
+                        continue
+                    # One connection ended per client waiting: a queue of
+                    # them gets through at the pace connections close.
+                    if _waiting(raw):
+                        self.on_full()
+                    with trio.move_on_after(FULL_POLL):
+                        await self._slot.wait()
                 # Accept what is queued (up to ACCEPT_BURST), then yield
                 # once; wait only when nothing was there.
                 got = 0
@@ -217,6 +239,13 @@ class Server:
             self._slot.set()
 
 
+def _waiting(sock: socket.socket) -> bool:
+    """A connection waits in `sock`'s accept queue (poll: fds above 1023)."""
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
 # -- connection timeouts without a cancel scope per request --------------------
 
 class Timer:
@@ -263,6 +292,13 @@ class Timer:
 
     def disarm(self) -> None:
         self.expiry = math.inf
+
+    def fire(self, phase: object) -> None:
+        """End the connection now, as if `phase` had timed out."""
+        self.expiry = math.inf
+        self.fired = phase
+        if self.scope is not None:
+            self.scope.cancel()
 
     def close(self) -> None:
         """The connection is gone: never fire, let the watchdog forget us."""

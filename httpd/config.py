@@ -41,7 +41,7 @@ SERVER_TIMEOUT = 600                     # connection timeout (s)
 SERVER_REQUESTTIMEOUT = 60               # request timeout (s)
 # `tcp backlog` unset is None: engine.listen's default (511), not OpenBSD's
 # SERVER_BACKLOG 10, which drops connections under a burst on Linux.
-SERVER_MAX_CLIENTS = 1024                # clients per worker before accept pauses
+SERVER_MAX_CLIENTS = 1024                # clients per worker; then accept pauses (Worker.evict_reader)
 HTTP2_MAX_STREAMS = 100                  # SETTINGS_MAX_CONCURRENT_STREAMS (nginx 128, HAProxy 100)
 SERVER_MAXRANGES = 4                     # byte ranges per request before 416
 HEADER_NAME_MAX = 127                    # header set/add name length

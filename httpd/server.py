@@ -76,7 +76,8 @@ class ServerProc:
             self.worker.fcgi = server_fcgi
         except ImportError:
             pass
-        self.server = Server(self._handle, max_clients=SERVER_MAX_CLIENTS)
+        self.server = Server(self._handle, max_clients=SERVER_MAX_CLIENTS,
+                             on_full=self.worker.evict_reader)
         self.listeners: dict[SockKey, Listener] = {}
         self._pending = self._make_listeners(conf, sockets)
         # Log files exist as soon as the ports accept (right after binding).

@@ -63,6 +63,10 @@ class Worker:
     draining: bool = False             # stopping: answer, then close (no reset)
     exists: object = None              # `location found` test (see _exists)
     h2conns: set = field(default_factory=set)   # HTTP/2 connections (GOAWAY on stop)
+    # HTTP/1 connections waiting for a request head (idle keep-alive ones
+    # too), longest waiting first: cid -> Timer.  evict_reader() closes
+    # the first when the worker is full and a client waits.
+    reading: dict = field(default_factory=dict)
     # Built-in ACME: http-01 answers the parent pushed, token -> (key
     # authorization, the domain's names); see acme_answer().
     acme_tokens: dict = field(default_factory=dict)
@@ -71,6 +75,16 @@ class Worker:
         """A config path (relative to the chroot) on the real file system."""
         return self.prefix + path if self.prefix else path
 
+    def evict_reader(self) -> None:
+        """The worker is at SERVER_MAX_CLIENTS and a client waits to be
+        accepted: close the connection that has waited longest for its
+        request head (a slow-header client, or an idle keep-alive one),
+        as nginx reuses idle connections when it runs out of them.  The
+        request timeout is an inactivity timeout (as OpenBSD's), so
+        without this 1,024 slowloris clients would hold a worker."""
+        if self.reading:
+            cid = next(iter(self.reading))
+            self.reading.pop(cid).fire(EVICTED)
 
 class Exchange:
     """One request in flight: everything the loggers and macros need."""
@@ -155,6 +169,7 @@ class Exchange:
 # (`connection timeout` for the whole send).
 READING = "read"
 SENDING = "send"
+EVICTED = "evicted"     # closed to make room (Worker.evict_reader)
 
 
 async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
@@ -186,9 +201,11 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
             while True:
                 x = Exchange(t, ctx, worker, conn, cid, timer)
                 timer.arm(timeout, READING)
+                worker.reading[cid] = timer
                 try:
                     req = await conn.next_request()
                 except HttpError as e:
+                    worker.reading.pop(cid, None)
                     timer.disarm()
                     x.log_failed_line(conn.failed_line())
                     # An invalid Content-Length is 400 here; OpenBSD
@@ -196,6 +213,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                     await abort_http(x, e.status, e.msg or "malformed", log_req=True)
                     reason = x.close_msg
                     break
+                worker.reading.pop(cid, None)
                 timer.disarm()
                 if req is None:
                     reason = "closed"
@@ -210,7 +228,9 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
                     reason = x.close_msg or "done"
                     break
         if scope.cancelled_caught:
-            if timer.fired is READING:
+            if timer.fired is EVICTED:
+                reason = "server full"
+            elif timer.fired is READING:
                 # server_error(): 408 if a request was partly read, else
                 # the idle connection is just closed.
                 if conn.head_started():
@@ -229,6 +249,7 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
     except CLOSED:
         reason = "buffer event error"
     finally:
+        worker.reading.pop(cid, None)
         if timer is not None:
             timer.close()
         worker.active -= 1

@@ -38,6 +38,11 @@ every state change to the parent as HOST_STATUS (tagged with the
 configuration generation), asks the parent to run check scripts
 (SCRIPT_RUN), and answers the relayctl commands the parent forwards
 (Commands); carry_states() is the parent's copy of reload()'s matching.
+Its Landlock domain allows TCP connects to check_ports() of the
+configuration it started with, nothing else; a domain cannot be widened,
+so a reload that needs another port makes the parent start a new hce,
+seeded (seed()) with the host states the parent knows: no state flaps to
+unknown and no host is logged down and up again.
 
 Not here: the checks themselves (check_tcp, check_http, check_icmp,
 check_script) and the relays' view of the states (relay.RelayState).
@@ -541,6 +546,36 @@ def carry_states(old: RelaydConfig, new: RelaydConfig, states: dict[int, str]) -
     return out
 
 
+# Check types that connect to the table instance's port (ICMP and scripts
+# connect nowhere from hce; `none` is not checked).
+TCP_CHECKS = frozenset({"tcp", "tls", "send-expect", "binary", "http", "https"})
+
+
+def check_ports(conf: RelaydConfig) -> tuple[int, ...]:
+    """The TCP ports hce connects to for `conf`'s checks: its Landlock
+    connect rule.  Disabled tables count: relayctl may enable them."""
+    return tuple(sorted({i.port for i in conf.instances if i.check.type in TCP_CHECKS}))
+
+
+def seed(engine: Hce, states: dict[int, str], disabled_hosts=(), tables=None) -> None:
+    """Start `engine` from what the parent knows (a new hce after a reload
+    or a crash): host states by id, relayctl's disabled hosts and tables.
+    A known state comes with its retries in hand, as after a check."""
+    by_name = {str(v): v for v in HostStatus}
+    for hid, st in states.items():
+        h = engine.hosts.get(int(hid))
+        if h is None or not h.table.checked or h.table.disabled or st not in by_name:
+            continue
+        h.up = by_name[st]
+        if h.up != HostStatus.UNKNOWN:
+            h.retry_cnt = h.retry
+    for tid, off in (tables or {}).items():
+        if off:
+            engine.set_disabled(table=int(tid), disabled=True)
+    for hid in disabled_hosts:
+        engine.set_disabled(host=int(hid), disabled=True)
+
+
 def preload() -> None:
     """Load before the chroot what the checks would load lazily."""
     import encodings.idna  # noqa: F401
@@ -629,9 +664,9 @@ def child_main(fd: int) -> int:
     user = proc.find_user((cfg["user"],)) if cfg.get("user") else None
     proc.drop_privileges(cfg.get("chroot"), user)
     # OpenBSD: pledge("stdio recvfd inet"); the ICMP sockets are open
-    # already.  No port rule: a reload (CFG_RELOAD) may add check ports,
-    # and Landlock rules cannot be widened once in force.
-    pledge.pledge("hce", ("stdio", "inet"))
+    # already.  Connects only to the check ports: a reload that needs
+    # another one gets a new hce (the parent compares check_ports()).
+    pledge.pledge("hce", ("stdio", "inet"), connect=check_ports(conf))
     status = [0]
 
     async def main() -> None:
@@ -662,6 +697,11 @@ def child_main(fd: int) -> int:
         engine = Hce(conf, notify, run_script=run_script)
         engine._pingers.update(pingers)
         commands.append(Commands(engine))
+        # Before run(): its first resync reports these states again.
+        commands[0].quiet = True
+        seed(engine, cfg.get("states") or {}, cfg.get("disabled_hosts") or (),
+             cfg.get("tables") or {})
+        commands[0].quiet = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)
             await nursery.start(engine.run)

@@ -171,6 +171,7 @@ class Parent:
         self.retired: dict[str, dict[str, int]] = {"relays": {}, "ended": {}, "errors": {}}
         self.scripts = script_paths(conf)
         self.hosts = host_names(conf)
+        self.hce_ports: set[int] = set()     # check ports the running hce may connect to
         self.demoted: dict[str, int] = {}
         self._reload_lock = trio.Lock()
         self._hup_queued = False
@@ -221,10 +222,17 @@ class Parent:
         return setup
 
     def _hce_setup(self):
+        """hce: the current configuration and, for a new hce after a reload
+        or a crash, the host states and switches known so far."""
         async def setup(child: proc.Child) -> None:
+            gen = self.generation
+            sw = self.switched.get(gen) or self._no_switches()
+            # What its Landlock domain will allow, for good (see _reload).
+            self.hce_ports = set(hce.check_ports(self.conf))
             await child.chan.send(Imsg.CFG_CONFIG, {
-                "conf": self.conf, "gen": self.generation, "user": self._user(),
-                "chroot": self.chroot})
+                "conf": self.conf, "gen": gen, "user": self._user(),
+                "chroot": self.chroot, "states": dict(self.states.get(gen, {})),
+                "disabled_hosts": sorted(sw["hosts"]), "tables": dict(sw["tables"])})
             await child.chan.send(Imsg.CFG_DONE)
         return setup
 
@@ -510,7 +518,16 @@ class Parent:
             if metric_socks.get(key) is not s:
                 s.close()
         hce_child = self._one("hce")
-        if hce_child is not None:
+        if hce_child is not None and not set(hce.check_ports(new)) <= self.hce_ports:
+            # hce may connect only to the check ports it started with
+            # (Landlock cannot widen a domain): a new hce, seeded with the
+            # states carried to this generation.
+            log.info("parent_reload: new check ports, restarting hce")
+            await self.sup.stop([hce_child], 1.0)
+            # What the old hce reported since the carry at the top.
+            self.states[gen].update(hce.carry_states(old_conf, new, self.states.get(old_gen, {})))
+            await self.sup.start("hce", 0, 0, self._hce_setup())
+        elif hce_child is not None:
             await self.sup.send(hce_child, Imsg.CFG_RELOAD, {"conf": new, "gen": gen})
         log.info("parent_reload: configuration reloaded")
 

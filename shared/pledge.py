@@ -16,8 +16,11 @@ off for debugging; chroot, user change and no_new_privs stay.
 Test hook: with TANDEM_PLEDGE_PROBE=ACTION in the environment (the tests
 set it; nothing else reads it), a pledged process does ACTION when it gets
 SIGUSR2 -- `execve`, `write` (open a file for writing), `netlink` (open an
-AF_NETLINK socket) or `read` (open "/" read-only) -- and logs
-`pledge probe ACTION: survived (...)` if it is still alive.  The filter is
+AF_NETLINK socket), `read` (open "/" read-only) or `connect:PORT` (a TCP
+connect to 127.0.0.1:PORT: Landlock refuses a port not allowed with
+"Permission denied", an allowed one with nothing listening gets
+"Connection refused") -- and logs `pledge probe ACTION: survived (...)`
+if it is still alive.  The filter is
 the production one; only the trigger is test-only.
 
 Not here: the syscall groups (shared.seccomp), the Landlock calls
@@ -72,6 +75,11 @@ def _probe(action: str) -> str:
     if action == "read":
         os.close(os.open("/", os.O_RDONLY | os.O_DIRECTORY))
         return "opened / read-only"
+    if action.startswith("connect:"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)     # loopback: refused or accepted at once
+            s.connect(("127.0.0.1", int(action.split(":", 1)[1])))
+        return "connected"
     return "unknown action"
 
 
@@ -83,7 +91,7 @@ def _arm_probe() -> None:
     def handler(signum, frame) -> None:
         try:
             result = _probe(action)
-        except OSError as e:
-            result = e.strerror or str(e)
+        except (OSError, ValueError) as e:
+            result = getattr(e, "strerror", None) or str(e)
         log.warn(f"pledge probe {action}: survived ({result})")
     signal.signal(signal.SIGUSR2, handler)

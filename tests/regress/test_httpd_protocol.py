@@ -185,6 +185,33 @@ def test_request_timeout_is_an_inactivity_timeout(site_factory):
         assert r.status == 200 and r.body == b"x"
 
 
+def test_full_worker_closes_the_longest_waiting_slow_header_client(site_factory):
+    # 1,024 clients a worker (SERVER_MAX_CLIENTS) and an inactivity-only
+    # request timeout: slowloris clients would hold every slot.  A worker
+    # at its limit with a client in the accept queue closes the connection
+    # that has waited longest for its request head.
+    site = site_factory('prefork 1\nserver "t" {\n listen on 127.0.0.1 port {port}\n}\n',
+                        setup=lambda s: (s.htdocs / "index.html").write_text("x"))
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(1100):                    # more than one worker takes
+            c = socket.create_connection(("127.0.0.1", site.port), timeout=10)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a\r\n")
+            slow.append(c)
+        # served although every slot was taken by a slow client
+        with Conn(site.port, timeout=20) as c:
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            r = c.response()
+            assert r.status == 200 and r.body == b"x"
+        # and the one that waited longest was the one closed
+        slow[0].settimeout(10)
+        assert slow[0].recv(100) == b""
+    finally:
+        for c in slow:
+            c.close()
+    assert site.daemon.proc.poll() is None
+
+
 def test_request_timeout_in_unfinished_head_408(site_factory):
     # server_error(): a timeout after a request line was read answers 408
     site = site_factory('server "t" {\n listen on 127.0.0.1 port {port}\n'

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import landlock
 from tests.conftest import PYTHON, REPO, Daemon, free_port, listen_backlog, probe_kills
 
 pytestmark = [pytest.mark.root,
@@ -124,10 +125,10 @@ def wait_for(fn, timeout: float = 15.0, what: str = "condition"):
 class Backend:
     """Threaded TCP backend: echo, or `size` bytes of a fixed pattern."""
 
-    def __init__(self, handler: str = "echo", size: int = 0) -> None:
+    def __init__(self, handler: str = "echo", size: int = 0, addr: str = "127.0.0.1") -> None:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((addr, 0))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
         self.handler, self.size = handler, size
@@ -528,6 +529,78 @@ def test_forbidden_syscall_ends_child_and_parent_restarts_it(relayd, backend, tm
     wait_procs(d, 2, exclude={victim})
     assert echo_once(rport) == b"ping"
     assert d.proc.poll() is None
+
+
+# -- hce's Landlock port rule ----------------------------------------------------------
+# hce may connect to its check ports only; a reload that needs a new one
+# gets a new hce, seeded with the states known so far.
+
+def checked_conf(tables: list[tuple[str, str, int, int]]) -> str:
+    """`interval 1`, and per (table, host, relay port, backend port) a
+    checked table and a TCP relay to it."""
+    out = "interval 1\ntimeout 500\nlog state changes\nprefork 1\n"
+    for name, host, rport, bport in tables:
+        out += (f"table <{name}> {{ {host} }}\n"
+                f'relay "{name}" {{\n\tlisten on 127.0.0.1 port {rport}\n'
+                f"\tforward to <{name}> port {bport} check tcp\n}}\n")
+    return out
+
+
+def state_lines(d, host: str) -> list[str]:
+    return re.findall(rf"^host {re.escape(host)}, check tcp .*state (\w+ -> \w+)",
+                      d.output(), re.M)
+
+
+@pytest.mark.skipif(landlock.abi() < 4, reason="Landlock ABI < 4: no TCP port rules")
+@pytest.mark.parametrize("target,result", [("other", "Permission denied"),
+                                           ("check", "connected")])
+def test_hce_connects_only_to_its_check_ports(relayd, backend, tmp_path, target, result):
+    b = backend()
+    rport, other = free_port(), free_port()
+    port = b.port if target == "check" else other
+    d = relayd(f'socket "{tmp_path}/ctl.sock"\n' + checked_conf([("web", "127.0.0.1", rport, b.port)]),
+               env={**os.environ, "TANDEM_PLEDGE_PROBE": f"connect:{port}"})
+    # its checks get through: the host comes up
+    wait_for(lambda: "unknown -> up" in " ".join(state_lines(d, "127.0.0.1")),
+             what=f"host up:\n{d.output()}")
+    hce_pid = wait_procs(d, 1)["hce"][0]
+    os.kill(hce_pid, signal.SIGUSR2)
+    d.wait_output(f"pledge probe connect:{port}: survived ({result})", timeout=15)
+    assert wait_procs(d, 1)["hce"] == [hce_pid]
+    assert echo_once(rport) == b"ping"
+
+
+def test_reload_with_new_check_port_restarts_hce_keeping_states(relayd, backend, tmp_path):
+    b1, b2 = backend(), backend(addr="127.0.0.2")
+    r1, r2 = free_port(), free_port()
+    head = f'socket "{tmp_path}/ctl.sock"\n'
+    d = relayd(head + checked_conf([("web", "127.0.0.1", r1, b1.port)]))
+    wait_for(lambda: state_lines(d, "127.0.0.1") == ["unknown -> up"],
+             what=f"host up:\n{d.output()}")
+    hce1 = wait_procs(d, 1)["hce"][0]
+
+    # Same check ports: the same hce takes the new configuration.
+    d.signal(signal.SIGHUP)
+    reloaded(d, 1)
+    assert wait_procs(d, 1)["hce"] == [hce1]
+    assert "restarting hce" not in d.output()
+
+    # A new table checked on a new port: a new hce.
+    d.path.write_text(head + checked_conf([("web", "127.0.0.1", r1, b1.port),
+                                           ("api", "127.0.0.2", r2, b2.port)]))
+    d.signal(signal.SIGHUP)
+    reloaded(d, 2)
+    assert "parent_reload: new check ports, restarting hce" in d.output()
+    hce2 = wait_procs(d, 1, exclude=set())["hce"][0]
+    assert hce2 != hce1
+    wait_for(lambda: state_lines(d, "127.0.0.2") == ["unknown -> up"],
+             what=f"new table's host up:\n{d.output()}")
+    # the kept host was served throughout and never flapped
+    assert echo_once(r1) == b"ping"
+    assert echo_once(r2) == b"ping"
+    time.sleep(2.5)      # a few more rounds of the new hce
+    assert state_lines(d, "127.0.0.1") == ["unknown -> up"], d.output()
+    assert "lost child" not in d.output()
 
 
 # -- shared counters -------------------------------------------------------------------

@@ -4,6 +4,7 @@ type against small in-process trio backends on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -818,3 +819,49 @@ relay "r" {
     assert t1.skip == 0 and t2.skip == 1
     assert [h.parent for h in t1.hosts] == [0, 1]
     assert e.hosts[2] in e.hosts[1].children
+
+
+# -- a new hce process: its port rule and its seed ------------------------------------
+
+def test_check_ports_are_tcp_style_checks_only():
+    conf = make_conf(("t", TCP, [("a", 0, 0)], {}),
+                     ("h", CheckConfig(type="http"), [("b", 0, 0)], {"disabled": True}),
+                     ("i", CheckConfig(type="icmp"), [("c", 0, 0)], {}),
+                     ("s", CheckConfig(type="script", path="/bin/true"), [("d", 0, 0)], {}),
+                     ("n", CheckConfig(type="none"), [("e", 0, 0)], {}))
+    insts = list(conf.instances)
+    # make_conf gives every instance port 80: one port each here
+    conf = dataclasses.replace(conf, instances=tuple(
+        dataclasses.replace(x, port=8000 + n) for n, x in enumerate(insts)))
+    # tcp and http (a disabled table may be enabled by relayctl); not icmp, script, none
+    assert hce.check_ports(conf) == (8000, 8001)
+
+
+def test_seed_starts_from_known_states_without_flapping():
+    conf = make_conf(("t", TCP, [("a", 2, 0), ("b", 0, 0), ("c", 0, 0)], {}),
+                     ("u", TCP, [("d", 0, 0)], {}), interval=10)
+    fake = Scripted({"a": [FAIL, OK], "b": [OK], "c": [OK], "d": ["hang"]})
+
+    async def body(e, changes):
+        await trio.sleep(1)
+        # a: up with its retries in hand (one failure tolerated), b: down,
+        # c: unknown (not seeded), d: its table disabled by relayctl
+        assert e.state(1) == UP and e.hosts[1].retry_cnt == 1
+        assert e.state(2) == UP and e.state(3) == UP
+        assert e.find_table(2).disabled and e.state(4) == UNKNOWN
+        assert "d" not in fake.calls
+        # the seeded states were reported once (d's switch, then run()'s
+        # resync), then only flips
+        assert per_host(changes) == {4: [UNKNOWN], 1: [UP], 2: [DOWN, UP], 3: [UP]}
+
+    changes: list = []
+
+    async def main():
+        e = Hce(conf, lambda i, s: changes.append((i, s)), debug=False)
+        e.checks["tcp"] = fake
+        hce.seed(e, {1: "up", 2: "down", 9: "up", 4: "up"}, (), {2: True})
+        async with trio.open_nursery() as n:
+            await n.start(e.run)
+            await body(e, changes)
+            n.cancel_scope.cancel()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
