@@ -1,0 +1,597 @@
+"""Two relayd boxes behind one virtual address with keepalived (VRRP),
+black-box, in network namespaces the test makes (issue 17).
+
+Topology (addresses 10.232.x.y exist only inside these namespaces):
+
+    client ns   eth0 10.232.1.2 --+                  +-- eth0 10.232.2.21, .22  backend ns
+                                  | bridge "front"   | bridge "back"            (web :8080,
+    lb1 ns      eth0 10.232.1.11 -+ (switch ns)      +-- eth1 10.232.2.11  lb1   echo :9000)
+    lb2 ns      eth0 10.232.1.12 -+                  +-- eth1 10.232.2.12  lb2
+
+Both load balancers run the same relayd.conf (an HTTP relay and an
+nftables redirection on the virtual address 10.232.1.100, both forwarding
+to the two backends with `demote carp`) and a keepalived whose one VRRP
+instance holds the front virtual address and the backends' gateway
+10.232.2.1 (so redirected flows return through the box that holds them).
+keepalived lowers a box's priority by 50 per table relayd demotes (the
+track file), and puts it in FAULT when no process named `relayd` runs in
+its namespace (vrrp_script with pgrep; keepalived's track_process needs
+the proc connector, which only the initial network namespace has).
+conntrackd (FTFW over the front segment) copies the redirections'
+connection states to the peer, committed by keepalived's notify script
+when a box becomes master.
+
+Which box served a request: the backends answer with the address the
+connection came from, lb1's or lb2's back address (the relay), and the
+test reads which box holds the virtual address.  A client loop in the
+client namespace sends a request every LOOP_EVERY s (timeout LOOP_TIMEOUT
+s) while a box fails; its records give the time from the failure to the
+first request served by the peer and the requests lost on the way.  The
+figures are printed (pytest -s) and written to $TANDEM_HA_FIGURES when
+set (a JSON file).
+
+Every process is stopped by pid and every namespace deleted when the
+module ends, even on failure.  Run alone: `pytest -m netns
+tests/regress/test_relayd_ha.py`.  Needs root, ip(8), nft(8),
+keepalived, conntrackd and conntrack (.ci/install-deps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.netns, pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(not (shutil.which("ip") and shutil.which("nft")),
+                       reason="needs ip(8) and nft(8)"),
+]
+
+PY = sys.executable
+VIP, BVIP = "10.232.1.100", "10.232.2.1"       # clients' and backends' virtual address
+CLIENT = "10.232.1.2"
+FRONT = {"lb1": "10.232.1.11", "lb2": "10.232.1.12"}
+BACK = {"lb1": "10.232.2.11", "lb2": "10.232.2.12"}
+B1, B2 = "10.232.2.21", "10.232.2.22"
+PRIORITY = {"lb1": 150, "lb2": 120}
+ADVERT = 1                                   # keepalived advert_int (s)
+BOUND = ADVERT * 3 + 2                       # failover must be quicker (issue 17)
+LOOP_EVERY, LOOP_TIMEOUT = 0.05, 1.0         # client loop: a request every 50 ms
+LOOP_MAX = 30.0                              # ... for at most this long
+HTTP_PORT, ECHO_PORT = 80, 9000
+
+SERVER = r'''
+import socket, sys, threading
+def serve_http(c, peer, me):
+    try:
+        c.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            d = c.recv(4096)
+            if not d:
+                return
+            data += d
+        body = f"{me} {peer}\n".encode()
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    except OSError:
+        pass
+    finally:
+        c.close()
+def serve_echo(c, peer, me):
+    try:
+        c.sendall(me.encode() + b"\n")
+        while True:
+            d = c.recv(4096)
+            if not d:
+                break
+            c.sendall(d)
+    except OSError:
+        pass
+    finally:
+        c.close()
+def listen(addr, port, fn):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port)); s.listen(128)
+    while True:
+        c, a = s.accept()
+        threading.Thread(target=fn, args=(c, a[0], addr), daemon=True).start()
+for addr in sys.argv[1:]:
+    threading.Thread(target=listen, args=(addr, 8080, serve_http), daemon=True).start()
+    threading.Thread(target=listen, args=(addr, 9000, serve_echo), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+'''
+
+# A request every EVERY s until STOPFILE exists (or MAX s): one JSON line
+# per request, {"t": monotonic start, "ok", "backend", "peer"} or "error".
+LOOP = r'''
+import json, os, socket, sys, time
+vip, port, every, timeout, limit, stop, out = sys.argv[1:]
+every, timeout, limit = float(every), float(timeout), float(limit)
+end = time.monotonic() + limit
+with open(out, "w") as f:
+    while time.monotonic() < end and not os.path.exists(stop):
+        t0 = time.monotonic()
+        rec = {"t": t0}
+        try:
+            with socket.create_connection((vip, int(port)), timeout=timeout) as s:
+                s.settimeout(max(0.05, t0 + timeout - time.monotonic()))
+                s.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+                data = b""
+                while True:
+                    d = s.recv(4096)
+                    if not d:
+                        break
+                    data += d
+            head, _, body = data.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise OSError(f"answer {head[:40]!r}")
+            backend, peer = body.decode().split()
+            rec.update(ok=True, backend=backend, peer=peer)
+        except (OSError, ValueError) as e:
+            rec.update(ok=False, error=repr(e))
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        time.sleep(max(0.0, t0 + every - time.monotonic()))
+'''
+
+# A long-lived TCP connection through the redirection: a line every
+# EVERY s, each echoed back; one JSON line per exchange.
+FLOW = r'''
+import json, os, socket, sys, time
+vip, port, every, limit, stop, out = sys.argv[1:]
+every, limit = float(every), float(limit)
+end = time.monotonic() + limit
+with open(out, "w") as f:
+    s = socket.create_connection((vip, int(port)), timeout=5)
+    s.settimeout(10)
+    r = s.makefile("rb")
+    f.write(json.dumps({"t": time.monotonic(), "backend": r.readline().decode().strip()}) + "\n")
+    f.flush()
+    n = 0
+    while time.monotonic() < end and not os.path.exists(stop):
+        n += 1
+        t0 = time.monotonic()
+        rec = {"t": t0, "n": n}
+        try:
+            s.sendall(f"line {n}\n".encode())
+            line = r.readline().decode().strip()
+            rec.update(ok=line == f"line {n}", rtt=time.monotonic() - t0, got=line)
+        except OSError as e:
+            rec.update(ok=False, error=repr(e))
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        if not rec["ok"]:
+            break
+        time.sleep(max(0.0, t0 + every - time.monotonic()))
+'''
+
+RELAYD_CONF = f"""\
+interval 1
+timeout 500
+log state changes
+socket $sock
+table <web> {{ {B1}, {B2} }}
+http protocol "http" {{
+\tmatch request header set "X-Forwarded-For" value "$REMOTE_ADDR"
+}}
+relay "www" {{
+\tlisten on {VIP} port {HTTP_PORT}
+\tprotocol "http"
+\tforward to <web> port 8080 mode roundrobin check http "/" code 200 demote carp
+}}
+redirect "echo" {{
+\tlisten on {VIP} tcp port {ECHO_PORT}
+\tforward to <web> port 9000 mode roundrobin check tcp demote carp
+}}
+"""
+
+KEEPALIVED_CONF = """\
+global_defs {{
+    router_id {name}
+    script_user root
+}}
+track_file relayd_carp {{
+    file "{demote}/carp"
+    weight -50
+}}
+vrrp_script relayd_alive {{
+    script "{alive}"
+    interval 1
+    fall 1
+    rise 1
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 232
+    priority {priority}
+    advert_int {advert}
+    virtual_ipaddress {{
+        {vip}/24 dev eth0
+        {bvip}/24 dev eth1
+    }}
+    track_file {{
+        relayd_carp
+    }}
+    track_script {{
+        relayd_alive
+    }}
+    notify "{notify}"
+}}
+"""
+
+# relayd runs in this namespace: pgrep finds processes of every namespace
+# (one kernel), so the match is limited to the caller's network namespace.
+ALIVE = """#!/bin/sh
+exec pgrep -x --ns $$ --nslist net relayd >/dev/null
+"""
+
+CONNTRACKD_CONF = """\
+Sync {{
+    Mode FTFW {{
+        DisableExternalCache Off
+    }}
+    UDP {{
+        IPv4_address {me}
+        IPv4_Destination_Address {peer}
+        Port 3780
+        Interface eth0
+        Checksum on
+    }}
+}}
+General {{
+    HashSize 8192
+    HashLimit 65535
+    LogFile {dir}/conntrackd.log
+    LockFile {dir}/conntrackd.lock
+    UNIX {{
+        Path {dir}/conntrackd.ctl
+    }}
+    NetlinkBufferSize 2097152
+    NetlinkBufferSizeMaxGrowth 8388608
+    Filter From Userspace {{
+        Protocol Accept {{
+            TCP
+        }}
+        Address Ignore {{
+            IPv4_address 127.0.0.1
+            IPv4_address {front1}
+            IPv4_address {front2}
+            IPv4_address {back1}
+            IPv4_address {back2}
+        }}
+    }}
+}}
+"""
+
+# keepalived's notify script (after Debian's conntrackd primary-backup.sh):
+# "$3" is the new state.  The box becoming master commits the states the
+# peer sent it into its own conntrack table; one becoming backup asks the
+# peer for its states.
+NOTIFY = """#!/bin/sh
+C="conntrackd -C {conf}"
+echo "$(date +%s.%N) $3" >> {dir}/notify.log
+[ -S {dir}/conntrackd.ctl ] || exit 0
+case "$3" in
+MASTER)
+    $C -c; $C -f; $C -R; $C -B ;;
+BACKUP)
+    $C -t; $C -n ;;
+FAULT)
+    $C -t ;;
+esac
+"""
+
+
+def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+def stop(p: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(sig)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+
+
+class Box:
+    """One load balancer: its namespace, relayd, keepalived, conntrackd."""
+
+    def __init__(self, name: str, ns: str, tmp: Path) -> None:
+        self.name, self.ns = name, ns
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.demote = self.dir / "demote"
+        self.sock = self.dir / "relayd.sock"
+        self.relayd: subprocess.Popen | None = None
+        self.keepalived: subprocess.Popen | None = None
+        self.conntrackd: subprocess.Popen | None = None
+        self.logs: list = []
+
+    def _log(self, name: str):
+        f = open(self.dir / name, "ab")
+        self.logs.append(f)
+        return f
+
+    def start_relayd(self, conf: Path) -> None:
+        env = dict(os.environ, RELAYD_DEMOTE_DIR=str(self.demote))
+        self.relayd = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, PY, "-m", "relayd", "-d", "-f", str(conf),
+             "-D", f'sock="{self.sock}"'], cwd=REPO, env=env,
+            stdout=self._log("relayd.log"), stderr=subprocess.STDOUT)
+
+    def start_keepalived(self) -> None:
+        self.keepalived = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "keepalived", "-n", "-l", "-D", "-G", "-P",
+             "-f", str(self.dir / "keepalived.conf"), "-p", str(self.dir / "keepalived.pid"),
+             "-r", str(self.dir / "vrrp.pid")],
+            stdout=self._log("keepalived.log"), stderr=subprocess.STDOUT)
+
+    def start_conntrackd(self) -> None:
+        self.conntrackd = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "conntrackd", "-C",
+             str(self.dir / "conntrackd.conf")],
+            stdout=self._log("conntrackd.out"), stderr=subprocess.STDOUT)
+
+    def output(self, what: str = "relayd.log") -> str:
+        for f in self.logs:
+            f.flush()
+        p = self.dir / what
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def counter(self) -> int | None:
+        try:
+            return int((self.demote / "carp").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop_all(self) -> None:
+        for p in (self.keepalived, self.conntrackd, self.relayd):
+            try:
+                stop(p)
+            except Exception:      # noqa: BLE001 -- stop the others regardless
+                pass
+        for f in self.logs:
+            f.close()
+        self.logs = []
+
+
+class Ha:
+    """The namespaces, links and processes of one module."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        tag = f"tdm-ha-{os.getpid()}"
+        self.sw, self.c, self.b = (f"{tag}-{n}" for n in ("sw", "c", "b"))
+        self.boxes = {n: Box(n, f"{tag}-{n}", tmp) for n in ("lb1", "lb2")}
+        self.namespaces: list[str] = []
+        self.backend: subprocess.Popen | None = None
+        self.loops: list[subprocess.Popen] = []
+        self.figures: dict = {}
+        for name, text in (("server.py", SERVER), ("loop.py", LOOP), ("flow.py", FLOW)):
+            (tmp / name).write_text(text)
+        self.relayd_conf = tmp / "relayd.conf"
+        self.relayd_conf.write_text(RELAYD_CONF)
+
+    def ns(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh("ip", "netns", "exec", ns, *cmd, check=check)
+
+    def _port(self, ns: str, dev: str, bridge: str, port: str) -> None:
+        sh("ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", port,
+           "netns", self.sw)
+        self.ns(self.sw, "ip", "link", "set", port, "master", bridge, "up")
+        self.ns(ns, "ip", "link", "set", dev, "up")
+
+    def setup(self) -> None:
+        for ns in (self.sw, self.c, self.b, *(b.ns for b in self.boxes.values())):
+            sh("ip", "netns", "add", ns)
+            self.namespaces.append(ns)
+            self.ns(ns, "ip", "link", "set", "lo", "up")
+        for br in ("front", "back"):
+            # No IGMP snooping: VRRP's 224.0.0.18 reaches every port.
+            self.ns(self.sw, "ip", "link", "add", br, "type", "bridge", "mcast_snooping", "0")
+            self.ns(self.sw, "ip", "link", "set", br, "up")
+        self._port(self.c, "eth0", "front", "pc")
+        self._port(self.b, "eth0", "back", "pb")
+        self.ns(self.c, "ip", "addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        self.ns(self.c, "ip", "route", "add", "default", "via", VIP)
+        for a in (B1, B2):
+            self.ns(self.b, "ip", "addr", "add", f"{a}/24", "dev", "eth0")
+        self.ns(self.b, "ip", "route", "add", "default", "via", BVIP)
+        for box in self.boxes.values():
+            self._port(box.ns, "eth0", "front", f"f{box.name}")
+            self._port(box.ns, "eth1", "back", f"k{box.name}")
+            self.ns(box.ns, "ip", "addr", "add", f"{FRONT[box.name]}/24", "dev", "eth0")
+            self.ns(box.ns, "ip", "addr", "add", f"{BACK[box.name]}/24", "dev", "eth1")
+            # The sysctls of the README: forward (redirections), bind the
+            # virtual address while the peer holds it (the relay).
+            self.ns(box.ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+                    "net.ipv4.ip_nonlocal_bind=1")
+        self.backend = subprocess.Popen(["ip", "netns", "exec", self.b, PY, "-u",
+                                         str(self.tmp / "server.py"), B1, B2],
+                                        stdout=subprocess.PIPE, text=True)
+        assert self.backend.stdout.readline().strip() == "ready"
+        for box in self.boxes.values():
+            peer = "lb2" if box.name == "lb1" else "lb1"
+            (box.dir / "alive.sh").write_text(ALIVE)
+            (box.dir / "notify.sh").write_text(NOTIFY.format(
+                conf=box.dir / "conntrackd.conf", dir=box.dir))
+            for f in ("alive.sh", "notify.sh"):
+                os.chmod(box.dir / f, 0o755)
+            (box.dir / "keepalived.conf").write_text(KEEPALIVED_CONF.format(
+                name=box.name, demote=box.demote, alive=box.dir / "alive.sh",
+                priority=PRIORITY[box.name], advert=ADVERT, vip=VIP, bvip=BVIP,
+                notify=box.dir / "notify.sh"))
+            (box.dir / "conntrackd.conf").write_text(CONNTRACKD_CONF.format(
+                me=FRONT[box.name], peer=FRONT[peer], dir=box.dir,
+                front1=FRONT["lb1"], front2=FRONT["lb2"], back1=BACK["lb1"],
+                back2=BACK["lb2"]))
+            box.start_conntrackd()
+            box.start_relayd(self.relayd_conf)
+        for box in self.boxes.values():
+            wait_for(lambda: box.counter() == 0 and self.hosts_up(box),
+                     f"relayd on {box.name} up", self, 20)
+            box.start_keepalived()
+
+    def teardown(self) -> None:
+        for p in self.loops:
+            stop(p)
+        for box in self.boxes.values():
+            box.stop_all()
+        stop(self.backend)
+        for ns in self.namespaces:
+            sh("ip", "netns", "del", ns, check=False)
+
+    # -- probes ----------------------------------------------------------------------
+    def hosts_up(self, box: Box) -> bool:
+        r = sh(PY, "-m", "relayctl", "-s", str(box.sock), "-j", "show", "hosts",
+               check=False)
+        rows = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+        return r.returncode == 0 and sum(x["type"] == "host" and x["state"] == "up"
+                                         for x in rows) == 4
+
+    def ctl(self, box: Box, *args: str) -> str:
+        r = sh(PY, "-m", "relayctl", "-s", str(box.sock), *args, check=False)
+        return r.stdout + r.stderr
+
+    def master(self) -> str | None:
+        """The box holding the virtual address (None: none, or both)."""
+        have = [b.name for b in self.boxes.values()
+                if f" {VIP}/" in self.ns(b.ns, "ip", "-4", "addr", "show", "dev", "eth0",
+                                         check=False).stdout]
+        return have[0] if len(have) == 1 else None
+
+    def served_by(self) -> str:
+        """Which box relays a request now (by the address the backend saw)."""
+        r = self.ns(self.c, PY, "-c", LOOP_ONCE, check=False)
+        peer = r.stdout.split()[-1] if r.returncode == 0 and r.stdout.strip() else ""
+        return {v: k for k, v in BACK.items()}.get(peer, r.stdout + r.stderr)
+
+    def loop(self, name: str, script: str = "loop.py", *args: str) -> tuple[subprocess.Popen,
+                                                                         Path, Path]:
+        out, stopf = self.tmp / f"{name}.jsonl", self.tmp / f"{name}.stop"
+        stopf.unlink(missing_ok=True)
+        if script == "loop.py":
+            argv = [VIP, str(HTTP_PORT), str(LOOP_EVERY), str(LOOP_TIMEOUT), str(LOOP_MAX)]
+        else:
+            argv = [VIP, str(ECHO_PORT), *args, str(LOOP_MAX)]
+        p = subprocess.Popen(["ip", "netns", "exec", self.c, PY, "-u",
+                              str(self.tmp / script), *argv, str(stopf), str(out)])
+        self.loops.append(p)
+        return p, out, stopf
+
+    def report(self, key: str, figures: dict) -> None:
+        self.figures[key] = figures
+        print(f"\nHA {key}: {json.dumps(figures)}")
+        path = os.environ.get("TANDEM_HA_FIGURES")
+        if path:
+            Path(path).write_text(json.dumps(self.figures, indent=1) + "\n")
+
+    def all_output(self) -> str:
+        out = []
+        for b in self.boxes.values():
+            for what in ("relayd.log", "keepalived.log", "notify.log", "conntrackd.log"):
+                out.append(f"--- {b.name} {what} ---\n{b.output(what)[-3000:]}")
+        return "\n".join(out)
+
+
+LOOP_ONCE = f"""
+import socket
+s = socket.create_connection(("{VIP}", {HTTP_PORT}), timeout=3)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: vip\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while (d := s.recv(4096)):
+    data += d
+print(data.partition(b"\\r\\n\\r\\n")[2].decode().strip())
+"""
+
+
+def wait_for(pred, what: str, ha: Ha, timeout: float = 10.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}\n{ha.all_output()}")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def end_loop(p: subprocess.Popen, stopf: Path) -> None:
+    stopf.touch()
+    p.wait(LOOP_MAX + 5)
+
+
+def failover_figures(recs: list[dict], t_fail: float, new: str) -> dict:
+    """From the loop's records: seconds from t_fail to the first request
+    served by box `new`, failed requests in between and after."""
+    peer = BACK[new]
+    first = next((r for r in recs if r["t"] >= t_fail and r.get("ok") and r["peer"] == peer),
+                 None)
+    assert first is not None, recs[-20:]
+    after = [r for r in recs if r["t"] >= t_fail]
+    failed = [r for r in after if not r.get("ok")]
+    lost_before = [r for r in after if r["t"] < first["t"] and not r.get("ok")]
+    # A request that started before the failover but failed counts too.
+    wrong = [r for r in recs if r["t"] > first["t"] and r.get("ok") and r["peer"] != peer]
+    return {"failover_s": round(first["t"] + _dur(recs, first) - t_fail, 3),
+            "failed_requests": len(failed), "failed_before_first": len(lost_before),
+            "requests": len(after), "served_by_old_after": len(wrong)}
+
+
+def _dur(recs: list[dict], r: dict) -> float:
+    """How long request r took (it ended by the next one's start, at most)."""
+    i = recs.index(r)
+    return max(0.0, min(LOOP_EVERY, recs[i + 1]["t"] - r["t"])) if i + 1 < len(recs) else 0.0
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory):
+    for tool in ("keepalived", "conntrackd", "conntrack", "pgrep"):
+        assert shutil.which(tool), f"{tool} is not installed (.ci/install-deps)"
+    h = Ha(tmp_path_factory.mktemp("ha"))
+    try:
+        h.setup()
+        wait_for(lambda: h.master() == "lb1", "lb1 master", h, 15)
+        yield h
+    finally:
+        h.teardown()
+    r = sh("ip", "netns", "list")
+    assert not any(ns in r.stdout for ns in h.namespaces), r.stdout
+
+
+def lb1_master_again(ha: Ha, timeout: float = 15) -> None:
+    wait_for(lambda: ha.master() == "lb1" and ha.served_by() == "lb1", "lb1 serving again",
+             ha, timeout, every=0.2)
+
+
+# -- the set-up ---------------------------------------------------------------------------
+
+def test_lb1_serves_and_both_relays_are_ready(ha):
+    assert ha.master() == "lb1"
+    seen = {ha.served_by() for _ in range(4)}
+    assert seen == {"lb1"}, seen
+    for box in ha.boxes.values():
+        out = ha.ctl(box, "show", "summary")
+        assert out.endswith("    \tdemote  \tcarp                    \t       \tcounter 0\n"), out
