@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -535,7 +536,11 @@ def wait_for(pred, what: str, ha: Ha, timeout: float = 10.0, every: float = 0.05
 
 
 def records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """The complete lines a loop wrote so far."""
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines(keepends=True)
+            if x.endswith("\n") and x.strip()]
 
 
 def end_loop(p: subprocess.Popen, stopf: Path) -> None:
@@ -595,3 +600,150 @@ def test_lb1_serves_and_both_relays_are_ready(ha):
     for box in ha.boxes.values():
         out = ha.ctl(box, "show", "summary")
         assert out.endswith("    \tdemote  \tcarp                    \t       \tcounter 0\n"), out
+
+
+def wait_served(ha: Ha, out: Path, box: str, since: float, timeout: float) -> dict:
+    """The loop's first request after `since` served by `box`."""
+    peer = BACK[box]
+    return wait_for(lambda: next((r for r in records(out) if r["t"] >= since and r.get("ok")
+                                  and r["peer"] == peer), None),
+                    f"a request served by {box}", ha, timeout)
+
+
+def demote_steps(log: str, verb: str) -> list[tuple[int, int]]:
+    """(old, new) of relayd's `carp_demote_set: <verb> ...` lines for carp."""
+    return [(int(a), int(b)) for a, b in re.findall(
+        rf"^carp_demote_set: {verb} the demote state of group 'carp' "
+        rf"\(demote counter (\d+) -> (\d+)\)$", log, re.M)]
+
+
+CUT_BACKENDS = (f"add table ip tdmha; add chain ip tdmha out "
+                f"{{ type filter hook output priority 0; }}; "
+                f"add rule ip tdmha out ip daddr {{ {B1}, {B2} }} drop")
+
+
+# -- failover on demotion -----------------------------------------------------------------
+
+def test_failover_on_demotion_and_failback(ha):
+    """lb1 loses its backends (a firewall rule in lb1 drops what it sends
+    them; lb2 still reaches them): relayd's demote counter rises, keepalived
+    lowers lb1's priority by 50 per table, lb2 takes the addresses and
+    serves; the backends return, the counter drops to 0 and lb1 (higher
+    priority, default preemption) takes them back."""
+    lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
+    p, out, stopf = ha.loop("demote")
+    try:
+        wait_served(ha, out, "lb1", 0, 5)
+        t_cut = time.monotonic()
+        ha.ns(lb1.ns, "nft", CUT_BACKENDS)
+        t_demoted = wait_for(lambda: (lb1.counter() or 0) >= 1 and time.monotonic(),
+                             "lb1 demoted", ha, 10, every=0.02)
+        first = wait_served(ha, out, "lb2", t_demoted, BOUND + 5)
+        wait_for(lambda: lb1.counter() == 2, "both tables demote carp", ha, 10)
+        assert ha.master() == "lb2"
+        out1 = ha.ctl(lb1, "show", "summary")
+        assert out1.endswith("    \tdemote  \tcarp                    \t       \tcounter 2\n"), out1
+        assert lb2.counter() == 0
+        # One line per change: 0 -> 2 when both tables fell in one check
+        # round, 0 -> 1 -> 2 otherwise.
+        assert demote_steps(lb1.output(), "incremented") in ([(0, 2)], [(0, 1), (1, 2)]), \
+            lb1.output()
+        assert re.search(r"\(VI_1\) Changing effective priority from \d+ to 50$",
+                         lb1.output("keepalived.log"), re.M)        # 150 - 2 x 50
+        time.sleep(1)                          # lb2 keeps serving
+        t_back = time.monotonic()
+        ha.ns(lb1.ns, "nft", "delete table ip tdmha")
+        t_undemoted = wait_for(lambda: lb1.counter() == 0 and time.monotonic(),
+                               "lb1 undemoted", ha, 10, every=0.02)
+        back = wait_served(ha, out, "lb1", t_undemoted, BOUND + 5)
+        assert demote_steps(lb1.output(), "decremented") in ([(2, 0)], [(2, 1), (1, 0)]), \
+            lb1.output()
+        time.sleep(0.5)
+    finally:
+        ha.ns(lb1.ns, "nft", "delete table ip tdmha", check=False)
+        end_loop(p, stopf)
+    recs = records(out)
+    fo = failover_figures([r for r in recs if r["t"] < t_back], t_demoted, "lb2")
+    fb = failover_figures(recs, t_undemoted, "lb1")
+    assert all(r["peer"] == BACK["lb2"] for r in recs
+               if first["t"] <= r["t"] < t_back and r.get("ok")), "lb1 served after failover"
+    assert all(r["peer"] == BACK["lb1"] for r in recs if r["t"] >= back["t"] and r.get("ok"))
+    fig = {"detect_s": round(t_demoted - t_cut, 3), "failover_s": fo["failover_s"],
+           "failed_requests": fo["failed_requests"], "failback_s": fb["failover_s"],
+           "failback_failed_requests": fb["failed_requests"]}
+    ha.report("demotion", fig)
+    # From the counter's rise (keepalived reads the file at once) to the
+    # first request through lb2, and back.
+    assert fo["failover_s"] <= BOUND, fig
+    assert fb["failover_s"] <= BOUND, fig
+    lb1_master_again(ha)
+
+
+# -- failover on box loss -----------------------------------------------------------------
+
+def test_failover_on_box_loss(ha):
+    """lb1 drops off both segments (its links go down, as when the box
+    loses power): lb2 takes over once lb1's adverts are missing (3 adverts
+    plus skew); lb1 comes back and takes over again."""
+    lb1 = ha.boxes["lb1"]
+    p, out, stopf = ha.loop("boxloss")
+    try:
+        wait_served(ha, out, "lb1", 0, 5)
+        t_lost = time.monotonic()
+        for dev in ("eth0", "eth1"):
+            ha.ns(lb1.ns, "ip", "link", "set", dev, "down")
+        wait_served(ha, out, "lb2", t_lost, BOUND + 5)
+        time.sleep(0.5)
+        t_back = time.monotonic()
+        for dev in ("eth0", "eth1"):
+            ha.ns(lb1.ns, "ip", "link", "set", dev, "up")
+        wait_served(ha, out, "lb1", t_back, BOUND + 10)
+        time.sleep(0.5)
+    finally:
+        for dev in ("eth0", "eth1"):
+            ha.ns(lb1.ns, "ip", "link", "set", dev, "up", check=False)
+        end_loop(p, stopf)
+    recs = records(out)
+    fo = failover_figures([r for r in recs if r["t"] < t_back], t_lost, "lb2")
+    fb = failover_figures(recs, t_back, "lb1")
+    fig = {"failover_s": fo["failover_s"], "failed_requests": fo["failed_requests"],
+           "failback_s": fb["failover_s"], "failback_failed_requests": fb["failed_requests"]}
+    ha.report("box_loss", fig)
+    assert fo["failover_s"] <= BOUND, fig
+    lb1_master_again(ha)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_failover_when_relayd_stops(ha, sig):
+    """relayd on lb1 stops (killed, or a clean exit that writes 0 to the
+    demote file): keepalived's vrrp_script finds no relayd, lb1 goes to
+    FAULT and hands over at once; a new relayd brings lb1 back."""
+    lb1 = ha.boxes["lb1"]
+    p, out, stopf = ha.loop(f"stop-{sig.name}")
+    try:
+        wait_served(ha, out, "lb1", 0, 5)
+        t_stop = time.monotonic()
+        lb1.relayd.send_signal(sig)
+        wait_served(ha, out, "lb2", t_stop, BOUND + 5)
+        lb1.relayd.wait(15)
+        assert "(VI_1) Entering FAULT STATE" in lb1.output("keepalived.log")
+        time.sleep(0.5)
+        t_back = time.monotonic()
+        lb1.start_relayd(ha.relayd_conf)
+        wait_for(lambda: ha.hosts_up(lb1), "relayd on lb1 up again", ha, 20, every=0.2)
+        t_up = time.monotonic()
+        wait_served(ha, out, "lb1", t_back, BOUND + 15)
+        time.sleep(0.5)
+    finally:
+        if lb1.relayd.poll() is not None:
+            lb1.start_relayd(ha.relayd_conf)
+        end_loop(p, stopf)
+    recs = records(out)
+    fo = failover_figures([r for r in recs if r["t"] < t_back], t_stop, "lb2")
+    fb = failover_figures(recs, t_up, "lb1")
+    fig = {"failover_s": fo["failover_s"], "failed_requests": fo["failed_requests"],
+           "failback_after_checks_up_s": fb["failover_s"],
+           "failback_failed_requests": fb["failed_requests"]}
+    ha.report(f"relayd_{sig.name}", fig)
+    assert fo["failover_s"] <= BOUND, fig
+    lb1_master_again(ha, 20)
