@@ -668,7 +668,10 @@ def test_failover_on_demotion_and_failback(ha):
     assert all(r["peer"] == BACK["lb2"] for r in recs
                if first["t"] <= r["t"] < t_back and r.get("ok")), "lb1 served after failover"
     assert all(r["peer"] == BACK["lb1"] for r in recs if r["t"] >= back["t"] and r.get("ok"))
+    cut = failover_figures([r for r in recs if r["t"] < t_back], t_cut, "lb2")
     fig = {"detect_s": round(t_demoted - t_cut, 3), "failover_s": fo["failover_s"],
+           "failover_since_cut_s": cut["failover_s"],
+           "failed_requests_since_cut": cut["failed_requests"],
            "failed_requests": fo["failed_requests"], "failback_s": fb["failover_s"],
            "failback_failed_requests": fb["failed_requests"]}
     ha.report("demotion", fig)
@@ -747,3 +750,140 @@ def test_failover_when_relayd_stops(ha, sig):
     ha.report(f"relayd_{sig.name}", fig)
     assert fo["failover_s"] <= BOUND, fig
     lb1_master_again(ha, 20)
+
+
+# -- the redirection: established flows and conntrackd --------------------------------------
+
+def conntrack_flows(ha: Ha, box: Box) -> str:
+    return ha.ns(box.ns, "conntrack", "-L", "-p", "tcp", "--orig-port-dst", str(ECHO_PORT),
+                 check=False).stdout
+
+
+def external_cache(box: Box, ha: Ha) -> str:
+    return ha.ns(box.ns, "conntrackd", "-C", str(box.dir / "conntrackd.conf"), "-e",
+                 check=False).stdout
+
+
+FLOWS = 4       # long-lived connections through the redirection, over both backends
+
+
+def start_flows(ha: Ha, name: str) -> list[tuple[subprocess.Popen, Path, Path]]:
+    flows = []
+    for i in range(FLOWS):
+        flows.append(ha.loop(f"{name}{i}", "flow.py", "0.1"))
+        wait_for(lambda: any("backend" in r for r in records(flows[-1][1])),
+                 f"flow {i}'s hello", ha, 10)
+    for _, out, _ in flows:
+        wait_for(lambda: len([r for r in records(out) if r.get("ok")]) >= 3, "3 echoes", ha)
+    return flows
+
+
+def flow_backend(out: Path) -> str:
+    return next(r["backend"] for r in records(out) if "backend" in r)
+
+
+def flow_figures(flows, t_fail: float, t_new: float) -> dict:
+    """Flows that still echo after the new master took over at t_new, and
+    the longest wait for an echo since the failure at t_fail."""
+    alive, stalls = 0, []
+    for _, out, _ in flows:
+        ex = [r for r in records(out) if "n" in r]
+        later = [r for r in ex if r["t"] >= t_fail - 1]
+        stalls.append(round(max((r.get("rtt", 0) for r in later), default=0), 3))
+        alive += all(r.get("ok") for r in ex) and any(r["t"] > t_new for r in ex)
+    return {"flows": len(flows), "survived": alive, "max_stall_s": max(stalls)}
+
+
+def echo_after(out: Path, t: float) -> bool:
+    return any(r.get("ok") and r["t"] > t for r in records(out))
+
+
+def flow_done(out: Path) -> bool:
+    """The flow ended: an exchange failed (reset, timeout)."""
+    return any("n" in r and not r.get("ok") for r in records(out))
+
+
+def box_lost(ha: Ha, box: Box, down: bool) -> None:
+    for dev in ("eth0", "eth1"):
+        ha.ns(box.ns, "ip", "link", "set", dev, "down" if down else "up", check=not down)
+
+
+def test_redirection_flows_survive_box_loss_with_conntrackd(ha):
+    """Long-lived TCP connections through the redirection (DNAT to a
+    backend, replies through the backends' gateway address) keep working
+    when lb1 drops off the network and lb2 takes over, because conntrackd
+    copied their states (NAT mapping included) to lb2 and keepalived's
+    notify script committed them there; and again when lb1 takes back
+    over."""
+    lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
+    flows = start_flows(ha, "sync")
+    try:
+        backends = {flow_backend(out) for _, out, _ in flows}
+        assert backends == {B1, B2}, backends             # round robin
+        # FTFW sends new states at once; lb2 keeps them aside (external cache).
+        wait_for(lambda: external_cache(lb2, ha).count(f"dport={ECHO_PORT}") >= FLOWS,
+                 "lb1's flows in lb2's external cache", ha, 10)
+        t_lost = time.monotonic()
+        box_lost(ha, lb1, True)
+        wait_for(lambda: ha.master() == "lb2", "lb2 master", ha, BOUND + 5)
+        t_master = time.monotonic()
+        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
+                             for _, out, _ in flows), "the flows through lb2", ha, 20)
+        fo = flow_figures(flows, t_lost, t_master)
+        assert "Committed" in lb2.output("conntrackd.log")
+        t_back = time.monotonic()
+        box_lost(ha, lb1, False)
+        wait_for(lambda: ha.master() == "lb1", "lb1 master again", ha, BOUND + 10)
+        t_master = time.monotonic()
+        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
+                             for _, out, _ in flows), "the flows through lb1 again", ha, 20)
+        fb = flow_figures(flows, t_back, t_master)
+    finally:
+        box_lost(ha, lb1, False)
+        for p, _, stopf in flows:
+            end_loop(p, stopf)
+    fig = {"flows": FLOWS, "survived_failover": fo["survived"],
+           "stall_failover_s": fo["max_stall_s"], "survived_failback": fb["survived"],
+           "stall_failback_s": fb["max_stall_s"]}
+    ha.report("redirect_conntrackd", fig)
+    assert fo["survived"] == FLOWS and fb["survived"] == FLOWS, fig
+    lb1_master_again(ha)
+
+
+def test_redirection_flows_without_conntrackd(ha):
+    """What is lost without conntrackd (measured, not a feature): lb2 has no
+    state for lb1's flows.  With net.netfilter.nf_conntrack_tcp_loose=1
+    (the default) lb2 picks a flow up from its next packet as a new
+    connection, and relayd's DNAT rule chooses a backend for it again: the
+    flow lives on when that is the backend it had (round robin on lb2
+    starts with the first host), else the backend answers with a reset."""
+    lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
+    for box in ha.boxes.values():
+        stop(box.conntrackd)
+    flows = []
+    try:
+        ha.ns(lb2.ns, "conntrack", "-F", check=False)
+        flows = start_flows(ha, "nosync")
+        t_lost = time.monotonic()
+        box_lost(ha, lb1, True)
+        wait_for(lambda: ha.master() == "lb2", "lb2 master", ha, BOUND + 5)
+        t_master = time.monotonic()
+        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
+                             for _, out, _ in flows), "each flow lives or ends", ha, 25)
+        fo = flow_figures(flows, t_lost, t_master)
+        picked = conntrack_flows(ha, lb2)
+        lost = [flow_backend(out) for _, out, _ in flows if flow_done(out)]
+        errors = sorted({r.get("error", r.get("got", ""))[:40] for _, out, _ in flows
+                         for r in records(out) if "n" in r and not r.get("ok")})
+    finally:
+        box_lost(ha, lb1, False)
+        for p, _, stopf in flows:
+            end_loop(p, stopf)
+        for box in ha.boxes.values():
+            box.start_conntrackd()
+    fig = {"flows": FLOWS, "survived_failover": fo["survived"],
+           "lost_backends": lost, "errors": errors, "stall_failover_s": fo["max_stall_s"]}
+    ha.report("redirect_no_conntrackd", fig)
+    assert fo["survived"] < FLOWS, (fig, picked)   # what conntrackd is for
+    assert "ESTABLISHED" in picked, picked           # loose pickup made new states
+    lb1_master_again(ha)
