@@ -54,6 +54,9 @@ from tests.conftest import REPO
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.root,
+    # One topology per run: under `-n 2 --dist loadgroup` (make test) every
+    # test of this module goes to the same worker.
+    pytest.mark.xdist_group("relayd_ha"),
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
     pytest.mark.skipif(not (shutil.which("ip") and shutil.which("nft")),
                        reason="needs ip(8) and nft(8)"),
