@@ -73,6 +73,7 @@ ADVERT = 1                                   # keepalived advert_int (s)
 BOUND = ADVERT * 3 + 2                       # failover must be quicker (issue 17)
 LOOP_EVERY, LOOP_TIMEOUT = 0.05, 1.0         # client loop: a request every 50 ms
 LOOP_MAX = 30.0                              # ... for at most this long
+SETTLE = 2.0                                 # quiet time after a failback (settled())
 HTTP_PORT, ECHO_PORT = 80, 9000
 # The last line of `relayctl show summary`: relayd's counter for group carp.
 SUMMARY_DEMOTE = "    \tdemote  \tcarp                    \t       \tcounter {}\n"
@@ -605,6 +606,25 @@ def ha(tmp_path_factory):
     assert not any(ns in r.stdout for ns in h.namespaces), r.stdout
 
 
+def last_state(box: Box) -> tuple[float, str]:
+    """(time.time(), state) of the box's last keepalived transition."""
+    lines = box.output("notify.log").split("\n")
+    t, state = (lines[-2] if len(lines) > 1 else "0 NONE").split()
+    return float(t), state
+
+
+def settled(ha: Ha, quiet: float = SETTLE) -> None:
+    """lb1 has been master and lb2 backup for `quiet` s: the redirection
+    tests start their flows after the failback's gratuitous ARPs and
+    conntrackd's commit and resync, not in the middle of them."""
+    lb1_master_again(ha)
+
+    def quiet_enough() -> bool:
+        (t1, s1), (t2, s2) = last_state(ha.boxes["lb1"]), last_state(ha.boxes["lb2"])
+        return s1 == "MASTER" and s2 == "BACKUP" and time.time() - max(t1, t2) >= quiet
+    wait_for(quiet_enough, "lb1 master for a while", ha, quiet + 10, every=0.1)
+
+
 def lb1_master_again(ha: Ha, timeout: float = 15) -> None:
     """lb1 holds the addresses, serves, and the client's and the backends'
     neighbour entries for them point at lb1 (right after a failback a stale
@@ -839,8 +859,11 @@ def test_redirection_flows_survive_box_loss_with_conntrackd(ha):
     notify script committed them there; and again when lb1 takes back
     over."""
     lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
+    settled(ha)
     flows = start_flows(ha, "sync")
+    before = {}
     try:
+        before = {b.name: conntrack_flows(ha, b) for b in ha.boxes.values()}
         backends = {flow_backend(out) for _, out, _ in flows}
         assert backends == {B1, B2}, backends             # round robin
         # FTFW sends new states at once; lb2 keeps them aside (external cache).
@@ -869,7 +892,7 @@ def test_redirection_flows_survive_box_loss_with_conntrackd(ha):
            "stall_failover_s": fo["max_stall_s"], "survived_failback": fb["survived"],
            "stall_failback_s": fb["max_stall_s"]}
     ha.report("redirect_conntrackd", fig)
-    assert fo["survived"] == FLOWS and fb["survived"] == FLOWS, fig
+    assert fo["survived"] == FLOWS and fb["survived"] == FLOWS, (fig, before)
     lb1_master_again(ha)
 
 
@@ -881,6 +904,7 @@ def test_redirection_flows_without_conntrackd(ha):
     flow lives on when that is the backend it had (round robin on lb2
     starts with the first host), else the backend answers with a reset."""
     lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
+    settled(ha)
     for box in ha.boxes.values():
         stop(box.conntrackd)
     flows = []
