@@ -29,13 +29,13 @@ run: venv
 	$(VPY) conf/demo.py
 
 test: venv deps
-	$(VPY) -m pytest -q -n $(JOBS) -p no:cacheprovider tests
+	$(VPY) -m pytest -q -n $(JOBS) --dist loadgroup -p no:cacheprovider tests
 
 unit: venv
 	$(VPY) -m pytest -q tests/unit
 
 regress: venv deps
-	$(VPY) -m pytest -q -n $(JOBS) tests/regress
+	$(VPY) -m pytest -q -n $(JOBS) --dist loadgroup tests/regress
 
 # Every parser that sees untrusted input, fuzzed at length (about 10
 # minutes; FUZZ_SCALE=0.1 for a quick one).  `make test` runs a short

@@ -281,6 +281,11 @@ def format_row(mode: str, row: dict) -> str:
             for addr, plen in row.get("routes") or []:
                 out += f"{_PAD}route: {addr}/{plen}\n"
         return out
+    if kind == "demote":
+        # Ours: relayd's demote counter of a carp group (keepalived track file).
+        if not summary:
+            return ""
+        return _line("", "demote", row["name"], "", f"counter {int(row.get('counter', 0))}")
     raise ProtocolError(f"wrong message in summary: {kind}")
 
 

@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         from shared.proc import daemonize
         daemonize()
     from relayd import parent
+    from shared.proc import set_title
+    # The parent's name is `relayd` (children: `relayd: pfe`, ...), also
+    # under `python -m relayd`: keepalived finds it with `pgrep -x relayd`
+    # or track_process (README, "High availability").
+    set_title("relayd")
     return parent.run(conf, path, macros, args.v, debug=args.d, cwd=start_dir)
 
 

@@ -18,6 +18,12 @@ A keepalived `track_file` with a negative weight on that file makes the
 peer take the virtual addresses (see README).  Files are replaced
 atomically (write + rename), so keepalived never reads half a number.
 DEMOTE_DIR is /run/relayd/demote, or $RELAYD_DEMOTE_DIR.
+
+Every change of a group's counter is logged with OpenBSD's words
+(carp.c's carp_demote_ioctl(): "incremented/decremented the demote state
+of group 'G'") plus the old and new counter, which OpenBSD's line lacks;
+change_text() makes that line, the callers log it.  levels() is what
+`relayctl show summary` and the metrics show.
 """
 
 from __future__ import annotations
@@ -36,6 +42,17 @@ def track_file(group: str, directory: str | None = None) -> str:
     return os.path.join(directory or demote_dir(), group)
 
 
+def change_text(group: str, level: int, prev: int | None) -> str | None:
+    """The log line for a group's counter going from `prev` (None: never
+    written) to `level`; None when nothing changed (the first 0)."""
+    old = prev or 0
+    if level == old:
+        return None
+    verb = "incremented" if level > old else "decremented"
+    return (f"carp_demote_set: {verb} the demote state of group '{group}' "
+            f"(demote counter {old} -> {level})")
+
+
 class Demote:
     """Demotion state per group: which of our tables demote it now, and
     what its file says.  set() records, commit() writes what changed."""
@@ -50,6 +67,11 @@ class Demote:
 
     def level(self, group: str) -> int:
         return len(self.demoted.get(group, ()))
+
+    def levels(self) -> dict[str, int]:
+        """Group -> counter as its file says (groups of the configuration
+        not written yet: 0)."""
+        return {g: self.written.get(g, 0) for g in sorted(set(self.demoted) | set(self.written))}
 
     def configure(self, groups: set[str]) -> None:
         """The groups of a (new) configuration: table ids start over (the

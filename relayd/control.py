@@ -12,7 +12,8 @@ it in pfe) when privilege separation lands:
      poll | reload | load PATH | monitor | log verbose|brief | stop
 
    Answers are rows {"type": ...}: `show` sends "redirect", "relay",
-   "router", "table", "host" or "session" rows and then {"type": "end"};
+   "router", "table", "host", "demote" (summary only: one per carp group,
+   its counter) or "session" rows and then {"type": "end"};
    the other commands send {"type": "ok"} or {"type": "fail", "error":
    text}; `monitor` sends {"type": "event", ...} rows until either side
    closes.  A request the server cannot parse gets {"type": "error",
@@ -238,9 +239,21 @@ def router_row(id: int, name: str, disabled: bool, rtable: int = 0,
             "rtable": rtable, "rtlabel": rtlabel or "", "routes": routes or []}
 
 
-# Which rows each `show` gets (relayctl.c show_summary_msg()).
+def demote_row(group: str, counter: int, path: str = "") -> dict:
+    """A `demote GROUP` group: relayd's counter (tables demoting it) and
+    the keepalived track file holding it (an extension of ours; OpenBSD's
+    relayctl shows no carp state)."""
+    return {"type": "demote", "name": group, "counter": counter, "file": path}
+
+
+def pfe_row_map(rows: list[dict]) -> dict:
+    """pfe's snapshot() rows by (type, id); demote rows by (type, name)."""
+    return {(r["type"], r["name"] if r["type"] == "demote" else r["id"]): r for r in rows}
+
+
+# Which rows each `show` gets (relayctl.c show_summary_msg(), plus demote).
 SHOW_TYPES = {
-    "summary": frozenset({"redirect", "table", "host", "relay", "router"}),
+    "summary": frozenset({"redirect", "table", "host", "relay", "router", "demote"}),
     "hosts": frozenset({"table", "host"}),
     "redirects": frozenset({"redirect"}),
     "relays": frozenset({"relay"}),
@@ -621,6 +634,8 @@ def summary_rows(conf, tables: dict, rdr_disabled: set, relay_stats,
         if rt.disabled:
             continue
         add_table(rt.forward.table)
+    rows.extend(sorted((r for r in pfe_rows.values() if r["type"] == "demote"),
+                       key=lambda r: r["name"]))
     return rows
 
 
@@ -691,7 +706,7 @@ class InProcessBackend(ControlBackend):
         if pfe is None:
             return {}
         await pfe.refresh_stats()
-        return {(r["type"], r["id"]): r for r in pfe.snapshot()}
+        return pfe_row_map(pfe.snapshot())
 
     async def summary(self) -> list[dict]:
         tables = self._tables()
@@ -865,7 +880,7 @@ class MessageBackend(ControlBackend):
         if self.pfe is None:
             return {}
         await self.pfe.refresh_stats()
-        return {(r["type"], r["id"]): r for r in self.pfe.snapshot()}
+        return pfe_row_map(self.pfe.snapshot())
 
     async def summary(self) -> list[dict]:
         tables = await self.tables()

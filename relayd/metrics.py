@@ -12,6 +12,8 @@ format from a prometheus_client registry:
   relayd_relay_sessions_total{relay}           sessions ended
   relayd_relay_session_errors_total{relay}     sessions that did not end `done`
   relayd_relay_sessions_active{relay}          sessions open now
+  relayd_demote{group}                         demote counter of a carp group
+                                               (tables demoting it now)
 
 Host values are read from hce's snapshot and open sessions from the relay
 state at scrape time, so checks and sessions pay nothing for them; the
@@ -127,6 +129,27 @@ class _TotalsCollector:
         yield errors
 
 
+class _DemoteCollector:
+    """relayd's demote counter per carp group, from a carp.Demote (pfe's)."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        demote = self.metrics.demote
+        if demote is None:
+            return
+        g = GaugeMetricFamily("relayd_demote",
+                              "Demote counter of the carp group: tables demoting it now",
+                              labels=["group"])
+        for group, n in demote.levels().items():
+            g.add_metric([group], n)
+        yield g
+
+
 class Snapshot:
     """Stands for an Hce (snapshot()) and a RelayState (active) in the pfe
     process: the last values the parent sent."""
@@ -151,6 +174,7 @@ class Metrics:
         self.hce = None
         self.relay_state = None
         self.refresh = None
+        self.demote = None          # a carp.Demote (levels()) once attached
         self.totals: dict[str, dict[str, int]] = {}
         if remote:
             self.view = Snapshot()
@@ -164,6 +188,11 @@ class Metrics:
                                   ["relay"], registry=self.registry)
         self.registry.register(_HceCollector(self))
         self.registry.register(_RelayCollector(self))
+        self.registry.register(_DemoteCollector(self))
+
+    def attach_demote(self, demote) -> None:
+        """Export the demote counters of this carp.Demote."""
+        self.demote = demote
 
     def attach_hce(self, hce) -> None:
         """Export the host states of this Hce (replaces any previous one)."""

@@ -314,14 +314,16 @@ class Pfe:
                 self.demote.set(inst.demote, inst.id,
                                 not any(s is True for s in states)
                                 and any(s is False for s in states))
-        for group, level, prev, err in self.demote.commit():
+        self._log_demote(self.demote.commit())
+
+    def _log_demote(self, changes) -> None:
+        for group, level, prev, err in changes:
             if err:
                 self._warn_once(f"demote:{group}", err)
-            elif prev is None and not level:
-                log.debug(f"carp_demote: group {group} reset ({self.demote.path(group)})")
+            elif (text := carp.change_text(group, level, prev)) is not None:
+                log.info(text)
             else:
-                log.info(f"carp_demote: group {group} {'demoted' if level else 'undemoted'}"
-                         f" by relayd (level {level})")
+                log.debug(f"carp_demote_init: group {group} reset ({self.demote.path(group)})")
 
     # -- life cycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -420,9 +422,7 @@ class Pfe:
                                  f"{pfe_route.describe(key)}: {e}")
                 self.routes_applied = {}
                 self.rt_active = False
-            for _, _, _, err in self.demote.shutdown():
-                if err:
-                    log.warn(err)
+            self._log_demote(self.demote.shutdown())
 
     # -- statistics and views ----------------------------------------------------------
     async def refresh_stats(self) -> None:
@@ -453,8 +453,9 @@ class Pfe:
         return "active (using backup table)" if pool.backup else "active"
 
     def snapshot(self) -> list[dict]:
-        """Redirect rows then router rows (control.redirect_row/router_row
-        fields plus the installed hosts / nexthops)."""
+        """Redirect rows, router rows (control.redirect_row/router_row
+        fields plus the installed hosts / nexthops), then a demote row per
+        carp group."""
         from relayd import control
         rows: list[dict] = []
         now = time.monotonic()
@@ -472,6 +473,8 @@ class Pfe:
             rows.append(row)
         for rt in self.conf.routers:
             rows.append(self.router_row(rt))
+        for group, level in self.demote.levels().items():
+            rows.append(control.demote_row(group, level, self.demote.path(group)))
         return rows
 
     def router_row(self, rt: RouterConfig) -> dict:

@@ -140,6 +140,7 @@ def pfe_main(fd: int) -> int:
         # The exporter runs even without `metrics listen on`: a reload may
         # add sockets (CFG_METRICS).
         mx = metrics.Metrics(remote=True)
+        mx.attach_demote(pfe.demote)
 
         async def refresh() -> None:
             snap = await ask({"cmd": "snapshot"}, 5.0)

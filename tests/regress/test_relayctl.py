@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,9 @@ class Env:
                         f'socket "{self.sock}"\n' + body)
         return path
 
-    def start(self, body: str, interval: int = 1):
-        self.d = self.daemons("relayd", self.conf(body, interval), ports=[self.port])
+    def start(self, body: str, interval: int = 1, env: dict | None = None):
+        self.d = self.daemons("relayd", self.conf(body, interval), ports=[self.port],
+                              env=env)
         return self.d
 
     def ctl(self, *args: str, module: bool = False, sock: str | None = None,
@@ -502,3 +504,50 @@ def test_stale_socket_live_socket_and_stop(env, backends, daemons):
     d.proc.wait(15)
     assert d.proc.returncode == 0
     assert not os.path.exists(env.sock)
+
+
+# -- carp demotion (keepalived track file) -----------------------------------------------
+
+def test_demote_counter_logged_shown_and_exported(env, backends, tmp_path):
+    """Every change of a demote group's counter is logged (group, old and new
+    counter), `show summary` ends with a line per group and the metrics
+    export it; relayd writes 0 again at exit.  (relayctl as `python -m`:
+    the one of this tree.)"""
+    demote_dir = tmp_path / "demote"
+    mport = free_port()
+    b = backends("127.0.0.1", env.bport)
+    d = env.start(f"metrics listen on 127.0.0.1 port {mport}\n"
+                  f"table <web> {{ 127.0.0.1 }}\n"
+                  f'relay "www" {{\n\tlisten on 127.0.0.1 port {env.port}\n'
+                  f"\tforward to <web> port {env.bport} check tcp demote tdmha\n}}\n",
+                  env=dict(os.environ, RELAYD_DEMOTE_DIR=str(demote_dir)))
+    env.wait_state("127.0.0.1", "up")
+    track = demote_dir / "tdmha"
+    summary_line = "    \tdemote  \ttdmha                   \t       \tcounter {}\n"
+
+    def metric() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as f:
+            m = re.search(r'^relayd_demote\{group="tdmha"\} (\S+)$', f.read().decode(), re.M)
+        return m[1] if m else None
+
+    assert track.read_text() == "0\n"
+    assert env.ok("show", "summary", module=True).endswith(summary_line.format(0))
+    assert metric() == "0.0"
+    b.stop()
+    env.wait_state("127.0.0.1", "down")
+    d.wait_output("carp_demote_set: incremented the demote state of group 'tdmha' "
+                  "(demote counter 0 -> 1)")
+    assert track.read_text() == "1\n"
+    out = env.ok("show", "summary", module=True)
+    assert out.endswith(summary_line.format(1)), out
+    assert json.loads(env.ok("-j", "show", "summary", module=True).splitlines()[-1]) == {
+        "type": "demote", "name": "tdmha", "counter": 1, "file": str(track)}
+    assert metric() == "1.0"
+    backends("127.0.0.1", env.bport)
+    env.wait_state("127.0.0.1", "up")
+    d.wait_output("carp_demote_set: decremented the demote state of group 'tdmha' "
+                  "(demote counter 1 -> 0)")
+    assert track.read_text() == "0\n"
+    assert env.ok("show", "summary", module=True).endswith(summary_line.format(0))
+    d.stop()
+    assert track.read_text() == "0\n"

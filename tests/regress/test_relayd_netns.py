@@ -545,7 +545,8 @@ def test_all_down_drops_and_demotes(net):
                  and (net.demote_dir / "tdmcarp").read_text() == "1\n", "demote file 1", net)
         out = net.ctl("show", "redirects")
         assert f"\t{'www':<24}\t{'':<7}\tdown\n" in out, out
-        assert "carp_demote: group tdmcarp demoted" in net.output()
+        assert ("carp_demote_set: incremented the demote state of group 'tdmcarp' "
+                "(demote counter 0 -> 1)") in net.output()
     finally:
         restore(net, "web1", "web2")
     wait_for(lambda: (net.demote_dir / "tdmcarp").read_text() == "0\n", "undemoted", net)

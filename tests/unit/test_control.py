@@ -528,6 +528,22 @@ def test_show_layouts(mode, out):
     assert ctl.format_show(mode, SUMMARY) == ctl.HEADER + out
 
 
+def test_demote_rows_only_in_summary():
+    row = control.demote_row("carp", 2, "/run/relayd/demote/carp")
+    assert ctl.format_row("summary", row) == (
+        "    \tdemote  \tcarp                    \t       \tcounter 2\n")
+    for mode in ("hosts", "redirects", "relays", "routers"):
+        assert ctl.format_row(mode, row) == ""
+
+
+def test_summary_rows_end_with_demote_groups():
+    from types import SimpleNamespace as NS
+    conf = NS(redirects=[], relays=[], routers=[])
+    pfe_rows = control.pfe_row_map([control.demote_row("b", 0), control.demote_row("a", 1)])
+    rows = control.summary_rows(conf, {}, set(), lambda name: [], pfe_rows)
+    assert [(r["name"], r["counter"]) for r in rows] == [("a", 1), ("b", 0)]
+
+
 def test_empty_views_print_only_the_header():
     for mode in ("summary", "hosts", "redirects", "relays", "routers"):
         assert ctl.format_show(mode, []) == ctl.HEADER

@@ -796,6 +796,7 @@ def test_metrics_exposition_and_server():
     assert 'relayd_relay_sessions_total{relay="www"} 2.0' in text
     assert 'relayd_relay_session_errors_total{relay="www"} 1.0' in text
     assert 'relayd_relay_sessions_active{relay="www"} 2.0' in text
+    assert "relayd_demote" not in text                  # no carp.Demote attached
     http = out["http"]
     assert http.startswith("HTTP/1.1 200 OK\r\n")
     assert "Content-Type: text/plain; version=" in http and "relayd_host_state" in http
@@ -865,3 +866,16 @@ def test_seed_starts_from_known_states_without_flapping():
             await body(e, changes)
             n.cancel_scope.cancel()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_metrics_demote_counters(tmp_path):
+    from relayd import carp
+    d = carp.Demote(str(tmp_path))
+    d.configure({"carp", "other"})
+    d.set("carp", 1, True)
+    d.commit()
+    m = metrics.Metrics(remote=True)
+    m.attach_demote(d)
+    text = m.render().decode()
+    assert 'relayd_demote{group="carp"} 1.0' in text
+    assert 'relayd_demote{group="other"} 0.0' in text

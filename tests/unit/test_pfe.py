@@ -271,7 +271,7 @@ def test_routes_follow_gateways(tmp_path, capsys):
         routes.fail = False
         await pfe.sync()
         assert routes.table[RouteKey(7, net, 8)] == (B2,)
-        row = pfe.snapshot()[-1]
+        row = [r for r in pfe.snapshot() if r["type"] == "router"][-1]
         assert row["type"] == "router" and row["rtable"] == 7 and row["rtlabel"] == "x"
         assert row["routes"] == [["198.51.100.0", 24]]
         assert row["installed"] == [[net, 5, [B1]], [net, 8, [B2]]]
@@ -314,8 +314,47 @@ def test_demote_when_all_hosts_down(tmp_path, capsys):
         assert f.read_text() == "0\n"
     run(main)
     err = capsys.readouterr().err
-    assert "carp_demote: group grp demoted by relayd (level 1)" in err
-    assert "carp_demote: group grp undemoted by relayd (level 0)" in err
+    inc = "carp_demote_set: incremented the demote state of group 'grp' (demote counter 0 -> 1)"
+    dec = "carp_demote_set: decremented the demote state of group 'grp' (demote counter 1 -> 0)"
+    # Every change is logged: down, up, down again, and the undo at stop.
+    assert err.count(inc) == 2 and err.count(dec) == 2, err
+
+
+def test_demote_rows_in_pfe_snapshot(tmp_path):
+    conf, pfe, nft, routes = make(tmp_path)
+    web = ids(conf, "web:8080")
+
+    async def main():
+        await pfe.start()
+        rows = [r for r in pfe.snapshot() if r["type"] == "demote"]
+        assert rows == [{"type": "demote", "name": "grp", "counter": 0,
+                         "file": str(tmp_path / "grp")}]
+        await pfe.host_status(web[B1], False)
+        assert [r["counter"] for r in pfe.snapshot() if r["type"] == "demote"] == [1]
+        assert pfe.demote.levels() == {"grp": 1}
+        await pfe.stop()
+    run(main)
+
+
+def test_carp_change_text():
+    assert carp.change_text("carp", 0, None) is None           # the first 0: no change
+    assert carp.change_text("carp", 1, 1) is None
+    assert carp.change_text("carp", 2, None) == (
+        "carp_demote_set: incremented the demote state of group 'carp' (demote counter 0 -> 2)")
+    assert carp.change_text("carp", 1, 2) == (
+        "carp_demote_set: decremented the demote state of group 'carp' (demote counter 2 -> 1)")
+
+
+def test_carp_levels(tmp_path):
+    d = carp.Demote(str(tmp_path))
+    d.configure({"b", "a"})
+    assert d.levels() == {"a": 0, "b": 0}                       # before any write
+    d.set("a", 1, True)
+    d.commit()
+    assert d.levels() == {"a": 1, "b": 0}
+    d.configure({"b"})                                          # a stays until written 0
+    d.commit()
+    assert d.levels() == {"a": 0, "b": 0}
 
 
 def test_carp_counts_tables_per_group(tmp_path):
