@@ -86,6 +86,7 @@ class Worker:
             cid = next(iter(self.reading))
             self.reading.pop(cid).fire(EVICTED)
 
+
 class Exchange:
     """One request in flight: everything the loggers and macros need."""
 

@@ -21,12 +21,44 @@ REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def _port_slice() -> range:
+    """This test process's own ports: below the kernel's ephemeral range
+    (where bind-to-0 and every client connect() draw theirs, so a port
+    handed out here cannot be taken by a client socket before the daemon
+    binds it), split between the xdist workers (so two workers never hand
+    out the same port)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 20000 if low > 21000 else 1024
+    last = max(low, first + 1000)
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
+    size = (last - first) // max(count, 1)
+    return range(first + worker * size, first + (worker + 1) * size)
+
+
+_PORTS = _port_slice()
+# start at a random place in the slice: a port of the previous run may still
+# be in TIME_WAIT
+_next_port = [int.from_bytes(os.urandom(2), "big") % len(_PORTS)]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (bind to 0, read it back)."""
+    """A TCP port nobody uses right now, from this process's slice (see
+    _port_slice); never the same port twice in a row."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port[0] % len(_PORTS)]
+        _next_port[0] += 1
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 def listen_backlog(port: int, host: str = "127.0.0.1") -> int:
