@@ -47,14 +47,19 @@ IDLE_TIMEOUT = 30.0
 _STATE_VALUE = {"up": 1, "unknown": 0, "down": -1}
 
 
-class _HceCollector:
-    """Host and table gauges from an Hce snapshot, built per scrape."""
+class _Collector:
+    """A prometheus_client custom collector reading a Metrics at each
+    scrape; describe() is empty, so registering it does not run collect()."""
 
     def __init__(self, metrics: "Metrics") -> None:
         self.metrics = metrics
 
     def describe(self):
         return []
+
+
+class _HceCollector(_Collector):
+    """Host and table gauges from an Hce snapshot, built per scrape."""
 
     def collect(self):
         hce = self.metrics.hce
@@ -85,14 +90,8 @@ class _HceCollector:
         yield from (state, up, latency, checks, ups, tables)
 
 
-class _RelayCollector:
+class _RelayCollector(_Collector):
     """Open sessions per relay, read from a relay.RelayState per scrape."""
-
-    def __init__(self, metrics: "Metrics") -> None:
-        self.metrics = metrics
-
-    def describe(self):
-        return []
 
     def collect(self):
         state = self.metrics.relay_state
@@ -105,14 +104,8 @@ class _RelayCollector:
         yield g
 
 
-class _TotalsCollector:
+class _TotalsCollector(_Collector):
     """Session counters summed over relay processes (remote mode)."""
-
-    def __init__(self, metrics: "Metrics") -> None:
-        self.metrics = metrics
-
-    def describe(self):
-        return []
 
     def collect(self):
         t = self.metrics.totals
@@ -129,14 +122,8 @@ class _TotalsCollector:
         yield errors
 
 
-class _DemoteCollector:
+class _DemoteCollector(_Collector):
     """relayd's demote counter per carp group, from a carp.Demote (pfe's)."""
-
-    def __init__(self, metrics: "Metrics") -> None:
-        self.metrics = metrics
-
-    def describe(self):
-        return []
 
     def collect(self):
         demote = self.metrics.demote

@@ -867,6 +867,16 @@ def flow_done(out: Path) -> bool:
     return any("n" in r and not r.get("ok") for r in records(out))
 
 
+def flows_moved(ha: Ha, flows, box: str, bound: float) -> float:
+    """Wait until `box` holds the address, then until each flow has echoed
+    through it or ended; the time `box` was seen master."""
+    wait_for(lambda: ha.master() == box, f"{box} master", ha, bound)
+    t_master = time.monotonic()
+    wait_for(lambda: all(echo_after(out, t_master) or flow_done(out) for _, out, _ in flows),
+             f"each flow lives on through {box} or ends", ha, 25)
+    return t_master
+
+
 def box_lost(ha: Ha, box: Box, down: bool) -> None:
     for dev in ("eth0", "eth1"):
         ha.ns(box.ns, "ip", "link", "set", dev, "down" if down else "up", check=not down)
@@ -892,18 +902,12 @@ def test_redirection_flows_survive_box_loss_with_conntrackd(ha):
                  "lb1's flows in lb2's external cache", ha, 10)
         t_lost = time.monotonic()
         box_lost(ha, lb1, True)
-        wait_for(lambda: ha.master() == "lb2", "lb2 master", ha, BOUND + 5)
-        t_master = time.monotonic()
-        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
-                             for _, out, _ in flows), "the flows through lb2", ha, 20)
+        t_master = flows_moved(ha, flows, "lb2", BOUND + 5)
         fo = flow_figures(flows, t_lost, t_master)
         assert "Committed" in lb2.output("conntrackd.log")
         t_back = time.monotonic()
         box_lost(ha, lb1, False)
-        wait_for(lambda: ha.master() == "lb1", "lb1 master again", ha, BOUND + 10)
-        t_master = time.monotonic()
-        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
-                             for _, out, _ in flows), "the flows through lb1 again", ha, 20)
+        t_master = flows_moved(ha, flows, "lb1", BOUND + 10)
         fb = flow_figures(flows, t_back, t_master)
     finally:
         box_lost(ha, lb1, False)
@@ -941,10 +945,7 @@ def test_redirection_flows_without_conntrackd(ha):
         before = {b.name: conntrack_flows(ha, b) for b in ha.boxes.values()}
         t_lost = time.monotonic()
         box_lost(ha, lb1, True)
-        wait_for(lambda: ha.master() == "lb2", "lb2 master", ha, BOUND + 5)
-        t_master = time.monotonic()
-        wait_for(lambda: all(echo_after(out, t_master) or flow_done(out)
-                             for _, out, _ in flows), "each flow lives or ends", ha, 25)
+        t_master = flows_moved(ha, flows, "lb2", BOUND + 5)
         fo = flow_figures(flows, t_lost, t_master)
         picked = conntrack_flows(ha, lb2)
         chose = pickup_backends(picked)
