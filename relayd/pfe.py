@@ -21,7 +21,7 @@ API (what the process hosting it calls; all in one trio task at a time):
     await pfe.redirect_set(name_or_id, enabled) -> bool   relayctl redirect ...
     await pfe.reload(new_conf)             keep host states, rebuild the table
     await pfe.refresh_stats()              read the nft counters
-    pfe.snapshot() -> rows                 control.redirect_row/router_row dicts
+    pfe.snapshot() -> rows                 control_rows.redirect_row/router_row dicts
     await pfe.stop()                       delete the table and routes, undemote
 
 or let run() do it: `pfe = await nursery.start(Pfe(conf).run)` starts it,
@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from relayd import carp, pfe_filter, pfe_route
+from relayd import carp, control_rows, pfe_filter, pfe_route
 from relayd.config import (RELAY_STATINTERVAL, RedirectConfig, RelaydConfig,
                            RouterConfig)
 from relayd.nft import Nft, NftError  # noqa: F401  (NftError: pfe's API)
@@ -453,10 +453,9 @@ class Pfe:
         return "active (using backup table)" if pool.backup else "active"
 
     def snapshot(self) -> list[dict]:
-        """Redirect rows, router rows (control.redirect_row/router_row
+        """Redirect rows, router rows (control_rows.redirect_row/router_row
         fields plus the installed hosts / nexthops), then a demote row per
         carp group."""
-        from relayd import control
         rows: list[dict] = []
         now = time.monotonic()
         for rdr in self.conf.redirects:
@@ -464,7 +463,7 @@ class Pfe:
             pool = self.applied.get(rdr.id) if self.nft_active else None
             c = self.counters.get(rdr.id)
             stats = [c.snapshot(now)] if c is not None else []
-            row = control.redirect_row(rdr.id, rdr.name, status == "disabled",
+            row = control_rows.redirect_row(rdr.id, rdr.name, status == "disabled",
                                        down=status in ("down", "disabled"),
                                        backup=status.endswith("(using backup table)"),
                                        stats=stats)
@@ -474,12 +473,11 @@ class Pfe:
         for rt in self.conf.routers:
             rows.append(self.router_row(rt))
         for group, level in self.demote.levels().items():
-            rows.append(control.demote_row(group, level, self.demote.path(group)))
+            rows.append(control_rows.demote_row(group, level, self.demote.path(group)))
         return rows
 
     def router_row(self, rt: RouterConfig) -> dict:
-        from relayd import control
-        row = control.router_row(rt.id, rt.name, rt.disabled, rtable=rt.rtable,
+        row = control_rows.router_row(rt.id, rt.name, rt.disabled, rtable=rt.rtable,
                                  rtlabel=rt.rtlabel,
                                  routes=[[str(n.network_address), n.prefixlen]
                                          for n in rt.routes])
