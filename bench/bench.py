@@ -344,11 +344,13 @@ def tree_ticks(a: dict, b: dict, pids) -> tuple[int, int]:
     return u, s
 
 
-def vm_hwm_kib(pid: int) -> int:
+def status_kib(pid: int, key: str = "VmHWM") -> int:
+    """A KiB field of /proc/PID/status (VmHWM: peak RSS, VmRSS: now); 0
+    when the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -889,7 +891,7 @@ def run_one(ctx: Ctx, case: Case, peer: Peer, rnd: int, args) -> dict:
         snap, _, _ = snapshot()
         for role in ("sut", "backend"):
             pids = set().union(*[descendants(snap, [p.popen.pid]) for p in procs if p.role == role])
-            rec[f"{role}_rss_kib"] = sum(vm_hwm_kib(x) for x in pids)
+            rec[f"{role}_rss_kib"] = sum(status_kib(x) for x in pids)
             rec[f"{role}_nproc"] = len(pids)
         # the peer must still be alive and well after the load
         for p in procs:

@@ -178,16 +178,6 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def workers(B, root: int, title: str) -> list[int]:
     """PIDs of the daemon's `-P title` children (httpd: server, relayd: relay)."""
     snap, _, _ = B.snapshot()
@@ -328,10 +318,15 @@ def slowloris_test(conns: int, rate: int, secs: int):
 
 def idle_test(n: int):
     def test(B, ctx, t: Target) -> dict:
+        def rss(pids) -> int:       # KiB resident now
+            return sum(B.status_kib(x, "VmRSS") for x in pids)
+
+        def tree() -> int:
+            return rss(B.descendants(B.snapshot()[0], [t.sut.popen.pid]))
+
         time.sleep(0.5)
         pids = workers(B, t.sut.popen.pid, t.title)
-        tree = lambda: sum(rss_kib(x) for x in B.descendants(B.snapshot()[0], [t.sut.popen.pid]))
-        before = sum(rss_kib(x) for x in pids)
+        before = rss(pids)
         tree_before = tree()
         held: list[socket.socket] = []
         failed: dict[str, int] = {}
@@ -353,7 +348,7 @@ def idle_test(n: int):
                     s.close()
             opened_s = time.monotonic() - t0
             time.sleep(1.0)
-            after = sum(rss_kib(x) for x in pids)
+            after = rss(pids)
             tree_after = tree()
             # still served while they are all held
             status, _ = http_get((B.H, t.port), PROBE_PATH, 10)
