@@ -158,14 +158,16 @@ def ask(port: int, data: bytes = b"hi", timeout: float = 3.0) -> bytes:
         return out
 
 
-def wait_relay_only(port: int, prefix: bytes, n: int = 4, timeout: float = 10.0) -> None:
-    """Until `n` sessions in a row are answered by the backend `prefix`."""
+def wait_backends(port: int, want: set[bytes], n: int = 6, timeout: float = 10.0) -> list[bytes]:
+    """hce logs a change before pfe and the relays hear of it: ask `n`
+    sessions at a time until exactly the backends `want` (reply prefixes)
+    answer them, or `timeout`; the last replies."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(ask(port).startswith(prefix) for _ in range(n)):
-            return
+    while True:
+        replies = [ask(port) for _ in range(n)]
+        if {r.split(b":")[0] for r in replies} == want or time.monotonic() > deadline:
+            return replies
         time.sleep(0.1)
-    raise TimeoutError(f"the relay still uses other hosts than {prefix!r}")
 
 
 # -- state transitions and traffic ----------------------------------------------------
@@ -197,9 +199,7 @@ relay "www" {{
         m = wait_check(d, "127.0.0.2", "down", "tcp connect failed", old="up", timeout=15)
         took = time.monotonic() - t0
         assert took <= interval * (retry + 1) + timeout / 1000 + 1.0, took
-        # hce logs the change before pfe and the relays hear of it: wait
-        # until the relay picks "one" only, then look at the traffic.
-        wait_relay_only(rport, b"one:")
+        wait_backends(rport, {b"one"})
         before = b1.sessions
         replies = [ask(rport) for _ in range(6)]
         assert all(r.startswith(b"one:") for r in replies), replies
@@ -207,14 +207,7 @@ relay "www" {{
 
         b2.start()
         wait_check(d, "127.0.0.2", "up", "tcp connect ok", old="down", timeout=5)
-        # as above: the relays hear of it a little after hce's log line
-        deadline = time.monotonic() + 10
-        while True:
-            replies = [ask(rport) for _ in range(6)]
-            if {r.split(b":")[0] for r in replies} == {b"one", b"two"} \
-                    or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        replies = wait_backends(rport, {b"one", b"two"})
         assert {r.split(b":")[0] for r in replies} == {b"one", b"two"}
     finally:
         b1.stop()
