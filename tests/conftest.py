@@ -172,16 +172,35 @@ def daemons():
         d.stop()
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """SIGTERM a process we started, SIGKILL it if it is still there after
-    `timeout`, and reap it."""
-    if proc.poll() is None:
+    `timeout`, and reap it (None: nothing started)."""
+    if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
+    """Run a command to completion, its output captured as text."""
+    return subprocess.run(list(args), capture_output=True, text=True, check=check,
+                          timeout=timeout)
+
+
+def wait_until(pred, what: str, detail=lambda: "", timeout: float = 10.0,
+               every: float = 0.1):
+    """pred()'s first true value; after `timeout` an AssertionError naming
+    `what`, with detail() (logs) appended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}\n{detail()}")
 
 
 def run_cmd(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sh, stop_process, wait_until
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.root,
@@ -304,22 +304,6 @@ esac
 """
 
 
-def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check,
-                          timeout=timeout)
-
-
-def stop(p: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(sig)
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(10)
-
-
 class Box:
     """One load balancer: its namespace, relayd, keepalived, conntrackd."""
 
@@ -374,7 +358,7 @@ class Box:
     def stop_all(self) -> None:
         for p in (self.keepalived, self.conntrackd, self.relayd):
             try:
-                stop(p)
+                stop_process(p)
             except Exception:      # noqa: BLE001 -- stop the others regardless
                 pass
         for f in self.logs:
@@ -461,10 +445,10 @@ class Ha:
 
     def teardown(self) -> None:
         for p in self.loops:
-            stop(p)
+            stop_process(p)
         for box in self.boxes.values():
             box.stop_all()
-        stop(self.backend)
+        stop_process(self.backend)
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
 
@@ -547,13 +531,7 @@ print(data.partition(b"\\r\\n\\r\\n")[2].decode().strip())
 
 
 def wait_for(pred, what: str, ha: Ha, timeout: float = 10.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}\n{ha.all_output()}")
+    return wait_until(pred, what, ha.all_output, timeout, every)
 
 
 def records(path: Path) -> list[dict]:
@@ -937,7 +915,7 @@ def test_redirection_flows_without_conntrackd(ha):
     lb1, lb2 = ha.boxes["lb1"], ha.boxes["lb2"]
     settled(ha)
     for box in ha.boxes.values():
-        stop(box.conntrackd)
+        stop_process(box.conntrackd)
     flows = []
     try:
         ha.ns(lb2.ns, "conntrack", "-F", check=False)

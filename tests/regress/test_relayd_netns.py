@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, sh, wait_until
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.root,
@@ -143,11 +143,6 @@ for line in sys.stdin:
         out = {"error": repr(e)}
     print(json.dumps(out), flush=True)
 '''
-
-
-def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check,
-                          timeout=timeout)
 
 
 class Net:
@@ -298,13 +293,7 @@ class Net:
 
 
 def wait_for(pred, what: str, net: Net, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n--- relayd log ---\n{net.output()}")
+    return wait_until(pred, what, lambda: f"--- relayd log ---\n{net.output()}", timeout)
 
 
 CONF = f"""
