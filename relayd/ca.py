@@ -26,7 +26,10 @@ drops an old one's.
 
 The relay side (CaClient) waits at most TIMEOUT for its answer (the event
 loop waits too: OpenSSL cannot defer the operation) and skips stale
-answers by cookie; no answer fails that handshake only.
+answers by cookie; no answer fails that handshake only.  To keep that wait
+short, ca readies an ECDSA key's next nonce once it has answered
+(engine.tls.PrivateKey.prepare): a request then waits for the end of a
+signature only, not for its scalar multiplication.
 
 Messages from the parent: CFG_CONFIG {"user", "chroot"}, CFG_TLS_KEY,
 CFG_CA_SOCK, CFG_DONE, then at any time CFG_TLS_KEY, CFG_CA_SOCK,
@@ -69,7 +72,6 @@ class CaClient:
     def __init__(self, sock: socket.socket | None) -> None:
         self.sock = None
         self._cookies = itertools.count(1)
-        self._poll = select.poll()
         if sock is not None:
             self.replace(sock)
 
@@ -77,9 +79,11 @@ class CaClient:
         """A new socket (ca was restarted)."""
         old, self.sock = self.sock, sock
         if old is not None:
-            self._poll.unregister(old)
             old.close()
-        self._poll.register(sock, select.POLLIN)
+        # A blocking recv() bounded by SO_RCVTIMEO waits for the answer:
+        # one system call where poll() + recv() took two.
+        sock.setblocking(True)
+        _recv_timeout(sock, TIMEOUT)
 
     def signer(self, key_id: str) -> tls.Signer:
         def sign(op: int, data: bytes, padding: int) -> bytes | None:
@@ -96,26 +100,47 @@ class CaClient:
         kid = key_id.encode()
         try:
             sock.send(_REQ.pack(cookie, op, padding, len(kid)) + kid + data)
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._poll.poll(left * 1000):
-                    log.warn(f"ca: no answer for key {key_id} in {TIMEOUT:g} s")
-                    return None
-                ans = sock.recv(MAX_MESSAGE)
-                if len(ans) < _ANS.size:
-                    log.warn("ca: connection to ca lost")
-                    return None
-                got, status = _ANS.unpack_from(ans)
-                if got != cookie:
-                    continue          # the late answer of an earlier request
-                if status != DONE:
-                    log.warn(f"ca: key {key_id}: {OP_NAMES.get(op, op)} refused")
-                    return None
-                return ans[_ANS.size:]
+            ans = self._answer(sock, cookie)
         except OSError as e:
             log.warn(f"ca: key {key_id}: {e.strerror or e}")
             return None
+        if ans is None:
+            log.warn(f"ca: no answer for key {key_id} in {TIMEOUT:g} s")
+            return None
+        if len(ans) < _ANS.size:
+            log.warn("ca: connection to ca lost")
+            return None
+        if ans[_ANS.size - 1] != DONE:
+            log.warn(f"ca: key {key_id}: {OP_NAMES.get(op, op)} refused")
+            return None
+        return ans[_ANS.size:]
+
+    @staticmethod
+    def _answer(sock: socket.socket, cookie: int) -> bytes | None:
+        """The answer to `cookie` (b"" when ca is gone), None when late."""
+        deadline, stale = time.monotonic() + TIMEOUT, False
+        try:
+            while True:
+                try:
+                    ans = sock.recv(MAX_MESSAGE)
+                except BlockingIOError:          # SO_RCVTIMEO ran out
+                    return None
+                if len(ans) < _ANS.size or _ANS.unpack_from(ans)[0] == cookie:
+                    return ans
+                # The late answer of an earlier request: wait for ours
+                # only as long as is left of TIMEOUT.
+                left, stale = deadline - time.monotonic(), True
+                if left <= 0:
+                    return None
+                _recv_timeout(sock, left)
+        finally:
+            if stale:
+                _recv_timeout(sock, TIMEOUT)
+
+
+def _recv_timeout(sock: socket.socket, seconds: float) -> None:
+    us = max(int(seconds * 1e6), 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", *divmod(us, 1000000)))
 
 
 # -- the ca process ---------------------------------------------------------------
@@ -125,13 +150,23 @@ class Keys:
 
     def __init__(self) -> None:
         self.keys: dict[tuple[int, str], tls.PrivateKey] = {}
+        self.used: tls.PrivateKey | None = None      # by the last answer
+
+    def prepare(self) -> None:
+        """Ready the next signature of the key the last answer used (an
+        ECDSA nonce, engine.tls.PrivateKey.prepare): done once the answer
+        is sent, so the relay waits only for the rest of the signature."""
+        key, self.used = self.used, None
+        if key is not None:
+            key.prepare()
 
     def add(self, gen: int, key_id: str, pem: bytearray) -> None:
         try:
             old = self.keys.pop((gen, key_id), None)
             if old is not None:
                 old.close()
-            self.keys[(gen, key_id)] = tls.PrivateKey(pem)
+            key = self.keys[(gen, key_id)] = tls.PrivateKey(pem)
+            key.prepare()
         except tls.TlsError as e:
             log.warn(f"ca: key {key_id}: {e}")
         finally:
@@ -153,6 +188,7 @@ class Keys:
         try:
             if key is None or len(kid) != n:
                 raise ValueError("unknown key")
+            self.used = key
             return _ANS.pack(cookie, DONE) + key.op(op, data, padding)
         except ValueError as e:
             log.warn(f"ca: relay (generation {gen}): key {kid}: "
@@ -207,6 +243,7 @@ class Ca:
             req = s.recv(MAX_MESSAGE)
             if req:
                 s.send(self.keys.answer(gen, req))
+                self.keys.prepare()
                 return
         except BlockingIOError:
             return

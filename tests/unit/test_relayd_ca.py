@@ -4,10 +4,16 @@ timeout, lost ca), over a real SOCK_SEQPACKET socketpair."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import struct
 import threading
+import time
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from engine import tls
 from relayd import ca
@@ -81,6 +87,65 @@ def test_no_answer_times_out(monkeypatch):
     assert ca.CaClient(theirs).call("k", tls.ECDSA_SIGN, b"d" * 32, 0) is None   # gone
     assert ca.CaClient(None).call("k", tls.ECDSA_SIGN, b"d" * 32, 0) is None
     theirs.close()
+
+
+def test_stale_answer_then_silence_times_out_and_timeout_restored(monkeypatch):
+    monkeypatch.setattr(ca, "TIMEOUT", 0.2)
+    mine, theirs = ca.socketpair()
+    client = ca.CaClient(theirs)
+
+    def late():        # a stale answer half-way through the wait, then nothing
+        assert mine.recv(ca.MAX_MESSAGE)
+        time.sleep(0.1)
+        mine.send(ca._ANS.pack(0, ca.DONE) + b"stale")
+
+    def rcvtimeo():
+        return struct.unpack("@ll", theirs.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    full = rcvtimeo()
+    assert full > (0, 0)
+    t = threading.Thread(target=late, daemon=True)
+    t.start()
+    assert client.call("k", tls.ECDSA_SIGN, b"d" * 32, 0) is None
+    t.join(5)
+    assert rcvtimeo() == full       # the stale wait's shorter SO_RCVTIMEO is undone
+    mine.close()
+    theirs.close()
+
+
+def test_prepared_ecdsa_nonce_used_once_and_signature_valid():
+    pem = trustme.CA().private_key_pem.bytes()
+    pub = serialization.load_pem_private_key(pem, None).public_key()
+    key = tls.PrivateKey(bytearray(pem))
+    digest = hashlib.sha256(b"tandem").digest()
+    rs = set()
+    for prepared in (True, True, False, True):
+        if prepared:
+            key.prepare()
+            assert key._kinv is not None
+        sig = key.op(tls.ECDSA_SIGN, digest, 0)
+        assert key._kinv is None                         # one signature per nonce
+        pub.verify(sig, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        rs.add(utils.decode_dss_signature(sig)[0])
+    assert len(rs) == 4                                  # a new nonce every time
+    key.prepare()
+    key.close()                                          # a ready nonce is freed too
+    assert key._kinv is None and key.ec is None
+
+
+def test_rsa_key_prepares_nothing():
+    key = tls.PrivateKey(bytearray(trustme.CA(key_type=trustme.KeyType.RSA).private_key_pem.bytes()))
+    key.prepare()
+    assert key._kinv is None
+    key.close()
+
+
+def test_ca_readies_the_next_nonce_after_an_answer(keys):
+    req = ca._REQ.pack(7, tls.ECDSA_SIGN, 0, 4) + b"r:ec" + b"d" * 32
+    key = keys.keys[(1, "r:ec")]
+    assert keys.answer(1, req)[:ca._ANS.size] == ca._ANS.pack(7, ca.DONE)
+    assert key._kinv is None
+    keys.prepare()
+    assert key._kinv is not None
 
 
 def test_forget_generation():
