@@ -21,8 +21,14 @@ After the cases, the robustness section (bench/robust.py): reloads under
 load, slowloris, idle keep-alive connections; `--no-robust` skips it,
 `--robust-only` runs only it.
 
+With --against REV, our daemons also run as of git revision REV (a
+worktree in the temp dir, the same generated configs) next to ours in each
+round, in alternating order; the report adds ours ÷ REV per round: how a
+change moved CPU per request, measured in one run.
+
 usage: bench.py [--rounds 3] [--duration 8] [--cases GLOB ...] [--smoke]
                 [--no-ref] [--no-robust | --robust-only] [--list] [--keep]
+                [--against REV]
 exit: 0 ok; 1 a run failed (start/sanity), a robustness test failed or, with
 --smoke, socket errors or non-2xx responses; 2 missing tools; 130
 interrupted (SIGINT/SIGTERM).
@@ -157,10 +163,12 @@ class Ctx:
         path.write_text(text)
         return str(path)
 
-    def tandem_check(self, daemon: str, template: str, subs: dict) -> tuple[str | None, bool]:
-        """`python -m DAEMON -n -f conf`, full variant then fallback (if the
-        template has one). Returns (reason it is n/a or None, use fallback)."""
-        key = (daemon, template)
+    def tandem_check(self, daemon: str, template: str, subs: dict,
+                     root: Path = REPO) -> tuple[str | None, bool]:
+        """`python -m DAEMON -n -f conf` run in `root`, full variant then
+        fallback (if the template has one). Returns (reason it is n/a or
+        None, use fallback)."""
+        key = (daemon, template, root)
         if key in self.checked:
             return self.checked[key]
         text = (CONF / template).read_text()
@@ -169,7 +177,7 @@ class Ctx:
         for fb in variants:
             conf = self.render(template, subs, self.name(f"check-{daemon}"), fallback=fb)
             try:
-                p = subprocess.run([self.py, "-m", daemon, "-n", "-f", conf], cwd=REPO,
+                p = subprocess.run([self.py, "-m", daemon, "-n", "-f", conf], cwd=root,
                                    stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                    timeout=60)
                 rc, msg = p.returncode, (p.stderr + p.stdout).strip()
@@ -505,9 +513,11 @@ Req = Callable[[Ctx, "Case"], "str | None"]   # prerequisite: reason it is n/a, 
 @dataclass
 class Peer:
     label: str                  # in tables: httpd, nginx, trio-fileserver ...
-    kind: str                   # ours | anchor | ref
+    kind: str                   # ours | anchor | ref | base (ours at --against REV)
     build: Callable             # (ctx, case, backend_port) -> (procs, port, note)
     requires: list = field(default_factory=list)
+    daemon: str = ""            # ours: httpd | relayd, and its config template
+    template: Callable | None = None
 
 
 @dataclass
@@ -593,23 +603,27 @@ def haproxy(mode: str) -> Peer:
 
 
 # -- Tandem
-def tandem(daemon: str, template: Callable[[Case], str]) -> Peer:
-    """Our daemon: `<repo>/.venv/bin/python -m DAEMON -d -f <generated conf>`."""
+def tandem(daemon: str, template: Callable[[Case], str], root: Path = REPO,
+           label: str = "", kind: str = "ours") -> Peer:
+    """Our daemon: `<repo>/.venv/bin/python -m DAEMON -d -f <generated conf>`,
+    run in `root` (the tree, or with --against the base revision's worktree:
+    `-m` imports the packages of the working directory first)."""
     def subs(case, port, be):
         return dict(PORT=port, WORKERS=case.workers, BACKEND=be or 1)
 
     def check(ctx, case):
-        return need_venv(ctx, case) or ctx.tandem_check(daemon, template(case), subs(case, 1, 1))[0]
+        return need_venv(ctx, case) or \
+            ctx.tandem_check(daemon, template(case), subs(case, 1, 1), root)[0]
 
     def build(ctx, case, be):
-        _, fallback = ctx.tandem_check(daemon, template(case), subs(case, 1, 1))
+        _, fallback = ctx.tandem_check(daemon, template(case), subs(case, 1, 1), root)
         name = ctx.name(daemon)
         port = ctx.port()
         conf = ctx.render(template(case), subs(case, port, be), name, fallback=fallback)
         note = f"fallback config (without the #? lines of {template(case)})" if fallback else ""
         argv = [ctx.py, "-m", daemon, "-d", "-f", conf]
-        return [Proc(name, argv, TOPO[case.topo]["server"], ("tcp", port), cwd=str(REPO))], port, note
-    return Peer(daemon, "ours", build, [check])
+        return [Proc(name, argv, TOPO[case.topo]["server"], ("tcp", port), cwd=str(root))], port, note
+    return Peer(label or daemon, kind, build, [check], daemon=daemon, template=template)
 
 
 def httpd() -> Peer:
@@ -779,6 +793,42 @@ def take_lock():
     return f
 
 
+def add_base_peers(cases: list[Case], tmp: Path, rev: str) -> tuple[Path, str]:
+    """--against REV: a worktree of REV in the temp dir, and after each of
+    our peers the same daemon run from it (kind "base", label DAEMON@REV),
+    with the same generated config.  Returns (worktree, short revision)."""
+    short = subprocess.run(["git", "rev-parse", "--short", f"{rev}^{{commit}}"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if not short:
+        raise BenchError(f"--against {rev}: no such revision")
+    wt = tmp / f"base-{short}"
+    p = subprocess.run(["git", "worktree", "add", "--detach", str(wt), short], cwd=REPO,
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise BenchError(f"--against {rev}: git worktree add: {p.stderr.strip()}")
+    for c in cases:
+        peers = []
+        for peer in c.peers:
+            peers.append(peer)
+            if peer.kind == "ours":
+                peers.append(tandem(peer.daemon, peer.template, root=wt,
+                                    label=f"{peer.daemon}@{short}", kind="base"))
+        c.peers = peers
+    return wt, short
+
+
+def interleave(peers: list[Peer], rnd: int) -> list[Peer]:
+    """A round's run order: ours and base swap places every other round, so
+    a drift of the box's speed does not favour one of them."""
+    if rnd % 2:
+        return peers
+    out = list(peers)
+    for i, p in enumerate(out[:-1]):
+        if p.kind == "ours" and out[i + 1].kind == "base":
+            out[i], out[i + 1] = out[i + 1], p
+    return out
+
+
 def git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -882,7 +932,8 @@ def run_one(ctx: Ctx, case: Case, peer: Peer, rnd: int, args) -> dict:
         procs += pprocs
         url = f"{case.scheme}://{H}:{port}{case.path}"
         rec.update(url=url, note=note, wrk_cmd=" ".join(wrk_argv(case, url, args.duration)),
-                   server_cmds=[" ".join(p.cmdline()) for p in procs])
+                   server_cmds=[(f"(in {p.cwd}) " if p.cwd and Path(p.cwd) != REPO else "")
+                                + " ".join(p.cmdline()) for p in procs])
         start_procs(ctx, procs)
         sanity(url, case.size)
         if args.warmup:
@@ -940,6 +991,9 @@ def main() -> int:
     ap.add_argument("--out", help="JSONL file (default: bench/results/<time>.jsonl)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--against", metavar="REV",
+                    help="also run our daemons as of git revision REV (a worktree in the temp "
+                         "dir), next to ours in every round; adds the before/after table")
     rob = ap.add_mutually_exclusive_group()
     rob.add_argument("--no-robust", action="store_true",
                      help="skip the robustness section (reloads, slowloris, idle connections)")
@@ -974,6 +1028,14 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_tmp(args.keep)
     ctx = Ctx(tmp, args)
+    base = None
+    if args.against:
+        try:
+            base = add_base_peers(cases, tmp, args.against)
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return 2
     failed = interrupted = False
     records: list[dict] = []
 
@@ -983,7 +1045,8 @@ def main() -> int:
             f.write(json.dumps(rec) + "\n")
 
     try:
-        emit(dict(type="meta", ts=time.time(), git=git_rev(), host=platform.node(),
+        emit(dict(type="meta", ts=time.time(), git=git_rev(), against=base and base[1],
+                  host=platform.node(),
                   kernel=platform.release(), cpus=os.cpu_count(), python=ctx.py,
                   args={k: v for k, v in vars(args).items()},
                   cases={c.name: dict(group=c.group, topo=c.topo, target=c.target,
@@ -1016,7 +1079,7 @@ def main() -> int:
         for rnd in range(1, args.rounds + 1):
             for c in cases:
                 anchor_rec = None
-                for p in active.get(c.name, []):
+                for p in interleave(active.get(c.name, []), rnd):
                     rec = run_one(ctx, c, p, rnd, args)
                     emit(rec)
                     line = f"[{rnd}/{args.rounds}] {c.name:13} {p.label:18} {fmt_run(rec)}"
@@ -1038,6 +1101,9 @@ def main() -> int:
         interrupted = True
     finally:
         stop_procs(list(LIVE))
+        if base:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base[0])], cwd=REPO,
+                           capture_output=True)
         if args.keep or failed:
             print(f"bench: kept {tmp} (configs, logs)")
         else:

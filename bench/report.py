@@ -192,6 +192,27 @@ def render(recs) -> str:
             w(f"| {c} | {ocell} | {acell} | {rcell} | {ecell} | {tcell} | {fcell} | {cell} |")
         w("")
 
+    # ---- before/after (--against REV)
+    pairs = [(c, p["label"], q["label"]) for c in order for p in peers(c) for q in peers(c)
+             if p["kind"] == "ours" and q["kind"] == "base"
+             and (c, p["label"]) in S and (c, q["label"]) in S]
+    if pairs:
+        w(f"#### Before/after: ours ÷ {meta.get('against') or 'base'} (same rounds)\n")
+        w("CPU ratio: ours µs CPU/req ÷ base µs CPU/req per round (their runs are adjacent, "
+          "their order alternates); median [range]. Below 1: ours costs less.\n")
+        w("| case | ours µs CPU/req | base µs CPU/req | CPU ratio | req/s ratio | rounds |")
+        w("|---|---|---|---|---|---|")
+        for c, o, b in pairs:
+            so, sb = S[(c, o)], S[(c, b)]
+            rounds = [k for k in so.by_round if k in sb.by_round]
+            cr = [so.by_round[k]["us_per_req"] / sb.by_round[k]["us_per_req"] for k in rounds
+                  if so.by_round[k].get("us_per_req") and sb.by_round[k].get("us_per_req")]
+            rr = [so.by_round[k]["rps"] / sb.by_round[k]["rps"] for k in rounds
+                  if so.by_round[k].get("rps") and sb.by_round[k].get("rps")]
+            w(f"| {c} | {o} {rng(so.xs('us_per_req'), n1)} | {b} {rng(sb.xs('us_per_req'), n1)} | "
+              f"**{rng(cr, n2)}** | {rng(rr, n2)} | {len(rounds)} |")
+        w("")
+
     # ---- details
     w("#### Details (median [min–max] of rounds)\n")
     w("| case | peer | req/s | MiB/s | p99 ms | server CPU % (usr/sys) | µs CPU/req | wrk CPU % | "
