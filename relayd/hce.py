@@ -45,7 +45,7 @@ seeded (seed()) with the host states the parent knows: no state flaps to
 unknown and no host is logged down and up again.
 
 Not here: the checks themselves (check_tcp, check_http, check_icmp,
-check_script) and the relays' view of the states (relay.RelayState).
+check_script) and the relays' view of the states (relay_session.RelayState).
 """
 
 from __future__ import annotations
@@ -504,7 +504,7 @@ async def run(conf: RelaydConfig, notify: Notify | None = None, *,
 
 
 def relay_notify(state) -> Notify:
-    """A notify callback feeding a relay.RelayState: set_host(id, True|False|None)."""
+    """A notify callback feeding a relay_session.RelayState: set_host(id, True|False|None)."""
     def notify(host_id: int, st: HostStatus) -> None:
         state.set_host(host_id, True if st == HostStatus.UP
                        else False if st == HostStatus.DOWN else None)

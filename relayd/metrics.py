@@ -91,7 +91,7 @@ class _HceCollector(_Collector):
 
 
 class _RelayCollector(_Collector):
-    """Open sessions per relay, read from a relay.RelayState per scrape."""
+    """Open sessions per relay, read from a relay_session.RelayState per scrape."""
 
     def collect(self):
         state = self.metrics.relay_state
@@ -186,7 +186,7 @@ class Metrics:
         self.hce = hce
 
     def attach_relay(self, state) -> None:
-        """Export the open sessions of this relay.RelayState."""
+        """Export the open sessions of this relay_session.RelayState."""
         self.relay_state = state
 
     def session_done(self, relay: str, error: bool = False) -> None:

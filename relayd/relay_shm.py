@@ -25,7 +25,7 @@ process, released by the kernel if a process dies holding it).  The
 parent writes to the segment (zeroing a dead worker's slots) but never
 reads from it.
 
-Not here: what the values mean to sessions (relay.RelayState).
+Not here: what the values mean to sessions (relay_session.RelayState).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ session ends `done`.  No answer within the session timeout: `udp timeout`.
 Anything else that arrives -- short or non-DNS datagrams, responses on the
 listening socket, answers with another ID -- is dropped (`-vv` says so).
 With `log connection` every session writes the same line as a TCP session
-(relay.Session.close_log), and sessions show in `relayctl show sessions`.
+(relay_session.Session.close_log), and sessions show in `relayctl show sessions`.
 
 The parent binds the sockets (udp_listens() and bind_udp(); keys ("udp",
 addr, port), so they never collide with the TCP listeners' (addr, port));
@@ -40,7 +40,7 @@ import trio
 
 from engine.listen import set_options
 from relayd import balance
-from relayd import relay as relay_mod    # relay.py imports this module too
+from relayd import relay_session
 from relayd.config import Listen, ProtocolConfig, RelayConfig, RelaydConfig
 from shared import log
 
@@ -305,7 +305,7 @@ def max_sessions() -> int:
 # -- the relay (a relay process) -----------------------------------------------------
 
 class _Client:
-    """What relay.Session and stats need of a UDP client."""
+    """What relay_session.Session and stats need of a UDP client."""
     __slots__ = ("peer", "local")
 
     def __init__(self, peer: tuple, local: tuple) -> None:
@@ -322,7 +322,7 @@ class UdpRelay:
     an object with `ended` and `errors` dicts and `metrics` (RelayProc)."""
 
     def __init__(self, relay: RelayConfig, proto: ProtocolConfig, sock: socket.socket,
-                 state: relay_mod.RelayState, conf: RelaydConfig, listen: Listen | None = None,
+                 state: relay_session.RelayState, conf: RelaydConfig, listen: Listen | None = None,
                  stats=None, counters=None, limit: int | None = None) -> None:
         self.relay = relay
         self.proto = proto
@@ -403,14 +403,14 @@ class UdpRelay:
             log.debug(f"relay_udp_server: relay {self.name}: too many sessions")
             return
         self.active += 1
-        sess = relay_mod.Session(self.state, self.conf, self.relay, self.listen, self.proto,
+        sess = relay_session.Session(self.state, self.conf, self.relay, self.listen, self.proto,
                                  _Client(addr, self.local))
         self.state.session_open(sess.name)
         if self.stats is not None:
             self.stats.session_start(sess)
         nursery.start_soon(self._session, sess, addr, data)
 
-    async def _session(self, sess: relay_mod.Session, client: tuple, data: bytes) -> None:
+    async def _session(self, sess: relay_session.Session, client: tuple, data: bytes) -> None:
         pending: Pending | None = None
         try:
             target = self._choose(sess)
@@ -436,7 +436,7 @@ class UdpRelay:
                 self.stats.session_end(sess)
             self.state.session_close(sess.name)
 
-    def _done(self, sess: relay_mod.Session, reason: str) -> None:
+    def _done(self, sess: relay_session.Session, reason: str) -> None:
         sess.close_log(reason)
         error = reason != "done"
         c = self.counters
@@ -447,7 +447,7 @@ class UdpRelay:
             if getattr(c, "metrics", None) is not None:
                 c.metrics.session_done(sess.name, error)
 
-    def _choose(self, sess: relay_mod.Session) -> tuple[str, int, int] | None:
+    def _choose(self, sess: relay_session.Session) -> tuple[str, int, int] | None:
         """(addr, port, retry): the relay's tables in order (backups when
         no host of the one before is up), then its address forward."""
         fwds = self.relay.forwards
@@ -475,7 +475,7 @@ class UdpRelay:
             return host.addr, inst.port, host.retry
         return None
 
-    async def _forward(self, sess: relay_mod.Session, p: Pending, data: bytes, retry: int) -> str:
+    async def _forward(self, sess: relay_session.Session, p: Pending, data: bytes, retry: int) -> str:
         """Send the query with its new ID, wait for the answer, hand it to
         the client with the old ID: the session's close reason."""
         addr, port = p.backend
@@ -518,7 +518,7 @@ class UdpRelay:
         return "done"
 
 
-def relays(conf: RelaydConfig, sockets: dict, state: relay_mod.RelayState, stats=None,
+def relays(conf: RelaydConfig, sockets: dict, state: relay_session.RelayState, stats=None,
            counters=None) -> list[UdpRelay]:
     """A UdpRelay for each dns relay socket of `conf` found in `sockets`."""
     return [UdpRelay(rl, proto, sockets[key], state, conf, listen=lis, stats=stats,

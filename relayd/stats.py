@@ -157,7 +157,7 @@ class Stats:
 
     # -- relay hooks -------------------------------------------------------------
     def session_start(self, session) -> None:
-        """An accepted session (relay.Session) of relay `session.name`."""
+        """An accepted session (relay_session.Session) of relay `session.name`."""
         self.counters(session.name).add(self.clock())
         self.sessions[session.id] = session
 

@@ -35,7 +35,7 @@ import socket
 
 from shared import landlock, log, seccomp
 
-# False with -U (set by proc.child_entry before the child's main runs).
+# False with -U (set by shared.cli before the daemon's main runs).
 enabled = True
 
 PROBE_ENV = "TANDEM_PLEDGE_PROBE"
@@ -48,8 +48,7 @@ def pledge(name: str, promises: tuple[str, ...], *, read: tuple[str, ...] = (),
         log.debug(f"{name}: -U: no syscall filter, no landlock")
         _arm_probe()
         return False
-    from shared import proc
-    proc.no_new_privs()         # already set when root; needed for both as non-root
+    seccomp.no_new_privs()      # already set when root; needed for both as non-root
     skipped = landlock.restrict(read, connect)
     if skipped:
         log.info(f"{name}: {'; '.join(skipped)}")

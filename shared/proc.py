@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import trio
 
 from shared import log
+from shared.seccomp import no_new_privs
 from shared.imsg import Channel
 
-PR_SET_NO_NEW_PRIVS = 38
 PR_SET_NAME = 15
 
 
@@ -51,12 +51,6 @@ def set_title(title: str) -> None:
         libc.prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0)
     except Exception:
         pass
-
-
-def no_new_privs() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 # Capabilities kept when the unprivileged user cannot reach configured

@@ -24,6 +24,17 @@ import errno
 import os
 import socket
 
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def no_new_privs() -> None:
+    """PR_SET_NO_NEW_PRIVS: what a filter needs without CAP_SYS_ADMIN (and
+    what shared.proc.drop_privileges sets for every child anyway)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 # Actions (seccomp.h).
 ACT_KILL_PROCESS = 0x80000000
 ACT_ALLOW = 0x7FFF0000

@@ -21,7 +21,7 @@ from relayd import control, hce, stats
 from relayd.control import (CommandFailed, ControlBackend, ControlError, LineBuffer,
                             ProtocolError, Request, parse_request)
 from relayd.parse import load
-from relayd.relay import RelayState
+from relayd.relay_session import RelayState
 from shared import log
 
 # -- protocol --------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from relayd.parse import load
-from relayd.relay import BackendError, RelayState, Session
+from relayd.errors import BackendError
+from relayd.relay_session import RelayState, Session
 from shared import log
 
 IP_MINTTL = getattr(socket, "IP_MINTTL", 21)
@@ -256,7 +257,7 @@ def test_session_ids_and_active_count():
 
 def test_map_family_inet_and_inet6_prefix():
     from types import SimpleNamespace
-    from relayd.relay import map_family
+    from relayd.relay_session import map_family
     plain = SimpleNamespace(inet=False, inet6=None)
     assert map_family("10.1.2.3", plain) == "10.1.2.3"
     assert map_family("2001:db8::1", plain) == "2001:db8::1"
@@ -271,7 +272,7 @@ def test_map_family_inet_and_inet6_prefix():
 
 def test_original_dst_of_a_connection_nothing_rewrote():
     import socket
-    from relayd.relay import original_dst
+    from relayd.relay_session import original_dst
     lis = socket.create_server(("127.0.0.1", 0))
     c = socket.create_connection(lis.getsockname())
     s, _ = lis.accept()
@@ -292,7 +293,7 @@ def test_destination_of_a_connection_that_was_not_diverted():
     no other destination, so another forward takes it (no loop)."""
     import socket
     from types import SimpleNamespace
-    from relayd.relay import Session
+    from relayd.relay_session import Session
     lis = socket.create_server(("127.0.0.1", 0))
     port = lis.getsockname()[1]
     c = socket.create_connection(("127.0.0.1", port))

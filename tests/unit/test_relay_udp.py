@@ -15,7 +15,7 @@ import trio
 from relayd import config as C
 from relayd import relay_udp as U
 from relayd.parse import load
-from relayd.relay import RelayState
+from relayd.relay_session import RelayState
 from relayd.stats import Stats
 from shared import log
 
