@@ -2,7 +2,8 @@
 
 Gets a configuration and the listening sockets the parent bound, groups the
 servers by socket (name-based virtual hosts share one), and runs
-engine.serve with server_http.serve_client on each.  configure() swaps in a
+engine.serve on each: server_http.serve_client, or server_h2.serve_h2 for a
+connection that speaks HTTP/2 (`listen ... http2`).  configure() swaps in a
 new configuration: sockets that stay keep accepting (their listener context
 is replaced), new ones start, removed ones stop; connections in flight keep
 the configuration they started with.
@@ -123,7 +124,11 @@ class ServerProc:
         tls.wipe(self.tls_files[1].values())
 
     async def _handle(self, transport, lis: Listener) -> None:
-        await server_http.serve_client(transport, lis.ctx, self.worker)
+        ctx = lis.ctx
+        if ctx.h2 is not None and await server_h2.wants_h2(transport, ctx):
+            await server_h2.serve_h2(transport, ctx, self.worker)
+        else:
+            await server_http.serve_client(transport, ctx, self.worker)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         for key in self._pending:

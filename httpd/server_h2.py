@@ -25,9 +25,23 @@ from httpd.server_http import Exchange, ListenCtx, Worker
 
 class H2Exchange(Exchange):
     """An Exchange answered on an HTTP/2 stream (`conn` is the stream too:
-    it has the reading API and `requests` of engine.http1.ServerConn)."""
+    it has the reading API and `requests` of engine.http1.ServerConn).
+    server_http's send_file() and abort_http() call its h2_ methods when
+    `h2` is set, so server_http never imports this module."""
 
     __slots__ = ("h2",)
+
+    async def h2_send_file(self, fr: server_file.FileResponse) -> bool:
+        return await send_file(self, fr)
+
+    async def h2_send_page(self, status: int, hdrs: list[tuple[str, str]], body: bytes) -> None:
+        await send_page(self, status, hdrs, body)
+
+
+async def wants_h2(t: Transport, ctx: ListenCtx) -> bool:
+    """HTTP/2 for this connection (engine.http2.wants_h2: ALPN, or the
+    client preface on clear text within the request timeout)."""
+    return await http2.wants_h2(t, ctx.tls, ctx.servers[0].connection.request_timeout)
 
 
 def limits(conn: Connection) -> http2.H2Limits:
@@ -41,7 +55,8 @@ def limits(conn: Connection) -> http2.H2Limits:
 
 
 async def serve_h2(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
-    """Serve one HTTP/2 connection until it ends (serve_client's other half)."""
+    """Serve one HTTP/2 connection until it ends (server_http.serve_client's
+    other half; httpd.server chooses with wants_h2())."""
     worker.next_id += 1
     worker.active += 1
     cid = worker.next_id

@@ -121,8 +121,9 @@ class Exchange:
         self.close_msg: str | None = None  # why the connection closes, for the log
         self.orig_query: str | None = None  # query as requested (path: log_path)
 
-    # The HTTP/2 stream answering the request (H2Exchange); None over HTTP/1
-    # (a class attribute: no store per HTTP/1 request).
+    # The HTTP/2 stream answering the request (server_h2.H2Exchange, whose
+    # h2_send_file() and h2_send_page() then answer); None over HTTP/1 (a
+    # class attribute: no store per HTTP/1 request).
     h2: http2.H2Stream | None = None
 
     # -- macros (server_expand_http) -------------------------------------
@@ -174,11 +175,8 @@ EVICTED = "evicted"     # closed to make room (Worker.evict_reader)
 
 
 async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
-    """Serve one connection until it closes (the engine's handler)."""
-    if ctx.h2 is not None:
-        if await _wants_h2(t, ctx):
-            await server_h2.serve_h2(t, ctx, worker)
-            return
+    """Serve one HTTP/1 connection until it closes (the engine's handler,
+    through httpd.server, which hands HTTP/2 ones to server_h2)."""
     worker.next_id += 1
     worker.active += 1
     cid = worker.next_id
@@ -255,12 +253,6 @@ async def serve_client(t: Transport, ctx: ListenCtx, worker: Worker) -> None:
             timer.close()
         worker.active -= 1
         _log_close(worker, srv_for_log, cid, t, reason, "".join(summary))
-
-
-async def _wants_h2(t: Transport, ctx: ListenCtx) -> bool:
-    """HTTP/2 for this connection (engine.http2.wants_h2: ALPN, or the
-    client preface on clear text within the request timeout)."""
-    return await http2.wants_h2(t, ctx.tls, ctx.servers[0].connection.request_timeout)
 
 
 def _log_close(worker: Worker, srv: ServerConfig, cid: int, t: Transport,
@@ -626,7 +618,7 @@ def file_headers(x: Exchange, conf: ServerConfig, fr: server_file.FileResponse
 
 async def send_file(x: Exchange, fr: server_file.FileResponse) -> bool:
     if x.h2 is not None:
-        return await server_h2.send_file(x, fr)
+        return await x.h2_send_file(fr)          # server_h2.H2Exchange
     conf = x.conf
     t = x.t
     try:
@@ -762,7 +754,7 @@ async def abort_http(x: Exchange, status: int, msg: str | None = "",
     if x.req is not None and x.req.method == "HEAD":
         body = b""
     if x.h2 is not None:
-        await server_h2.send_page(x, status, hdrs, body)
+        await x.h2_send_page(status, hdrs, body)   # server_h2.H2Exchange
         access_log_safe(x)
         return
     head = build_head(status, "HTTP/1.0", hdrs)
@@ -781,5 +773,3 @@ def access_log_safe(x: Exchange) -> None:
     except Exception as e:   # logging must never break a connection
         log.warn(f"access log: {e!r}")
 
-
-from httpd import server_h2  # noqa: E402  (it imports this module)
