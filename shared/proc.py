@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import trio
 
 from shared import log
-from shared.seccomp import no_new_privs
 from shared.imsg import Channel
+from shared.seccomp import no_new_privs
 
 PR_SET_NAME = 15
 
