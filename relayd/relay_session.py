@@ -35,8 +35,8 @@ from engine.conn import SocketTransport, Transport
 from engine.listen import set_options, set_transparent
 from relayd import balance
 from relayd import relay_tls               # tls hook: TLS to backends, inspection
-from relayd.config import ForwardConfig, Listen, ProtocolConfig, RelayConfig, RelaydConfig
-from relayd.config import TableInstance
+from relayd.config import (ForwardConfig, Listen, ProtocolConfig, RelayConfig, RelaydConfig,
+                           TableInstance)
 from relayd.errors import BackendError
 from shared import log
 
