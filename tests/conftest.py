@@ -190,17 +190,21 @@ def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.Comple
                           timeout=timeout)
 
 
-def wait_until(pred, what: str, detail=lambda: "", timeout: float = 10.0,
-               every: float = 0.1):
-    """pred()'s first true value; after `timeout` an AssertionError naming
-    `what`, with detail() (logs) appended."""
+def wait_for(fn, timeout: float = 10.0, what: str = "condition", detail=None,
+             every: float = 0.05):
+    """Poll fn() until it returns something truthy (files written after the
+    response was sent, processes exiting, states logged) and return that;
+    after `timeout` an AssertionError naming `what`, with detail() (logs)
+    appended when given."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
+    while True:
+        v = fn()
         if v:
             return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + (f"\n{detail()}" if detail is not None else ""))
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}\n{detail()}")
 
 
 def run_cmd(module: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:

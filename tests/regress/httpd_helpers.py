@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, free_port, run_cmd, wait_port
+from tests.conftest import Daemon, free_port, run_cmd, wait_for, wait_port  # noqa: F401  (wait_for: for the httpd tests)
 
 __all__ = ["Resp", "Conn", "Site", "request", "raw_exchange", "wait_for",
            "make_site", "free_port", "run_cmd", "wait_port", "Daemon",
@@ -163,19 +162,6 @@ def raw_exchange(port: int, data: bytes, addr: str = "127.0.0.1", timeout: float
     with Conn(port, addr, timeout) as c:
         c.send(data)
         return c.read_all()
-
-
-def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
-    """Poll fn() until it returns something truthy (files written after the
-    response was sent, processes exiting); fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        val = fn()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass

@@ -16,11 +16,10 @@ import signal
 import socket
 import struct
 import threading
-import time
 
 import pytest
 
-from tests.conftest import run_cmd
+from tests.conftest import run_cmd, wait_for
 
 SESSION_RE = re.compile(r"^relay (?P<relay>\S+), session (?P<id>\d+) \((?P<active>\d+) active\), "
                         r"(?P<tag>\S+), (?P<client>[0-9a-f.:]+) -> (?P<addr>[0-9a-f.:]*):"
@@ -144,17 +143,6 @@ def ask(port: int, q: bytes, src: str = "127.0.0.1", timeout: float = 5.0) -> by
             return None
         assert peer == ("127.0.0.1", port)        # from the relay's own address
         return data
-
-
-def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        val = fn()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- the daemon ---------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, sh, stop_process, wait_until
+from tests import conftest
+from tests.conftest import REPO, sh, stop_process
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.root,
@@ -531,7 +532,7 @@ print(data.partition(b"\\r\\n\\r\\n")[2].decode().strip())
 
 
 def wait_for(pred, what: str, ha: Ha, timeout: float = 10.0, every: float = 0.05):
-    return wait_until(pred, what, ha.all_output, timeout, every)
+    return conftest.wait_for(pred, timeout, what, ha.all_output, every)
 
 
 def records(path: Path) -> list[dict]:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, sh, wait_until
+from tests import conftest
+from tests.conftest import REPO, sh
 
 pytestmark = [
     pytest.mark.netns, pytest.mark.root,
@@ -293,7 +294,8 @@ class Net:
 
 
 def wait_for(pred, what: str, net: Net, timeout: float = 10.0):
-    return wait_until(pred, what, lambda: f"--- relayd log ---\n{net.output()}", timeout)
+    return conftest.wait_for(pred, timeout, what, lambda: f"--- relayd log ---\n{net.output()}",
+                             every=0.1)
 
 
 CONF = f"""

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from shared import landlock
-from tests.conftest import PYTHON, REPO, Daemon, free_port, listen_backlog, probe_kills
+from tests.conftest import (PYTHON, REPO, Daemon, free_port, listen_backlog, probe_kills,
+                            wait_for)
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, setuid)")]
@@ -110,17 +111,6 @@ def ids(st: dict, key: str) -> list[int]:
 
 
 # -- helpers -------------------------------------------------------------------------
-
-def wait_for(fn, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
 
 class Backend:
     """Threaded TCP backend: echo, or `size` bytes of a fixed pattern."""

@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import free_port, run_cmd
+from tests.conftest import free_port, run_cmd, wait_for
 
 # relay <name>, session <id> (<n> active), <tag|0>, <client> -> <addr>:<port>, <reason>[,<log>]
 SESSION_RE = re.compile(r"^relay (?P<relay>\S+), session (?P<id>\d+) \((?P<active>\d+) active\), "
@@ -213,17 +213,6 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
             break
         out += data
     return bytes(out)
-
-
-def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        val = fn()
-        if val:
-            return val
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- the daemon ------------------------------------------------------------------

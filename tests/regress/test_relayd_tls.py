@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,21 +23,11 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import REPO, free_port, run_cmd
+from tests.conftest import REPO, free_port, run_cmd, wait_for
 from tests.regress.test_httpd_tls import make_webpki
 
 DAY = datetime.timedelta(days=1)
 pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")
-
-
-def wait_for(fn, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Backend:
