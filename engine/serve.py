@@ -294,7 +294,8 @@ class Timer:
         self.expiry = math.inf
 
     def fire(self, phase: object) -> None:
-        """End the connection now, as if `phase` had timed out."""
+        """End the connection now, as if `phase` had timed out (what the
+        watchdog does when the armed time has passed)."""
         self.expiry = math.inf
         self.fired = phase
         if self.scope is not None:
@@ -364,10 +365,7 @@ class _Watchdog:
                     continue         # superseded by an earlier key
                 t.queued = math.inf
                 if t.expiry <= now:
-                    t.fired = t.phase
-                    t.expiry = math.inf
-                    if t.scope is not None:
-                        t.scope.cancel()
+                    t.fire(t.phase)
                 elif t.expiry != math.inf:
                     t.queued = t.expiry
                     self.seq += 1
