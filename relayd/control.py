@@ -60,9 +60,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from relayd.control_rows import (  # noqa: F401  (control's rows, re-exported)
-    table_row, host_row, relay_row, redirect_row,
-    router_row, demote_row, pfe_row_map)
+from relayd.control_rows import (host_row, pfe_row_map, redirect_row, relay_row, router_row,
+                                  table_row)
 from shared import log, sd
 
 # -- 1. protocol ---------------------------------------------------------------
