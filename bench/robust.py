@@ -205,26 +205,16 @@ class Target:
 
 
 def build(B, ctx, daemon: str, nworkers: int) -> Target:
-    """The daemon (and for relayd its nginx backend) with a generated config."""
-    procs = []
-    subs = dict(WORKERS=nworkers, BACKEND=1, PORT=1)
-    if daemon == "relayd":
-        case = B.Case("robust", "relayd", PROBE_PATH, B.KIB, [], topo="proxy")
-        be_procs, be_port = B.nginx_backend(ctx, case)
-        for p in be_procs:
-            p.cpus = None
-        procs += be_procs
-        subs["BACKEND"] = be_port
-    template = "httpd.conf" if daemon == "httpd" else "relayd-http.conf"
-    reason, fallback = ctx.tandem_check(daemon, template, subs)
+    """The daemon (and for relayd its nginx backend) as bench.py's peers
+    start it, unpinned (topology "both") with `nworkers` workers."""
+    case = B.Case("robust", daemon, PROBE_PATH, B.KIB, [], topo="both", workers=nworkers)
+    peer = B.httpd() if daemon == "httpd" else B.relayd("http")
+    reason = next((r for r in (req(ctx, case) for req in peer.requires) if r), None)
     if reason:
         raise B.BenchError(reason)
-    name = ctx.name(f"robust-{daemon}")
-    port = ctx.port()
-    conf = ctx.render(template, dict(subs, PORT=port), name, fallback=fallback)
-    procs.append(B.Proc(name, [ctx.py, "-m", daemon, "-d", "-f", conf], None, ("tcp", port),
-                        cwd=str(B.REPO)))
-    return Target(daemon, "server" if daemon == "httpd" else "relay", procs, port)
+    procs, be_port = B.nginx_backend(ctx, case) if daemon == "relayd" else ([], None)
+    sut, port, _ = peer.build(ctx, case, be_port)
+    return Target(daemon, "server" if daemon == "httpd" else "relay", procs + sut, port)
 
 
 def run_daemon(B, ctx, daemon: str, nworkers: int, test) -> dict:
