@@ -264,13 +264,15 @@ class RateLimitProxy:
 
 # -- httpd's built-in ACME ------------------------------------------------------------
 
-ACME_HTTPD = """
-acme config "{acmeconf}"
-server "{name}" {
-{aliases}	listen on 127.0.0.1 port {http}
-	listen on 127.0.0.1 tls port {tls}
-	tls acme "{handle}"
-}
+ACME_PREFORK = 2
+ACME_HTTPD = f"""
+prefork {ACME_PREFORK}
+acme config "{{acmeconf}}"
+server "{{name}}" {{
+{{aliases}}	listen on 127.0.0.1 port {{http}}
+	listen on 127.0.0.1 tls port {{tls}}
+	tls acme "{{handle}}"
+}}
 """
 
 
@@ -313,6 +315,27 @@ class AcmeHttpd:
 
     def served(self, name: str | None = None) -> x509.Certificate:
         return served_cert(self.tls, name or self.dom.handle)
+
+    def servers(self) -> list[int]:
+        """PIDs of the live server processes (zombies left out)."""
+        import psutil
+        out = []
+        for p in psutil.Process(self.daemon.pid).children():
+            try:
+                if p.name() == "httpd: server" and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def settled(self, reloads: int = 1) -> None:
+        """Wait (bounded) until `reloads` certificate reloads are logged and
+        the generation before the last has exited: until then both accept
+        on the shared sockets, so a client may still get the old files."""
+        from tests.conftest import wait_for
+        wait_for(lambda: self.output().count("parent_reload: certificates reloaded") >= reloads
+                 and len(self.servers()) == ACME_PREFORK, 30, "one generation of servers",
+                 detail=lambda: (self.servers(), self.output()[-2000:]))
 
 
 def served_cert(port: int, name: str) -> x509.Certificate:

@@ -73,6 +73,7 @@ def test_first_start_then_restart(tmp_path):
             first = h.served()
             assert not is_pebble(first) or dom.cert.exists()
             cert = pebble_served(h)
+            h.settled()         # from here on no server has the stand-in
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             assert sorted(san.value.get_values_for_type(x509.DNSName)) == \
                 ["example.test", "www.example.test"]
@@ -187,6 +188,7 @@ def test_ca_down_keeps_certificate_and_backs_off(tmp_path):
         h = AcmeHttpd(tmp_path / "site", dom, pebble.ca, pebble.http_port, base=0.2).start()
         try:
             wait_for(lambda: issued(h.output()), 60, "issued")
+            h.settled()
         finally:
             pebble.stop()
         try:
