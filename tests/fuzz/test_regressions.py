@@ -94,12 +94,10 @@ def test_whitespace_before_colon_refused(mode: str) -> None:
 
 def test_glob_stars_do_not_backtrack_exponentially() -> None:
     # "x*x*x*...*?" against a header value of x's took exponential time in
-    # re (a relayd rule glob, a value from the network); now linear.
-    import time
-    t0 = time.monotonic()
+    # re (a relayd rule glob, a value from the network); now linear.  Done
+    # backtracking, these two would run for ages: pytest's timeout fails it.
     assert not Glob("*x" * 20 + "*y")("x" * 200)
     assert Glob("*x" * 20 + "*y")("x" * 200 + "y")
-    assert time.monotonic() - t0 < 1.0
     assert Glob("a*b*c")("abxbc") and not Glob("a*b*c")("acb")
     assert Glob("*[!a]*b")("cab") and not Glob("*[!a]*b")("aab")
 

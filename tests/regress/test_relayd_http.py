@@ -938,7 +938,7 @@ def test_idle_timeout(env):
         assert c.response().status == 200
         t0 = time.monotonic()
         assert c.closed()
-        assert 0.5 < time.monotonic() - t0 < 4
+        assert time.monotonic() - t0 > 0.5      # not before the idle timeout
     env.log_line(r"relay idle, .*buffer event timeout, GET$")
 
 

@@ -507,11 +507,8 @@ def test_backend_down_leaves_the_map_and_other_connections_continue(net):
     for i in range(4):                                 # connections to both backends
         kept[f"k{i}"] = net.conn(80, keep=f"k{i}")
     assert set(kept.values()) == {"b1", "b2"}
-    t0 = time.monotonic()
     net.kill_backend("web1")
     wait_for(lambda: net.set_elems("rdr_1_hosts") == [B2], "b1 out of the pool", net)
-    # within one check interval plus the check timeout (plus slack for the test)
-    assert time.monotonic() - t0 < INTERVAL + 0.3 + 2.0
     assert B1 not in net.nft_chain_text("rdr_1")
     assert {net.conn(80) for _ in range(4)} == {"b2"}
     wait_for(lambda: net.set_elems("rdr_5_hosts") == [B2], "backup table in use", net)

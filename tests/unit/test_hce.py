@@ -24,6 +24,7 @@ from relayd.config import (CheckConfig, HostConfig, InstanceHost, MetricsConfig,
 from relayd.hce import Hce, HostState, HostStatus, TableState
 from relayd.parse import load
 from shared import log
+from tests.conftest import wait_for
 
 UP, DOWN, UNKNOWN = HostStatus.UP, HostStatus.DOWN, HostStatus.UNKNOWN
 
@@ -702,10 +703,25 @@ def test_script_in_root_only_directory_still_runs(tmp_path):
 
 
 def test_script_killed_at_timeout(script_dir):
-    path = write_script(script_dir, "slow", "sleep 30\nexit 1\n")
-    res, took = script_result(path, timeout=0.3)
+    """Killed with its process group: the script's own child is gone too
+    when the check answers (a wait for the script would answer "script ok"
+    after 30 s instead)."""
+    pidfile = script_dir / "sleep.pid"
+    path = write_script(script_dir, "slow",
+                        f"sleep 30 &\necho $! > {pidfile}\nwait\nexit 1\n")
+    res, _ = script_result(path, timeout=0.3)
     assert res == (-1, "script failed", 0)
-    assert took < 2
+    pid = int(pidfile.read_text())
+    wait_for(lambda: not alive(pid), what=f"sleep {pid} killed")
+
+
+def alive(pid: int) -> bool:
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # -- icmp --------------------------------------------------------------------------

@@ -8,7 +8,8 @@ What it does depends on the last component of DOCUMENT_URI:
     chunks      three pieces, no Content-Length (httpd must frame the body)
     length      one piece; flup adds Content-Length
     echo        the request body, streamed back as read, no Content-Length
-    stream      N (?n=) lines, 0.25 s (?delay=) apart, flushed one by one
+    stream      N (?n=) lines, 0.25 s (?delay=) apart, flushed one by one;
+                with ?gate=PATH the second waits for PATH to exist (10 s)
     notfound    Status 404 with a small body
     redirect    Status 302 with Location
     empty       200 with no body and no Content-Length
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from urllib.parse import parse_qs
@@ -91,14 +93,27 @@ def echo(environ, start_response):
 def stream(environ, start_response):
     n = int(_q(environ, "n", "4"))
     delay = float(_q(environ, "delay", "0.25"))
+    gate = _q(environ, "gate", "")
     start_response("200 OK", [("Content-Type", "text/plain")])
 
     def gen():
         for i in range(n):
             if i:
                 time.sleep(delay)
+            if i == 1 and gate and not _wait_file(gate, 10.0):
+                yield b"no gate\n"
+                return
             yield f"part {i} {time.time():.3f}\n".encode()
     return gen()
+
+
+def _wait_file(path: str, limit: float) -> bool:
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def notfound(environ, start_response):
