@@ -172,8 +172,10 @@ def test_renewal_without_signal(tmp_path):
         assert loop.requests > 10
         kinds = [e[1] for e in issued(out)]
         assert kinds[0] == "issued" and "renewed" in kinds
-        pebble_serials = [s for s in loop.serials if s in renewed]
-        assert pebble_serials[:2] == renewed[:2]
+        # In the order issued (by first sight: while an old generation of
+        # servers drains, a connection may still get the previous one).
+        first_seen = list(dict.fromkeys(s for s in loop.serials if s in renewed))
+        assert first_seen[:2] == renewed[:2]
         assert "parent_reload: certificates reloaded" in out
     finally:
         pebble.stop()

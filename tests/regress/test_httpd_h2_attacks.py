@@ -92,7 +92,11 @@ def test_max_requests_goaway(site) -> None:
     with H2Client(site.mrport) as c:
         sids = [c.request("/index.html") for _ in range(7)]
         statuses, resets = max_requests_answers(c, sids)
-        assert statuses[:5] == [200] * 5 and resets[5:] == [REFUSED_STREAM] * 2
+        assert statuses == [200] * 5 + [0] * 2          # 0: no response head
+        # RFC 9113 6.8: streams above GOAWAY's last id are not processed (the
+        # client retries them).  Those read before the answers are out also
+        # get REFUSED_STREAM; those read while the connection closes do not.
+        assert set(resets[5:]) <= {REFUSED_STREAM, None}, resets
         assert c.goaway is not None and c.goaway.error_code == 0
         assert c.goaway.last_stream_id == sids[4]
         assert c.closed()
