@@ -709,7 +709,7 @@ def test_script_killed_at_timeout(script_dir):
     pidfile = script_dir / "sleep.pid"
     path = write_script(script_dir, "slow",
                         f"sleep 30 &\necho $! > {pidfile}\nwait\nexit 1\n")
-    res, _ = script_result(path, timeout=0.3)
+    res, _ = script_result(path, timeout=1.0)     # time enough to write the pid
     assert res == (-1, "script failed", 0)
     pid = int(pidfile.read_text())
     wait_for(lambda: not alive(pid), what=f"sleep {pid} killed")
