@@ -172,6 +172,65 @@ def daemons():
         d.stop()
 
 
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) from /proc/PID/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The live (not zombie) children of `pid`, sorted."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            st = proc_state(int(d))
+            if st is not None and st[1] == pid and st[0] != "Z":
+                out.append(int(d))
+    return sorted(out)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as {field: value}."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def status_ids(st: dict, key: str) -> list[int]:
+    """The numbers of a proc_status() field (Uid, Gid: real, effective, ...)."""
+    return [int(x) for x in st[key].split()]
+
+
+def sandboxed(pid: int) -> bool:
+    """The process runs under no_new_privs (set before its filters)."""
+    try:
+        return proc_status(pid).get("NoNewPrivs") == "1"
+    except OSError:
+        return False
+
+
+def procs_by_title(pid: int, daemon: str) -> dict[str, list[int]]:
+    """The live children of a daemon's parent `pid` by process title
+    ("httpd: server" -> "server")."""
+    out: dict[str, list[int]] = {}
+    for c in children(pid):
+        try:
+            with open(f"/proc/{c}/comm") as f:
+                title = f.read().strip()
+        except OSError:
+            continue
+        if title.startswith(daemon + ": "):
+            out.setdefault(title[len(daemon) + 2:], []).append(c)
+    return out
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     """SIGTERM a process we started, SIGKILL it if it is still there after
     `timeout`, and reap it (None: nothing started)."""
@@ -190,7 +249,7 @@ def sh(*args: str, check: bool = True, timeout: float = 20) -> subprocess.Comple
                           timeout=timeout)
 
 
-def wait_for(fn, timeout: float = 10.0, what: str = "condition", detail=None,
+def wait_for(fn, timeout: float = 15.0, what: str = "condition", detail=None,
              every: float = 0.05):
     """Poll fn() until it returns something truthy (files written after the
     response was sent, processes exiting, states logged) and return that;

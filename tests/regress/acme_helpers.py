@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import PYTHON, REPO, free_port, stop_process, wait_port
+from tests.conftest import PYTHON, REPO, free_port, procs_by_title, stop_process, wait_port
 from tests.regress.httpd_helpers import make_site, start_site
 
 # Outside CI a developer without pebble may skip these; in CI a missing
@@ -317,16 +317,8 @@ class AcmeHttpd:
         return served_cert(self.tls, name or self.dom.handle)
 
     def servers(self) -> list[int]:
-        """PIDs of the live server processes (zombies left out)."""
-        import psutil
-        out = []
-        for p in psutil.Process(self.daemon.pid).children():
-            try:
-                if p.name() == "httpd: server" and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(p.pid)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        """PIDs of the live server processes."""
+        return procs_by_title(self.daemon.pid, "httpd").get("server", [])
 
     def settled(self, reloads: int = 1) -> None:
         """Wait (bounded) until `reloads` certificate reloads are logged and

@@ -26,7 +26,8 @@ import time
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, listen_backlog, probe_kills
+from tests.conftest import (PYTHON, REPO, listen_backlog, probe_kills, proc_status,
+                            procs_by_title, sandboxed, status_ids)
 from tests.regress.httpd_helpers import (Conn, request, site_factory,  # noqa: F401
                                          wait_for)
 
@@ -38,48 +39,8 @@ SITE = 'server "priv.test" {{\n listen on 127.0.0.1 port {port}\n root "{root}"\
 
 # -- /proc ---------------------------------------------------------------------------
 
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            out.append(int(d))
-    return sorted(out)
-
-
-def status(pid: int) -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
 def procs(d) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for c in children(d.pid):
-        try:
-            with open(f"/proc/{c}/comm") as f:
-                title = f.read().strip()
-        except OSError:
-            continue
-        if title.startswith("httpd: "):
-            out.setdefault(title[len("httpd: "):], []).append(c)
-    return out
-
-
-def sandboxed(pid: int) -> bool:
-    try:
-        return status(pid).get("NoNewPrivs") == "1"
-    except OSError:
-        return False
+    return procs_by_title(d.pid, "httpd")
 
 
 def wait_procs(d, servers: int, timeout: float = 30.0, exclude=frozenset()) -> dict:
@@ -95,8 +56,6 @@ def wait_procs(d, servers: int, timeout: float = 30.0, exclude=frozenset()) -> d
     raise AssertionError(f"process table {p} (want {servers} servers):\n{d.output()}")
 
 
-def ids(st: dict, key: str) -> list[int]:
-    return [int(x) for x in st[key].split()]
 
 
 def roots(site) -> None:
@@ -122,11 +81,11 @@ def test_process_table_users_and_chroots(site_factory):
     p = wait_procs(d, 3)
     assert sorted(p) == ["logger", "server"]
     assert os.readlink(f"/proc/{d.pid}/root") == "/"
-    assert status(d.pid)["Uid"].split()[0] == "0"
+    assert proc_status(d.pid)["Uid"].split()[0] == "0"
     for pid in p["server"] + p["logger"]:
-        st = status(pid)
-        assert all(u != 0 for u in ids(st, "Uid")), st["Uid"]
-        assert all(g != 0 for g in ids(st, "Gid")), st["Gid"]
+        st = proc_status(pid)
+        assert all(u != 0 for u in status_ids(st, "Uid")), st["Uid"]
+        assert all(g != 0 for g in status_ids(st, "Gid")), st["Gid"]
         assert st["NoNewPrivs"] == "1"
         assert st["Groups"].split() == [st["Gid"].split()[0]]
         assert os.readlink(f"/proc/{pid}/root") == str(site.dir)
@@ -167,7 +126,7 @@ def test_privileged_port_served_by_unprivileged_workers(site_factory):
     p = wait_procs(site.daemon, 2)
     assert site.get("/").body == b"root one\n"
     for pid in p["server"]:
-        assert all(u != 0 for u in ids(status(pid), "Uid"))
+        assert all(u != 0 for u in status_ids(proc_status(pid), "Uid"))
 
 
 # -- reload --------------------------------------------------------------------------
@@ -341,7 +300,7 @@ def test_allowed_syscall_keeps_server(site_factory, monkeypatch):
 @pytest.mark.parametrize("action", ["execve", "netlink"])
 def test_flag_U_turns_filters_off(site_factory, monkeypatch, action):
     site, victim = probe_site(site_factory, monkeypatch, action, args=["-U"])
-    assert status(victim)["Seccomp"] == "0"
+    assert proc_status(victim)["Seccomp"] == "0"
     os.kill(victim, signal.SIGUSR2)
     site.daemon.wait_output(f"pledge probe {action}: survived")
     assert wait_procs(site.daemon, 1)["server"] == [victim]

@@ -31,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.conftest import free_port, run_cmd
+from tests.conftest import free_port, procs_by_title, run_cmd
 from tests.regress.fcgi import servers
 from tests.regress.httpd_helpers import module_site, site_factory, wait_for  # noqa: F401
 
@@ -531,17 +531,7 @@ def test_plain_http_on_tls_port(site):
 # -- A05: keys stay out of the workers' files and memory ---------------------------------
 
 def _workers(parent: int) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().split(b"\0")
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == parent and b"server" in cmd:
-                out.append(int(p.name))
-    return out
+    return procs_by_title(parent, "httpd").get("server", [])
 
 
 def _memory_has(pid: int, needle: bytes) -> bool:

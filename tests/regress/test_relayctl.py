@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, REPO, free_port, wait_for
+from tests.conftest import PYTHON, REPO, free_port, proc_state, wait_for
 
 RELAYCTL = str(Path(PYTHON).parent / "relayctl")
 HEADER = "Id  \tType    \tName                    \tAvlblty\tStatus\n"
@@ -239,8 +237,7 @@ def test_show_relays_and_sessions(env, backends):
                          rf"\tRUNNING\n\tage 00:00:0\d, idle 00:00:0\d, relay 1, pid "
                          rf"(\d+)\n", out)
         assert m and int(m[2]) >= 4, out
-        with open(f"/proc/{m[3]}/stat") as f:      # a relay child of the daemon
-            assert int(f.read().rsplit(")", 1)[1].split()[1]) == env.d.pid
+        assert proc_state(int(m[3]))[1] == env.d.pid      # a relay child of the daemon
     finally:
         held.close()
 

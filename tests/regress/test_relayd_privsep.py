@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from shared import landlock
-from tests.conftest import (PYTHON, REPO, Daemon, free_port, listen_backlog, probe_kills,
+from tests.conftest import (PYTHON, REPO, Daemon, children, free_port, listen_backlog,
+                            probe_kills, proc_status, procs_by_title, sandboxed, status_ids,
                             wait_for)
 
 pytestmark = [pytest.mark.root,
@@ -41,46 +42,9 @@ RELAYCTL = str(Path(PYTHON).parent / "relayctl")
 
 # -- /proc ---------------------------------------------------------------------------
 
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid:
-            out.append(int(d))
-    return sorted(out)
-
-
-def comm(pid: int) -> str:
-    with open(f"/proc/{pid}/comm") as f:
-        return f.read().strip()
-
-
-def status(pid: int) -> dict[str, str]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
 def procs(d) -> dict[str, list[int]]:
     """The daemon's children by title ("relay", "hce", "pfe", "ca")."""
-    out: dict[str, list[int]] = {}
-    for c in children(d.pid):
-        try:
-            title = comm(c)
-        except OSError:
-            continue
-        if title.startswith("relayd: "):
-            out.setdefault(title[len("relayd: "):], []).append(c)
-    return out
+    return procs_by_title(d.pid, "relayd")
 
 
 def wait_procs(d, relays: int, timeout: float = 30.0, exclude: set[int] = frozenset()
@@ -99,15 +63,6 @@ def wait_procs(d, relays: int, timeout: float = 30.0, exclude: set[int] = frozen
     raise AssertionError(f"process table {p} (want {relays} relays):\n{d.output()}")
 
 
-def sandboxed(pid: int) -> bool:
-    try:
-        return status(pid).get("NoNewPrivs") == "1"
-    except OSError:
-        return False
-
-
-def ids(st: dict, key: str) -> list[int]:
-    return [int(x) for x in st[key].split()]
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -228,22 +183,22 @@ def test_process_table_users_and_chroots(relayd, backend, tmp_path):
     d = relayd("prefork 3\n" + relay_conf(rport, b.port, sock=str(tmp_path / "ctl.sock")))
     p = wait_procs(d, 3)
     assert sorted(p) == ["ca", "hce", "pfe", "relay"]
-    assert status(d.pid)["Uid"].split()[0] == "0"
+    assert proc_status(d.pid)["Uid"].split()[0] == "0"
     assert os.readlink(f"/proc/{d.pid}/root") == "/"
     for title in ("relay", "hce", "pfe", "ca"):
         for pid in p[title]:
-            st = status(pid)
-            assert all(u != 0 for u in ids(st, "Uid")), (title, st["Uid"])
-            assert all(g != 0 for g in ids(st, "Gid")), (title, st["Gid"])
+            st = proc_status(pid)
+            assert all(u != 0 for u in status_ids(st, "Uid")), (title, st["Uid"])
+            assert all(g != 0 for g in status_ids(st, "Gid")), (title, st["Gid"])
             assert st["NoNewPrivs"] == "1"
             assert st["Groups"].split() == [st["Gid"].split()[0]]     # no supplementary
             # pfe too: nftables through libnftables, no nft(8) to run.
             assert os.readlink(f"/proc/{pid}/root") == "/var/empty", title
             assert st["Seccomp"] == "2", title      # filtered (shared.pledge)
     for pid in p["relay"] + p["hce"] + p["ca"]:
-        assert int(status(pid)["CapEff"], 16) == 0
+        assert int(proc_status(pid)["CapEff"], 16) == 0
     # pfe keeps CAP_NET_ADMIN (12) only, and no ambient set (it runs nothing).
-    pfe = status(p["pfe"][0])
+    pfe = proc_status(p["pfe"][0])
     assert int(pfe["CapEff"], 16) == 1 << 12
     assert int(pfe["CapAmb"], 16) == 0
     st = os.stat("/var/empty")
@@ -281,7 +236,7 @@ def test_privileged_port_served_by_unprivileged_workers(relayd, backend):
     p = wait_procs(d, 2)
     assert echo_once(port) == b"ping"
     for pid in p["relay"]:
-        assert all(u != 0 for u in ids(status(pid), "Uid"))
+        assert all(u != 0 for u in status_ids(proc_status(pid), "Uid"))
 
 
 # -- reload --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from relayd.config import (CheckConfig, HostConfig, InstanceHost, MetricsConfig,
 from relayd.hce import Hce, HostState, HostStatus, TableState
 from relayd.parse import load
 from shared import log
-from tests.conftest import wait_for
+from tests.conftest import proc_state, wait_for
 
 UP, DOWN, UNKNOWN = HostStatus.UP, HostStatus.DOWN, HostStatus.UNKNOWN
 
@@ -717,11 +717,8 @@ def test_script_killed_at_timeout(script_dir):
 
 def alive(pid: int) -> bool:
     """pid exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    st = proc_state(pid)
+    return st is not None and st[0] != "Z"
 
 
 # -- icmp --------------------------------------------------------------------------
