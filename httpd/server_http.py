@@ -772,4 +772,3 @@ def access_log_safe(x: Exchange) -> None:
         access_log(x)
     except Exception as e:   # logging must never break a connection
         log.warn(f"access log: {e!r}")
-

@@ -110,7 +110,7 @@ class CaClient:
         if len(ans) < _ANS.size:
             log.warn("ca: connection to ca lost")
             return None
-        if ans[_ANS.size - 1] != DONE:
+        if _ANS.unpack_from(ans)[1] != DONE:
             log.warn(f"ca: key {key_id}: {OP_NAMES.get(op, op)} refused")
             return None
         return ans[_ANS.size:]

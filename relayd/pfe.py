@@ -464,9 +464,9 @@ class Pfe:
             c = self.counters.get(rdr.id)
             stats = [c.snapshot(now)] if c is not None else []
             row = control_rows.redirect_row(rdr.id, rdr.name, status == "disabled",
-                                       down=status in ("down", "disabled"),
-                                       backup=status.endswith("(using backup table)"),
-                                       stats=stats)
+                                            down=status in ("down", "disabled"),
+                                            backup=status.endswith("(using backup table)"),
+                                            stats=stats)
             row["status"] = status
             row["hosts"] = list(pool.addrs) if pool is not None else []
             rows.append(row)
@@ -478,9 +478,9 @@ class Pfe:
 
     def router_row(self, rt: RouterConfig) -> dict:
         row = control_rows.router_row(rt.id, rt.name, rt.disabled, rtable=rt.rtable,
-                                 rtlabel=rt.rtlabel,
-                                 routes=[[str(n.network_address), n.prefixlen]
-                                         for n in rt.routes])
+                                      rtlabel=rt.rtlabel,
+                                      routes=[[str(n.network_address), n.prefixlen]
+                                              for n in rt.routes])
         table = pfe_route.rt_table(rt.rtable)
         nets = {str(n) for n in rt.routes}
         row["installed"] = [[k.dst, k.metric, list(g)]

@@ -322,7 +322,8 @@ class UdpRelay:
     an object with `ended` and `errors` dicts and `metrics` (RelayProc)."""
 
     def __init__(self, relay: RelayConfig, proto: ProtocolConfig, sock: socket.socket,
-                 state: relay_session.RelayState, conf: RelaydConfig, listen: Listen | None = None,
+                 state: relay_session.RelayState, conf: RelaydConfig,
+                 listen: Listen | None = None,
                  stats=None, counters=None, limit: int | None = None) -> None:
         self.relay = relay
         self.proto = proto
@@ -403,8 +404,8 @@ class UdpRelay:
             log.debug(f"relay_udp_server: relay {self.name}: too many sessions")
             return
         self.active += 1
-        sess = relay_session.Session(self.state, self.conf, self.relay, self.listen, self.proto,
-                                 _Client(addr, self.local))
+        sess = relay_session.Session(self.state, self.conf, self.relay, self.listen,
+                                     self.proto, _Client(addr, self.local))
         self.state.session_open(sess.name)
         if self.stats is not None:
             self.stats.session_start(sess)
@@ -475,7 +476,8 @@ class UdpRelay:
             return host.addr, inst.port, host.retry
         return None
 
-    async def _forward(self, sess: relay_session.Session, p: Pending, data: bytes, retry: int) -> str:
+    async def _forward(self, sess: relay_session.Session, p: Pending, data: bytes,
+                       retry: int) -> str:
         """Send the query with its new ID, wait for the answer, hand it to
         the client with the old ID: the session's close reason."""
         addr, port = p.backend

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import stat
 import pwd
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -269,7 +269,6 @@ class Supervisor:
                 and (generation is None or c.generation == generation)]
 
     async def start(self, title: str, instance: int, generation: int, setup) -> Child:
-        from shared.imsg import Imsg  # noqa: F401  (types used by callers)
         child = await spawn(self.module, title, instance, generation, self.args)
         child.info["setup"] = setup
         child.info["started"] = trio.current_time()

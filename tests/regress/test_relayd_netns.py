@@ -420,7 +420,7 @@ def test_nft_table_matches_the_config(net):
     rdr3 = net.nft_chain_text("rdr_3")
     assert "numgen random mod 2" in rdr3 and 'log prefix "relayd/sticky " group 0' in rdr3
     assert "ct timeout set" in rdr3
-    assert f"udp dport 53" in net.nft_chain_text("rdr_4") and ":5353" in net.nft_chain_text("rdr_4")
+    assert "udp dport 53" in net.nft_chain_text("rdr_4") and ":5353" in net.nft_chain_text("rdr_4")
 
 
 # -- traffic --------------------------------------------------------------------------

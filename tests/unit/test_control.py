@@ -450,17 +450,17 @@ SUMMARY = [
     control_rows.table_row(1, "web:80", 2, False),
     control_rows.host_row(1, "10.0.0.1", "up", check_cnt=10, up_cnt=10, error="tcp connect ok"),
     control_rows.host_row(2, "10.0.0.2", "down", check_cnt=10, up_cnt=4, retry_cnt=2,
-                     error="http code mismatch"),
+                          error="http code mismatch"),
     control_rows.host_row(3, "10.0.0.3", "up", parent=1, check_cnt=10, up_cnt=10),
     control_rows.table_row(2, "sorry:80", 0, True),
     control_rows.relay_row(1, "proxy", False, [stat_dict(7, 2, 1, 9, 8, 7, 6),
-                                          stat_dict(3, 1, 1, 1, 0, 1, 0)]),
+                                               stat_dict(3, 1, 1, 1, 0, 1, 0)]),
     control_rows.table_row(3, "backends:8080", 0, False),
     control_rows.host_row(4, "backend-with-a-rather-long-name.example.org", "unknown",
-                     disabled=True),
+                          disabled=True),
     control_rows.relay_row(2, "idle", True, [stat_dict()]),
     control_rows.router_row(1, "gw", False, rtable=2, rtlabel="uplink",
-                       routes=[["0.0.0.0", 0], ["2001:db8::", 32]]),
+                            routes=[["0.0.0.0", 0], ["2001:db8::", 32]]),
 ]
 
 L = "\t        \t"   # "\t%8s\t" with ""
@@ -539,7 +539,8 @@ def test_demote_rows_only_in_summary():
 def test_summary_rows_end_with_demote_groups():
     from types import SimpleNamespace as NS
     conf = NS(redirects=[], relays=[], routers=[])
-    pfe_rows = control_rows.pfe_row_map([control_rows.demote_row("b", 0), control_rows.demote_row("a", 1)])
+    pfe_rows = control_rows.pfe_row_map([control_rows.demote_row("b", 0),
+                                         control_rows.demote_row("a", 1)])
     rows = control.summary_rows(conf, {}, set(), lambda name: [], pfe_rows)
     assert [(r["name"], r["counter"]) for r in rows] == [("a", 1), ("b", 0)]
 
@@ -565,9 +566,9 @@ def test_host_total_line_details():
     row = control_rows.host_row(9, "h", "down", check_cnt=3, up_cnt=0, error="none")
     assert ctl.format_row("hosts", row).endswith(f"{L}total: 0/3 checks\n")
     row = control_rows.host_row(9, "h", "up", check_cnt=3, up_cnt=2, retry_cnt=1,
-                           error="tcp connect failed")    # error only shown when down
+                                error="tcp connect failed")    # error only shown when down
     assert ctl.format_row("hosts", row).endswith(f"{L}total: 2/3 checks, 1 retries\n")
-    row = control_rows.host_row(9, "h", "unknown")             # never checked: no total line
+    row = control_rows.host_row(9, "h", "unknown")        # never checked: no total line
     assert ctl.format_row("hosts", row).count("\n") == 1
 
 

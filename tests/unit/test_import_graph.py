@@ -26,7 +26,6 @@ def _imports(path: Path, pkg: str) -> set[str]:
     for n in ast.walk(ast.parse(path.read_text())):
         names = []
         if isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-            top = n.module.split(".")[0]
             if n.module in PACKAGES:
                 names = [f"{n.module}.{a.name}" for a in n.names]
             else:
