@@ -24,11 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import Daemon, free_port, wait_for
 from tests.regress.test_httpd_tls import _memory_has
 from tests.regress.test_relayd_privsep import procs
-from tests.regress.test_relayd_tls import (Backend, cert_and_reply, peer_cert, wait_for,
-                                           write_pair)
+from tests.regress.test_relayd_tls import Backend, cert_and_reply, peer_cert, write_pair
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc")
 
