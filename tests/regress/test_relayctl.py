@@ -146,15 +146,12 @@ class Env:
 
     def wait_state(self, host: str, state: str, timeout: float = 10.0) -> str:
         """Wait until `show hosts` lists `host` (name) with `state`."""
-        deadline = time.monotonic() + timeout
-        out = ""
-        while time.monotonic() < deadline:
+        def listed() -> str | None:
             out = self.ok("show", "hosts")
-            if re.search(rf"^\d+\s+\thost    \t{re.escape(host)}\s*\t[^\t]*\t{state}$", out,
-                         re.M):
-                return out
-            time.sleep(0.1)
-        raise TimeoutError(f"{host} not {state}:\n{out}\n{self.d.output()}")
+            line = rf"^\d+\s+\thost    \t{re.escape(host)}\s*\t[^\t]*\t{state}$"
+            return out if re.search(line, out, re.M) else None
+        return wait_for(listed, timeout, f"{host} {state} in show hosts",
+                        lambda: f"{self.ok('show', 'hosts')}\n{self.d.output()}", every=0.1)
 
 
 @pytest.fixture
@@ -377,10 +374,8 @@ def test_monitor_shows_switches_and_state_changes(env, backends):
                             lines[i + 1])
         assert lines[i + 2:i + 4] == ["\tid: 1\n", "\tname: 127.0.0.1\n"]
         b2.stop()                                  # host 2 goes down: host_status
-        deadline = time.monotonic() + 10
-        while "\tstate: down\n" not in lines:
-            assert time.monotonic() < deadline, lines
-            time.sleep(0.05)
+        wait_for(lambda: "\tstate: down\n" in lines, 10, "host 2's state: down",
+                 lambda: lines)
         j = lines.index("\tstate: down\n")
         assert lines[j - 3] == "host_status: imsg type 36 len 48 peerid 0 pid 1\n"
         assert lines[j - 1] == "\tid: 2\n"
