@@ -208,10 +208,13 @@ def status_ids(st: dict, key: str) -> list[int]:
     return [int(x) for x in st[key].split()]
 
 
-def sandboxed(pid: int) -> bool:
-    """The process runs under no_new_privs (set before its filters)."""
+def sandboxed(pid: int, filtered: bool = True) -> bool:
+    """The process has its sandbox in place: its seccomp filter (Seccomp: 2,
+    installed after start-up, so later than its title and no_new_privs), or
+    with `filtered=False` (a daemon run with -U) no_new_privs alone."""
     try:
-        return proc_status(pid).get("NoNewPrivs") == "1"
+        st = proc_status(pid)
+        return st.get("Seccomp") == "2" if filtered else st.get("NoNewPrivs") == "1"
     except OSError:
         return False
 

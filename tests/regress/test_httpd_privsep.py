@@ -43,14 +43,19 @@ def procs(d) -> dict[str, list[int]]:
     return procs_by_title(d.pid, "httpd")
 
 
-def wait_procs(d, servers: int, timeout: float = 30.0, exclude=frozenset()) -> dict:
+def wait_procs(d, servers: int, timeout: float = 30.0, exclude=frozenset(),
+               filtered: bool = True) -> dict:
+    """Wait until the daemon has one logger and exactly `servers` servers
+    (none of `exclude`), each with its sandbox in place (`filtered=False`:
+    the daemon runs with -U)."""
     deadline = time.monotonic() + timeout
     p: dict = {}
     while time.monotonic() < deadline:
         p = procs(d)
         srv = p.get("server", [])
         if (len(srv) == servers and len(p.get("logger", [])) == 1
-                and not set(srv) & set(exclude) and all(sandboxed(x) for x in srv)):
+                and not set(srv) & set(exclude)
+                and all(sandboxed(x, filtered) for x in srv + p["logger"])):
             return p
         time.sleep(0.1)
     raise AssertionError(f"process table {p} (want {servers} servers):\n{d.output()}")
@@ -274,7 +279,8 @@ def probe_site(site_factory, monkeypatch, action: str, args=None):
     monkeypatch.setenv("TANDEM_PLEDGE_PROBE", action)
     site = site_factory("prefork 1\n" + SITE.format(port="{port}", root="/one"),
                         setup=roots, args=args)
-    victim = wait_procs(site.daemon, 1)["server"][0]
+    filtered = "-U" not in (args or [])
+    victim = wait_procs(site.daemon, 1, filtered=filtered)["server"][0]
     # Answered: that server is serving, its SIGUSR2 handler is in place.
     assert site.get("/").body == b"root one\n"
     return site, victim
@@ -303,7 +309,7 @@ def test_flag_U_turns_filters_off(site_factory, monkeypatch, action):
     assert proc_status(victim)["Seccomp"] == "0"
     os.kill(victim, signal.SIGUSR2)
     site.daemon.wait_output(f"pledge probe {action}: survived")
-    assert wait_procs(site.daemon, 1)["server"] == [victim]
+    assert wait_procs(site.daemon, 1, filtered=False)["server"] == [victim]
     assert "lost child" not in site.daemon.output()
 
 

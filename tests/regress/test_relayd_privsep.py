@@ -57,7 +57,8 @@ def wait_procs(d, relays: int, timeout: float = 30.0, exclude: set[int] = frozen
         p = procs(d)
         rel = p.get("relay", [])
         if (len(rel) == relays and all(len(p.get(t, [])) == 1 for t in ("hce", "pfe", "ca"))
-                and not set(rel) & exclude and all(sandboxed(x) for x in rel)):
+                and not set(rel) & exclude
+                and all(sandboxed(x) for t in ("relay", "hce", "pfe", "ca") for x in p[t])):
             return p
         time.sleep(0.1)
     raise AssertionError(f"process table {p} (want {relays} relays):\n{d.output()}")
