@@ -64,6 +64,9 @@ class Listener:
         self.wrap = wrap          # e.g. TLS: turns the socket into a StreamTransport
         self.nodelay = nodelay
         self.scope: trio.CancelScope | None = None
+        # Set once this listener's accept loop is over: nothing more is
+        # accepted on it by this process (Server.quiesce waits for it).
+        self.stopped = trio.Event()
         self.local = sock.getsockname()[:2]
 
     def key(self) -> tuple[str, int]:
@@ -153,7 +156,27 @@ class Server:
         if lis.scope is not None:
             lis.scope.cancel()
 
+    async def quiesce(self, listeners: list[Listener], timeout: float = 2.0) -> None:
+        """Stop accepting on `listeners` for good and close them here; their
+        connections go on.  On return (unless `timeout` ran out) nothing
+        more is accepted by this process: a reload's old generation says
+        so before the parent says the new one serves every new connection."""
+        for lis in listeners:
+            self.remove_listener(lis)
+        with trio.move_on_after(timeout):
+            for lis in listeners:
+                if lis.scope is not None:
+                    await lis.stopped.wait()
+        for lis in listeners:
+            lis.tsock.close()
+
     async def _accept_loop(self, lis: Listener) -> None:
+        try:
+            await self._accept(lis)
+        finally:
+            lis.stopped.set()
+
+    async def _accept(self, lis: Listener) -> None:
         with lis.scope:
             raw = lis.sock
             family, type_, proto = lis.kind

@@ -13,8 +13,10 @@ every error is logged as `file:line: message` and the old configuration
 keeps serving.  On success sockets whose address is unchanged are kept
 (never rebound), new ones are bound; a new generation of servers starts
 on the new configuration, and once all of it is ready the old generation
-stops accepting, finishes its requests and exits: no connection is
-refused or reset by a reload.  SIGUSR1 reopens the log files and passes
+stops accepting (CTL_QUIESCE, acknowledged), `parent_reload: configuration
+reloaded` is logged -- from then on every new connection is the new
+generation's -- and the old servers finish their requests and exit: no
+connection is refused or reset by a reload.  SIGUSR1 reopens the log files and passes
 the new descriptors to the logger.  SIGTERM/SIGINT: children drain, the
 parent logs `parent terminating, pid N` and exits 0.  A child that dies
 unexpectedly is logged (`lost child: ...`) and restarted.
@@ -46,6 +48,9 @@ STOP_DRAIN = 10.0
 RELOAD_DRAIN = 600.0
 # Seconds a new generation of servers gets to become ready.
 READY_TIMEOUT = 30.0
+# Seconds the old generation gets to say it no longer accepts (a server
+# bounds its own wait at engine.serve's 2 s).
+QUIESCE_TIMEOUT = 5.0
 # The unprivileged users, in order of preference.
 HTTPD_USERS = ("www", "www-data")
 # Session-ticket keys rotate every `ticket lifetime` / this, never faster
@@ -143,6 +148,7 @@ class Parent:
         self.acme = acme.Acme(self)
         self.reload_lock = trio.Lock()
         self._serials: dict[bytes, int] = {}
+        self.quiescing: dict[int, trio.Event] = {}     # old server pid -> CTL_QUIESCED
 
     def child_args(self) -> list[str]:
         return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
@@ -322,6 +328,7 @@ class Parent:
                 if self.sockets.get(key) is not s:
                     s.close()
             return False
+        await self.quiesce(old_servers)
         old_sockets = self.sockets
         self.sockets = sockets
         self.conf = new
@@ -338,6 +345,24 @@ class Parent:
         self.sup.nursery.start_soon(retire)
         return True
 
+    async def quiesce(self, servers: list[proc.Child]) -> None:
+        """The old generation stops accepting, and says so, before anything
+        says "reloaded": from that line on every new connection (and so
+        every new TLS handshake, with a renewed certificate) is the new
+        generation's.  A server that does not answer in time is not waited
+        for."""
+        for c in servers:
+            c.stopping = True            # not restarted if it dies now
+            self.quiescing[c.pid] = trio.Event()
+        try:
+            with trio.move_on_after(QUIESCE_TIMEOUT):
+                for c in servers:
+                    if await self.sup.send(c, Imsg.CTL_QUIESCE):
+                        await self.quiescing[c.pid].wait()
+        finally:
+            for c in servers:
+                self.quiescing.pop(c.pid, None)
+
     def served_serial(self, handle: str) -> int | None:
         """The serial of the certificate the servers have for `handle`."""
         for srv in self.conf.servers:
@@ -353,6 +378,10 @@ class Parent:
         """What a child may send up besides CTL_READY."""
         if child.title == "server" and msg.type == Imsg.ACME_CHALLENGE_OK:
             self.acme.acked(child.pid, int(msg.payload["seq"]))
+        elif child.title == "server" and msg.type == Imsg.CTL_QUIESCED:
+            ev = self.quiescing.get(child.pid)
+            if ev is not None:
+                ev.set()
         else:
             raise ValueError(f"unexpected message {msg.type}")
 

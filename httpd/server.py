@@ -167,10 +167,22 @@ class ServerProc:
         self.worker.logs.reopen()
         self.worker.logs.open_all(log_names(self.conf))
 
-    def stop(self, drain: float | None = None) -> None:
+    def _drain(self) -> None:
         self.worker.draining = True
         for conn in list(self.worker.h2conns):
             conn.shutdown()          # two-step GOAWAY; streams in flight finish
+
+    async def quiesce(self) -> None:
+        """Reload, old generation: stop accepting and close the listening
+        descriptors (the new generation accepts now); connections go on
+        until stop()."""
+        self._drain()
+        lst = list(self.listeners.values())
+        self.listeners = {}
+        await self.server.quiesce(lst)
+
+    def stop(self, drain: float | None = None) -> None:
+        self._drain()
         self.server.stop(drain)
 
 
@@ -245,7 +257,10 @@ def child_main(fd: int) -> int:
                 if msg.type == Imsg.CTL_STOP:
                     sp.stop(float(msg.payload.get("drain", 0)))
                     break
-                if msg.type == Imsg.CTL_VERBOSE:
+                if msg.type == Imsg.CTL_QUIESCE:
+                    await sp.quiesce()
+                    await chan.send(Imsg.CTL_QUIESCED)
+                elif msg.type == Imsg.CTL_VERBOSE:
                     log.set_verbose(int(msg.payload.get("verbose", 0)))
                 elif msg.type == Imsg.TLS_TICKET_KEYS:
                     tls.set_ticket_keys(msg.payload["keys"])

@@ -83,20 +83,6 @@ def socket_rlimit() -> int:
     return soft
 
 
-class _Server(Server):
-    """engine.serve's Server that tells when a listener's accept loop is
-    over (Listener.stopped): a relay process of an old generation stops
-    accepting for good before the parent says the reload is done."""
-
-    async def _accept_loop(self, lis: Listener) -> None:
-        try:
-            await super()._accept_loop(lis)
-        finally:
-            ev = getattr(lis, "stopped", None)
-            if ev is not None:
-                ev.set()
-
-
 class RelayProc:
     """One relay process's serving state; see the module docstring."""
 
@@ -116,9 +102,9 @@ class RelayProc:
         nofile = socket_rlimit()
         if nofile == resource.RLIM_INFINITY:
             nofile = 2 * RELAY_MAX_SESSIONS
-        self.server = _Server(self._handle,
-                             max_clients=max(16, min(RELAY_MAX_SESSIONS,
-                                                     (nofile - FD_RESERVE) // 2)))
+        self.server = Server(self._handle,
+                            max_clients=max(16, min(RELAY_MAX_SESSIONS,
+                                                    (nofile - FD_RESERVE) // 2)))
         self.listeners: dict[SockKey, Listener] = {}
         self._pending = self._make_listeners(conf, sockets)
         self.udp = relay_udp.relays(conf, sockets, self.state, stats=self.stats,   # dns hook
@@ -128,9 +114,7 @@ class RelayProc:
     def _listener(sock: socket.socket, ctx: RelayCtx) -> Listener:
         lt = ctx.tls       # tls hook: handshake first (inspection: after the backend's)
         wrap = lt.accept if lt is not None and lt.server is not None and not lt.inspect else None
-        lis = Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay), wrap=wrap)
-        lis.stopped = trio.Event()
-        return lis
+        return Listener(sock, ctx=ctx, nodelay=bool(ctx.proto.tcp.nodelay), wrap=wrap)
 
     def _make_listeners(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]
                         ) -> dict[SockKey, Listener]:
@@ -203,13 +187,7 @@ class RelayProc:
         self.listeners = {}
         for u in self.udp:      # dns hook: stop reading; answers still go out
             u.stop()
-        for lis in lst:
-            self.server.remove_listener(lis)
-        with trio.move_on_after(timeout):
-            for lis in lst:
-                await lis.stopped.wait()
-        for lis in lst:
-            lis.tsock.close()
+        await self.server.quiesce(lst, timeout)
 
     def status(self) -> dict:
         """This process's counters (privilege separation: what the parent

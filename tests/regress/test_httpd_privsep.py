@@ -183,7 +183,24 @@ def test_sighup_storm_under_load_loses_nothing(site_factory):
     assert done[0] > 50
     assert "lost child" not in site.daemon.output()
     wait_procs(site.daemon, 2)
-    wait_for(lambda: site.get("/").body == b"root one\n", what="last root")
+    assert site.get("/").body == b"root one\n"
+
+
+def test_reloaded_line_means_new_connections_see_new_config(site_factory):
+    """The old generation stops accepting (and says so) before the parent
+    logs `configuration reloaded`: every connection opened after that
+    line is served by the new configuration, never by a draining server."""
+    site = site_factory("prefork 3\n" + SITE.format(port="{port}", root="/one"), setup=roots)
+    wait_procs(site.daemon, 3)
+    for i in range(6):
+        root = ("one", "two")[(i + 1) % 2]
+        reconf(site, "prefork 3\n" + SITE.format(port=site.port, root=f"/{root}"))
+        site.daemon.signal(signal.SIGHUP)
+        # Looked for every millisecond: the requests follow the line closely.
+        wait_for(lambda: site.daemon.output().count("configuration reloaded") > i, 60,
+                 "the reload", every=0.001)
+        bodies = {request(site.port, "/").body for _ in range(20)}
+        assert bodies == {f"root {root}\n".encode()}, (i, bodies)
 
 
 def test_long_download_survives_reload(site_factory):
@@ -217,7 +234,7 @@ def test_long_download_survives_reload(site_factory):
             n += len(chunk)
     assert n == size
     assert h.hexdigest() == hashlib.sha256(block * (size // len(block))).hexdigest()
-    wait_for(lambda: site.get("/").body == b"root two\n", what="new root")
+    assert site.get("/").body == b"root two\n"
 
 
 def test_broken_config_keeps_old_one_serving(site_factory):

@@ -785,6 +785,27 @@ def test_sighup_reload_changes_forward(relayd, backends):
     assert "parent_sig_handler: reload requested with SIGHUP" in d.output()
 
 
+def test_reloaded_line_means_new_connections_see_new_config(relayd, backends):
+    """The old relays stop accepting (quiesce, acknowledged) before the
+    parent logs `configuration reloaded`: every connection opened after
+    that line goes to the new configuration's backend."""
+    ends = {"A": backends(hello_echo, name="A"), "B": backends(hello_echo, name="B")}
+    rp = free_port()
+    d = relayd("prefork 3\n" + simple_relay(rp, ends["A"].port))
+    for i in range(6):
+        name = "BA"[i % 2]
+        d.path.write_text("prefork 3\n" + simple_relay(rp, ends[name].port))
+        d.signal(signal.SIGHUP)
+        # Looked for every millisecond: the connections follow the line closely.
+        wait_for(lambda: d.output().count("configuration reloaded") > i, 60, "the reload",
+                 every=0.001)
+        got = set()
+        for _ in range(20):
+            with connect(rp) as s:
+                got.add(read_line(s))
+        assert got == {f"{name}\n".encode()}, (i, got)
+
+
 def test_sighup_bad_config_keeps_running(relayd, backends):
     a = backends(hello_echo, name="A")
     rp = free_port()
