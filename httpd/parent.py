@@ -16,8 +16,8 @@ on the new configuration, and once all of it is ready the old generation
 stops accepting (CTL_QUIESCE, acknowledged), `parent_reload: configuration
 reloaded` is logged -- from then on every new connection is the new
 generation's -- and the old servers finish their requests and exit: no
-connection is refused or reset by a reload.  SIGUSR1 reopens the log files and passes
-the new descriptors to the logger.  SIGTERM/SIGINT: children drain, the
+connection is refused or reset by a reload.  SIGUSR1 reopens the log files
+and passes the new descriptors to the logger.  SIGTERM/SIGINT: children drain, the
 parent logs `parent terminating, pid N` and exits 0.  A child that dies
 unexpectedly is logged (`lost child: ...`) and restarted.
 
@@ -351,14 +351,16 @@ class Parent:
         every new TLS handshake, with a renewed certificate) is the new
         generation's.  A server that does not answer in time is not waited
         for."""
+        asked = []
         for c in servers:
             c.stopping = True            # not restarted if it dies now
             self.quiescing[c.pid] = trio.Event()
+            if await self.sup.send(c, Imsg.CTL_QUIESCE):
+                asked.append(c)
         try:
             with trio.move_on_after(QUIESCE_TIMEOUT):
-                for c in servers:
-                    if await self.sup.send(c, Imsg.CTL_QUIESCE):
-                        await self.quiescing[c.pid].wait()
+                for c in asked:
+                    await self.quiescing[c.pid].wait()
         finally:
             for c in servers:
                 self.quiescing.pop(c.pid, None)
