@@ -17,9 +17,9 @@ stops accepting (CTL_QUIESCE, acknowledged), `parent_reload: configuration
 reloaded` is logged -- from then on every new connection is the new
 generation's -- and the old servers finish their requests and exit: no
 connection is refused or reset by a reload.  SIGUSR1 reopens the log files
-and passes the new descriptors to the logger.  SIGTERM/SIGINT: children drain, the
-parent logs `parent terminating, pid N` and exits 0.  A child that dies
-unexpectedly is logged (`lost child: ...`) and restarted.
+and passes the new descriptors to the logger.  SIGTERM/SIGINT: children
+drain, the parent logs `parent terminating, pid N` and exits 0.  A child
+that dies unexpectedly is logged (`lost child: ...`) and restarted.
 
 Does not serve HTTP itself (httpd.server does, in the children).
 """
@@ -48,9 +48,6 @@ STOP_DRAIN = 10.0
 RELOAD_DRAIN = 600.0
 # Seconds a new generation of servers gets to become ready.
 READY_TIMEOUT = 30.0
-# Seconds the old generation gets to say it no longer accepts (a server
-# bounds its own wait at engine.serve's 2 s).
-QUIESCE_TIMEOUT = 5.0
 # The unprivileged users, in order of preference.
 HTTPD_USERS = ("www", "www-data")
 # Session-ticket keys rotate every `ticket lifetime` / this, never faster
@@ -148,7 +145,6 @@ class Parent:
         self.acme = acme.Acme(self)
         self.reload_lock = trio.Lock()
         self._serials: dict[bytes, int] = {}
-        self.quiescing: dict[int, trio.Event] = {}     # old server pid -> CTL_QUIESCED
 
     def child_args(self) -> list[str]:
         return (["-d"] if self.debug else []) + (["-v"] * self.verbose)
@@ -328,42 +324,19 @@ class Parent:
                 if self.sockets.get(key) is not s:
                     s.close()
             return False
-        await self.quiesce(old_servers)
-        old_sockets = self.sockets
+        await self.sup.quiesce(old_servers)
+        # No server accepts on a removed address any more: its port closes now.
+        for key, s in self.sockets.items():
+            if sockets.get(key) is not s:
+                s.close()
         self.sockets = sockets
         self.conf = new
         self.tls_files, self.tls_keys = tls_files, tls_keys
         await self.reopen_logs()
         log.info(f"parent_reload: {what} reloaded")
         self.acme.update(new)
-
-        async def retire() -> None:
-            await self.sup.stop(old_servers, RELOAD_DRAIN)
-            for key, s in old_sockets.items():
-                if self.sockets.get(key) is not s:
-                    s.close()
-        self.sup.nursery.start_soon(retire)
+        self.sup.nursery.start_soon(self.sup.stop, old_servers, RELOAD_DRAIN)
         return True
-
-    async def quiesce(self, servers: list[proc.Child]) -> None:
-        """The old generation stops accepting, and says so, before anything
-        says "reloaded": from that line on every new connection (and so
-        every new TLS handshake, with a renewed certificate) is the new
-        generation's.  A server that does not answer in time is not waited
-        for."""
-        asked = []
-        for c in servers:
-            c.stopping = True            # not restarted if it dies now
-            self.quiescing[c.pid] = trio.Event()
-            if await self.sup.send(c, Imsg.CTL_QUIESCE):
-                asked.append(c)
-        try:
-            with trio.move_on_after(QUIESCE_TIMEOUT):
-                for c in asked:
-                    await self.quiescing[c.pid].wait()
-        finally:
-            for c in servers:
-                self.quiescing.pop(c.pid, None)
 
     def served_serial(self, handle: str) -> int | None:
         """The serial of the certificate the servers have for `handle`."""
@@ -380,10 +353,6 @@ class Parent:
         """What a child may send up besides CTL_READY."""
         if child.title == "server" and msg.type == Imsg.ACME_CHALLENGE_OK:
             self.acme.acked(child.pid, int(msg.payload["seq"]))
-        elif child.title == "server" and msg.type == Imsg.CTL_QUIESCED:
-            ev = self.quiescing.get(child.pid)
-            if ev is not None:
-                ev.set()
         else:
             raise ValueError(f"unexpected message {msg.type}")
 

@@ -492,11 +492,7 @@ class Parent:
                     s.close()
             return False
         # The old generation stops accepting before anything says "reloaded".
-        for c in old_relays:
-            c.stopping = True            # not restarted if it dies now
-        async with trio.open_nursery() as n:
-            for c in old_relays:
-                n.start_soon(self._ask, c, Imsg.CTL_COMMAND, {"cmd": "quiesce"})
+        await self.sup.quiesce(old_relays)
         old_conf, old_sockets, old_metric = self.conf, self.sockets, self.metric_socks
         self.conf, self.sockets, self.metric_socks = new, sockets, metric_socks
         self.generation = gen

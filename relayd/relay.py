@@ -13,8 +13,9 @@ Under privilege separation this runs in `prefork` relay processes
 (child_main: `relayd -P relay`): each gets the configuration, the current
 host states, the listening sockets and the shared counters (relay_shm:
 session ids, open sessions, round-robin positions) from the parent, drops
-to /var/empty, and then takes HOST_STATUS updates and relayctl commands
-(host/table switches, stats, sessions, quiesce) from the parent.
+to /var/empty, and then takes HOST_STATUS updates, relayctl commands
+(host/table switches, stats, sessions) and a reload's CTL_QUIESCE from the
+parent.
 
 Does not parse configs or bind listening sockets (the parent does), and
 does not speak HTTP (relay_http does).
@@ -178,7 +179,7 @@ class RelayProc:
         for u in self.udp:      # dns hook
             u.stop(drain)
 
-    async def quiesce(self, timeout: float = 2.0) -> None:
+    async def quiesce(self) -> None:
         """Stop accepting and close the listening descriptors (reload: the
         new generation accepts now); sessions go on."""
         self.state.draining = True
@@ -187,7 +188,7 @@ class RelayProc:
         self.listeners = {}
         for u in self.udp:      # dns hook: stop reading; answers still go out
             u.stop()
-        await self.server.quiesce(lst, timeout)
+        await self.server.quiesce(lst)
 
     def status(self) -> dict:
         """This process's counters (privilege separation: what the parent
@@ -407,14 +408,12 @@ def child_main(fd: int) -> int:
                     if msg.type == Imsg.HOST_STATUS:
                         p = msg.payload
                         rp.state.set_host(int(p["id"]), HOST_STATES[p["state"]])
+                    elif msg.type == Imsg.CTL_QUIESCE:
+                        await rp.quiesce()
+                        await chan.send(Imsg.CTL_QUIESCED)
                     elif msg.type == Imsg.CTL_COMMAND:
-                        if msg.payload["cmd"] == "quiesce":
-                            await rp.quiesce()
-                            result = True
-                        else:
-                            result = apply_command(rp, msg.payload)
                         await chan.send(Imsg.CTL_REPLY, {"seq": msg.payload["seq"],
-                                                         "result": result})
+                                                         "result": apply_command(rp, msg.payload)})
                     elif msg.type == Imsg.CTL_VERBOSE:
                         log.set_verbose(int(msg.payload.get("verbose", 0)))
                     elif msg.type == Imsg.CFG_CA_SOCK:      # tls hook: ca was restarted

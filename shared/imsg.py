@@ -209,8 +209,8 @@ class Imsg:
     CTL_REOPEN = 4       # parent -> logger: log files follow (LOG_FILE), old ones close
     CTL_COMMAND = 5      # control -> parent: a relayctl command to carry out
     CTL_REPLY = 6        # parent -> control: its answer
-    CTL_QUIESCE = 7      # parent -> httpd server (reload): stop accepting, close the listeners
-    CTL_QUIESCED = 8     # server -> parent: done, nothing more is accepted here
+    CTL_QUIESCE = 7      # parent -> server/relay (reload): stop accepting, close the listeners
+    CTL_QUIESCED = 8     # server/relay -> parent: done, nothing more is accepted here
     CFG_CONFIG = 10      # parent -> child: the child's slice of the config (pickled)
     CFG_SOCKET = 11      # parent -> child: a listening socket (fd) {"key": [addr, port]}
     CFG_LOGSOCK = 12     # parent -> child: the datagram socket to the logger (fd)

@@ -191,6 +191,7 @@ class Child:
     process: trio.Process
     chan: Channel
     ready: trio.Event = field(default_factory=trio.Event)
+    quiesced: trio.Event = field(default_factory=trio.Event)   # CTL_QUIESCED came
     stopping: bool = False
     info: dict = field(default_factory=dict)
 
@@ -243,6 +244,9 @@ def warn_not_sandboxed(name: str) -> None:
 # A child that dies sooner than this after its start is restarted only
 # after a pause (no busy restart loop for a child that cannot start).
 RESTART_PAUSE = 1.0
+# Seconds an old generation gets to say it no longer accepts (a worker
+# bounds its own wait at engine.serve's 2 s).
+QUIESCE_TIMEOUT = 5.0
 
 
 class Supervisor:
@@ -250,7 +254,7 @@ class Supervisor:
 
     `setup(child)` sends a freshly started child its configuration; the
     same function restarts a child that died.  `on_message(child, msg)`
-    gets every message other than CTL_READY."""
+    gets every message other than CTL_READY and CTL_QUIESCED."""
 
     def __init__(self, module: str, args: list[str], nursery: trio.Nursery,
                  on_message=None, on_exit=None) -> None:
@@ -296,6 +300,8 @@ class Supervisor:
                 return
             if msg.type == Imsg.CTL_READY:
                 child.ready.set()
+            elif msg.type == Imsg.CTL_QUIESCED:
+                child.quiesced.set()
             elif self.on_message is not None:
                 try:
                     await self.on_message(child, msg)
@@ -350,6 +356,22 @@ class Supervisor:
         for c in list(self.children):
             if not c.stopping and (title is None or c.title == title):
                 await self.send(c, mtype, payload)
+
+    async def quiesce(self, children: list[Child], timeout: float = QUIESCE_TIMEOUT) -> None:
+        """Reload: `children` (the old generation) stop accepting, and say
+        so (CTL_QUIESCE, CTL_QUIESCED), before the parent says "reloaded":
+        from that line on every new connection is the new generation's.
+        They are not restarted if they die now; one that does not answer
+        within `timeout` is not waited for."""
+        from shared.imsg import Imsg
+        asked = []
+        for c in children:
+            c.stopping = True
+            if await self.send(c, Imsg.CTL_QUIESCE):
+                asked.append(c)
+        with trio.move_on_after(timeout):
+            for c in asked:
+                await c.quiesced.wait()
 
     async def stop(self, children: list[Child], drain: float) -> None:
         """Ask `children` to drain and exit; kill what is left after `drain`."""
