@@ -3,10 +3,10 @@
 Gets a configuration and the listening sockets the parent bound, groups the
 servers by socket (name-based virtual hosts share one), and runs
 engine.serve on each: server_http.serve_client, or server_h2.serve_h2 for a
-connection that speaks HTTP/2 (`listen ... http2`).  configure() swaps in a
-new configuration: sockets that stay keep accepting (their listener context
-is replaced), new ones start, removed ones stop; connections in flight keep
-the configuration they started with.
+connection that speaks HTTP/2 (`listen ... http2`).  A reload is a new
+generation of server processes (httpd.parent): quiesce() stops this one
+accepting, stop() lets its connections finish on the configuration they
+started with.
 
 Does not parse configs or bind sockets (that is the parent's job).
 """
@@ -136,32 +136,6 @@ class ServerProc:
             log.debug(f"server_launch: running server {srv.name}")
         self.listeners = self._pending
         await self.server.run(list(self.listeners.values()), task_status=task_status)
-
-    def configure(self, conf: HttpdConfig, sockets: dict[SockKey, socket.socket],
-                  tls_files=None) -> None:
-        """Swap in `conf` (reload); `sockets` are all sockets of the new config,
-        `tls_files` the parent's (files, keys) for it."""
-        if tls_files is not None:
-            self.tls_files = tls_files
-        groups = socket_groups(conf)
-        for key in list(self.listeners):
-            if key not in groups or sockets.get(key) is not self.listeners[key].sock:
-                self.server.remove_listener(self.listeners.pop(key))
-        for key, servers in groups.items():
-            ctx = self._ctx(conf, key, servers)
-            if key in self.listeners:
-                self.listeners[key].ctx = ctx
-                if tls_files is not None or not ctx.tls:
-                    self.listeners[key].wrap = self._wrap(ctx)
-            elif key in sockets:
-                lis = Listener(sockets[key], ctx=ctx, wrap=self._wrap(ctx))
-                self.listeners[key] = lis
-                self.server.add_listener(lis)
-        self._wipe_keys()
-        self.conf = conf
-        self.worker.logs.reopen()
-        self.worker.logs.logdir = logdir_of(conf, self.chrooted)
-        self.worker.logs.open_all(log_names(conf))
 
     def reopen_logs(self) -> None:
         self.worker.logs.reopen()

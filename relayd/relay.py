@@ -147,27 +147,6 @@ class RelayProc:
                 await udp.start(u.run)
             await self.server.run(list(self.listeners.values()), task_status=task_status)
 
-    def configure(self, conf: RelaydConfig, sockets: dict[SockKey, socket.socket]) -> None:
-        """Swap in `conf` (reload); `sockets` are all sockets of the new config.
-
-        Sessions in flight keep the configuration they started with."""
-        ctxs = self._with_tls(listen_sockets(conf))     # tls hook
-        for key in list(self.listeners):
-            if key not in ctxs or sockets.get(key) is not self.listeners[key].sock:
-                self.server.remove_listener(self.listeners.pop(key))
-        self.state.configure(conf)
-        self.conf = conf
-        self._launch(conf)
-        for key, ctx in ctxs.items():
-            if key in self.listeners:
-                lis = self.listeners[key]
-                lis.ctx = ctx
-                lis.nodelay = bool(ctx.proto.tcp.nodelay)
-            elif key in sockets:
-                lis = self._listener(sockets[key], ctx)
-                self.listeners[key] = lis
-                self.server.add_listener(lis)
-
     def _goaway(self) -> None:
         for conn in list(self.state.h2conns):
             conn.shutdown()          # two-step GOAWAY; streams in flight finish
